@@ -1,0 +1,3 @@
+//! Criterion benches (filled in by the session work).
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! The known products and devices.

@@ -1,0 +1,1 @@
+//! The per-connection state machine. Sans-IO.
