@@ -3,3 +3,6 @@
 mod kind;
 
 pub use kind::DataKind;
+
+/// A JSON value borrowed from a decoded message (simd-json tape).
+pub type Json<'t, 'i> = simd_json::tape::Value<'t, 'i>;

@@ -1,0 +1,446 @@
+//! Inbound message decoding: trailing-NUL stripping, zero-copy JSON, and the common checks of
+//! PROTOCOL.md section 7 (steps 1-7), in that order.
+//!
+//! Owns: a reusable simd-json tape and parser buffers, so a decode allocates nothing once they
+//! have grown to the largest message seen. Strings in the decoded message borrow the caller's
+//! receive buffer (simd-json unescapes in place). No IO, no clock.
+
+use simd_json::prelude::*;
+use simd_json::{Buffers, Tape};
+
+use crate::model::{DataKind, Json};
+use crate::protocol::Code;
+
+/// Decodes inbound Link messages with buffers that are reused from one message to the next.
+///
+/// A shard keeps one `Decoder` and lends it to each session's `handle_input`; a connection does
+/// not need its own, which keeps idle connections small.
+pub struct Decoder {
+    buffers: Buffers,
+    /// Kept between calls only for its allocation; always empty when stored here.
+    tape: Option<Tape<'static>>,
+}
+
+impl Decoder {
+    pub fn new() -> Self {
+        Self {
+            buffers: Buffers::new(1024),
+            tape: Some(Tape::null().reset()),
+        }
+    }
+
+    /// Decodes one WebSocket message in place and hands the result to `f`.
+    ///
+    /// `Ok(None)` is a message that was empty after stripping trailing NULs and whitespace: it is
+    /// ignored (PROTOCOL.md section 3). `Err(reject)` is a message that must be answered with
+    /// `reject.code` and `reject.id` (a reply, never for another reply).
+    pub fn decode<R>(
+        &mut self,
+        input: &mut [u8],
+        f: impl FnOnce(Result<Option<Inbound<'_, '_>>, Reject>) -> R,
+    ) -> R {
+        let len = strip_trailing(input);
+        if len == 0 {
+            return f(Ok(None));
+        }
+        let mut tape = self.tape.take().unwrap_or_else(Tape::null).reset();
+        let r = match simd_json::fill_tape(&mut input[..len], &mut self.buffers, &mut tape) {
+            Ok(()) => f(classify(tape.as_value()).map(Some)),
+            Err(_) => f(Err(Reject::new(0, Code::JsonFormat))),
+        };
+        self.tape = Some(tape.reset());
+        r
+    }
+
+    /// Parses a JSON document that is not a protocol message (for example a downlink body from
+    /// the northbound API) with the same reused buffers.
+    pub fn parse_json<R>(
+        &mut self,
+        input: &mut [u8],
+        f: impl FnOnce(Option<Json<'_, '_>>) -> R,
+    ) -> R {
+        let mut tape = self.tape.take().unwrap_or_else(Tape::null).reset();
+        let r = match simd_json::fill_tape(input, &mut self.buffers, &mut tape) {
+            Ok(()) => f(Some(tape.as_value())),
+            Err(_) => f(None),
+        };
+        self.tape = Some(tape.reset());
+        r
+    }
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A decoded message that passed the common checks.
+#[derive(Clone, Copy, Debug)]
+pub enum Inbound<'t, 'i> {
+    Request(Request<'t, 'i>),
+    Reply(Reply<'t, 'i>),
+}
+
+/// A client request that passed common checks 4-7: id, method, payload and device are present.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'t, 'i> {
+    pub id: u32,
+    pub method: Method,
+    pub product_key: &'i str,
+    pub device_name: &'i str,
+    /// The `payload` member; always a JSON object.
+    pub payload: Json<'t, 'i>,
+}
+
+/// A client reply to one of ringlink's downlinks.
+#[derive(Clone, Copy, Debug)]
+pub struct Reply<'t, 'i> {
+    pub id: u32,
+    pub code: Code,
+    /// `payload` when it is an object; a missing payload reads as empty.
+    pub payload: Option<Json<'t, 'i>>,
+}
+
+/// The four methods a client may send (PROTOCOL.md section 4.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Method {
+    OnlineDevice,
+    OfflineDevice,
+    ReportProperty,
+    ReportEvent,
+}
+
+impl Method {
+    pub const ALL: [Self; 4] = [
+        Self::OnlineDevice,
+        Self::OfflineDevice,
+        Self::ReportProperty,
+        Self::ReportEvent,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::OnlineDevice => "onlineDevice",
+            Self::OfflineDevice => "offlineDevice",
+            Self::ReportProperty => "reportProperty",
+            Self::ReportEvent => "reportEvent",
+        }
+    }
+
+    fn from_str(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+/// A message that must be answered with an error reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reject {
+    /// The request's `messageId`, or 0 when it had no usable one.
+    pub id: u32,
+    pub code: Code,
+}
+
+impl Reject {
+    pub const fn new(id: u32, code: Code) -> Self {
+        Self { id, code }
+    }
+}
+
+/// One `{identifier, type, value}` entry of `properties`, `outputData` or `inputData`.
+#[derive(Clone, Copy, Debug)]
+pub struct Item<'t, 'i> {
+    pub identifier: &'i str,
+    pub kind: DataKind,
+    pub value: Json<'t, 'i>,
+}
+
+impl<'t, 'i> Item<'t, 'i> {
+    /// Reads an Item: an object with a string `identifier`, a `type` given as a name or as a
+    /// numeric code 0-8, and a `value`. Anything else is not a well-formed Item (100001).
+    pub fn parse(v: Json<'t, 'i>) -> Option<Self> {
+        let obj = v.as_object()?;
+        let identifier = obj.get("identifier")?.into_string()?;
+        let ty = obj.get("type")?;
+        let kind = match ty.as_str() {
+            Some(name) => DataKind::from_name(name)?,
+            None => DataKind::from_code(ty.as_u64()?)?,
+        };
+        let value = obj.get("value")?;
+        Some(Self {
+            identifier,
+            kind,
+            value,
+        })
+    }
+}
+
+/// Strips trailing NUL bytes and ASCII whitespace; returns the remaining length.
+///
+/// The official client ends each request with one NUL and each reply with two.
+pub fn strip_trailing(input: &[u8]) -> usize {
+    input
+        .iter()
+        .rposition(|&b| !matches!(b, 0 | b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c))
+        .map_or(0, |i| i + 1)
+}
+
+/// Common checks 2-7 of PROTOCOL.md section 7 on a parsed document.
+fn classify<'t, 'i>(doc: Json<'t, 'i>) -> Result<Inbound<'t, 'i>, Reject> {
+    // 2. Not a JSON object -> 100001, messageId 0.
+    let obj = doc
+        .as_object()
+        .ok_or(Reject::new(0, Code::InvalidParameter))?;
+    // 3. Has `code` -> it is a reply.
+    if let Some(code) = obj.get("code") {
+        let id = message_id(obj.get("messageId")).ok_or(Reject::new(0, Code::InvalidParameter))?;
+        let code = code
+            .as_u64()
+            .and_then(|c| u32::try_from(c).ok())
+            .map_or(Code::Unknown, Code::from_u32);
+        let payload = obj.get("payload").filter(Json::is_object);
+        return Ok(Inbound::Reply(Reply { id, code, payload }));
+    }
+    // 4. messageId missing, not an integer, or outside 0..4294967295 -> 100001, messageId 0.
+    let id = message_id(obj.get("messageId")).ok_or(Reject::new(0, Code::InvalidParameter))?;
+    let invalid = Reject::new(id, Code::InvalidParameter);
+    // 5. `method` not a string or `payload` not an object -> 100001, echo the id.
+    let method = obj
+        .get("method")
+        .and_then(|m| m.into_string())
+        .ok_or(invalid)?;
+    let payload = obj.get("payload").filter(Json::is_object).ok_or(invalid)?;
+    // 6. Not one of the four client methods -> 100001.
+    let method = Method::from_str(method).ok_or(invalid)?;
+    // 7. productKey / deviceName missing, empty or not strings -> 100001.
+    let product_key = non_empty_str(payload.get("productKey")).ok_or(invalid)?;
+    let device_name = non_empty_str(payload.get("deviceName")).ok_or(invalid)?;
+    Ok(Inbound::Request(Request {
+        id,
+        method,
+        product_key,
+        device_name,
+        payload,
+    }))
+}
+
+fn message_id(v: Option<Json<'_, '_>>) -> Option<u32> {
+    v?.as_u64().and_then(|n| u32::try_from(n).ok())
+}
+
+fn non_empty_str<'i>(v: Option<Json<'_, 'i>>) -> Option<&'i str> {
+    v?.into_string().filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decodes `text` and returns a summary string, so tests compare plain values.
+    fn summary(text: &[u8]) -> String {
+        let mut buf = text.to_vec();
+        Decoder::new().decode(&mut buf, |r| match r {
+            Ok(None) => "ignored".to_owned(),
+            Ok(Some(Inbound::Request(r))) => format!(
+                "request {} {} {}/{}",
+                r.id,
+                r.method.as_str(),
+                r.product_key,
+                r.device_name
+            ),
+            Ok(Some(Inbound::Reply(r))) => format!(
+                "reply {} {} payload={}",
+                r.id,
+                r.code.as_u32(),
+                r.payload.is_some()
+            ),
+            Err(rej) => format!("reject {} {}", rej.id, rej.code.as_u32()),
+        })
+    }
+
+    const ONLINE: &str = r#"{"version":"1.0","messageId":12,"method":"onlineDevice","payload":{"productKey":"a1ThermoPK0","deviceName":"thermo-01"}}"#;
+
+    #[test]
+    fn request_with_one_nul_as_the_official_client_sends_it() {
+        let mut frame = ONLINE.as_bytes().to_vec();
+        frame.push(0);
+        assert_eq!(
+            summary(&frame),
+            "request 12 onlineDevice a1ThermoPK0/thermo-01"
+        );
+    }
+
+    #[test]
+    fn any_mix_of_trailing_nuls_and_whitespace_is_stripped() {
+        let mut frame = ONLINE.as_bytes().to_vec();
+        frame.extend_from_slice(b"\0\0  \n\r\t\0");
+        assert_eq!(
+            summary(&frame),
+            "request 12 onlineDevice a1ThermoPK0/thermo-01"
+        );
+        assert_eq!(summary(b"\0\0 \n"), "ignored");
+        assert_eq!(summary(b""), "ignored");
+    }
+
+    #[test]
+    fn reply_with_two_nuls() {
+        assert_eq!(
+            summary(b"{\"code\":0,\"messageId\":7,\"payload\":{}}\0\0"),
+            "reply 7 0 payload=true"
+        );
+        assert_eq!(
+            summary(br#"{"code":109002,"messageId":7}"#),
+            "reply 7 109002 payload=false"
+        );
+    }
+
+    #[test]
+    fn versions_1_0_v0_2_and_missing_decode_identically() {
+        for version in [
+            r#""version":"1.0","#,
+            r#""version":"v0.2","#,
+            "",
+            r#""version":"9","#,
+        ] {
+            let text = format!(
+                r#"{{{version}"messageId":3,"method":"reportEvent","payload":{{"productKey":"p","deviceName":"d"}}}}"#
+            );
+            assert_eq!(
+                summary(text.as_bytes()),
+                "request 3 reportEvent p/d",
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn not_json_is_109007_with_id_0() {
+        assert_eq!(summary(b"hello"), "reject 0 109007");
+        assert_eq!(summary(b"{\"messageId\":5,"), "reject 0 109007");
+    }
+
+    #[test]
+    fn common_checks_in_order() {
+        // 2. not an object
+        assert_eq!(summary(b"[1,2]"), "reject 0 100001");
+        assert_eq!(summary(b"42"), "reject 0 100001");
+        // 4. messageId missing / not integer / out of range
+        assert_eq!(
+            summary(br#"{"method":"onlineDevice","payload":{}}"#),
+            "reject 0 100001"
+        );
+        assert_eq!(
+            summary(br#"{"messageId":"12","method":"x"}"#),
+            "reject 0 100001"
+        );
+        assert_eq!(
+            summary(br#"{"messageId":1.5,"method":"x"}"#),
+            "reject 0 100001"
+        );
+        assert_eq!(
+            summary(br#"{"messageId":-1,"method":"x"}"#),
+            "reject 0 100001"
+        );
+        assert_eq!(
+            summary(br#"{"messageId":4294967296,"method":"x"}"#),
+            "reject 0 100001"
+        );
+        // 5. method not a string, payload not an object: echo the id
+        assert_eq!(
+            summary(br#"{"messageId":9,"method":1,"payload":{}}"#),
+            "reject 9 100001"
+        );
+        assert_eq!(
+            summary(br#"{"messageId":9,"method":"onlineDevice","payload":[]}"#),
+            "reject 9 100001"
+        );
+        // 6. unknown methods, including the server's own and old names
+        for m in [
+            "registerDevice",
+            "getProperty",
+            "setProperty",
+            "callService",
+            "methodCall",
+            "heartbeats",
+        ] {
+            let text = format!(
+                r#"{{"messageId":9,"method":"{m}","payload":{{"productKey":"p","deviceName":"d"}}}}"#
+            );
+            assert_eq!(summary(text.as_bytes()), "reject 9 100001", "{m}");
+        }
+        // 7. productKey / deviceName missing, empty, not strings
+        for p in [
+            r#"{"deviceName":"d"}"#,
+            r#"{"productKey":"","deviceName":"d"}"#,
+            r#"{"productKey":"p","deviceName":7}"#,
+        ] {
+            let text = format!(r#"{{"messageId":9,"method":"onlineDevice","payload":{p}}}"#);
+            assert_eq!(summary(text.as_bytes()), "reject 9 100001", "{p}");
+        }
+    }
+
+    #[test]
+    fn v0_1_frame_is_100001_with_id_0() {
+        assert_eq!(
+            summary(br#"{"msgId":3,"deviceId":"d","productKey":"p","method":"registerDevice"}"#),
+            "reject 0 100001"
+        );
+    }
+
+    #[test]
+    fn ids_are_echoed_unchanged_across_the_whole_u32_range() {
+        for id in [0u64, 1, 4711, 2_147_483_647, 2_147_483_648, 4_294_967_295] {
+            let text = format!(
+                r#"{{"messageId":{id},"method":"onlineDevice","payload":{{"productKey":"p","deviceName":"d"}}}}"#
+            );
+            assert_eq!(
+                summary(text.as_bytes()),
+                format!("request {id} onlineDevice p/d")
+            );
+        }
+    }
+
+    #[test]
+    fn escaped_strings_are_unescaped_in_place() {
+        let text = br#"{"messageId":1,"method":"onlineDevice","payload":{"productKey":"p\u0041","deviceName":"d\"q"}}"#;
+        assert_eq!(summary(text), "request 1 onlineDevice pA/d\"q");
+    }
+
+    #[test]
+    fn items_accept_names_and_numeric_codes() {
+        let mut buf =
+            br#"[{"identifier":"a","type":"int","value":1},{"identifier":"b","type":0,"value":2},{"identifier":"c","type":"integer","value":1},{"identifier":"d","type":9,"value":1},{"identifier":"e","type":"int"},{"identifier":5,"type":"int","value":1}]"#
+                .to_vec();
+        let kinds: Vec<Option<(String, DataKind)>> = Decoder::new().parse_json(&mut buf, |v| {
+            let arr = v.and_then(|v| v.as_array()).expect("array");
+            arr.iter()
+                .map(|v| Item::parse(v).map(|i| (i.identifier.to_owned(), i.kind)))
+                .collect()
+        });
+        assert_eq!(
+            kinds,
+            vec![
+                Some(("a".into(), DataKind::Int)),
+                Some(("b".into(), DataKind::Int)),
+                None,
+                None,
+                None,
+                None
+            ]
+        );
+    }
+
+    #[test]
+    fn decoder_reuse_across_messages_of_different_sizes() {
+        let mut dec = Decoder::new();
+        let big = format!(
+            r#"{{"messageId":1,"method":"reportProperty","payload":{{"productKey":"p","deviceName":"d","properties":[{}]}}}}"#,
+            vec![r#"{"identifier":"x","type":"int","value":1}"#; 500].join(",")
+        );
+        for text in [ONLINE.to_owned(), big, ONLINE.to_owned()] {
+            let mut buf = text.into_bytes();
+            let ok = dec.decode(&mut buf, |r| matches!(r, Ok(Some(Inbound::Request(_)))));
+            assert!(ok);
+        }
+    }
+}
