@@ -30,3 +30,6 @@ pub use value::{write_json, DataType, ValueError, ValueStyle};
 
 /// A JSON value as decoded by simd-json's zero-copy tape: `'t` is the tape, `'i` the input bytes.
 pub type Json<'t, 'i> = simd_json::tape::Value<'t, 'i>;
+
+#[cfg(test)]
+mod test_support;

@@ -404,3 +404,465 @@ fn put_str<O: Out>(s: &str, out: &mut O) {
 }
 
 const HEX: [u8; 16] = *b"0123456789abcdef";
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{json, light, thermostat, ty};
+    use super::*;
+
+    fn check(t: &DataType, value: &str) -> Result<(), ValueError> {
+        json(value, |v| t.check(v))
+    }
+
+    fn write(t: &DataType, value: &str, style: ValueStyle) -> String {
+        json(value, |v| {
+            let mut out = Vec::new();
+            t.write_value(v, style, &mut out);
+            String::from_utf8(out).expect("UTF-8 output")
+        })
+    }
+
+    const OK: Result<(), ValueError> = Ok(());
+    const KIND: Result<(), ValueError> = Err(ValueError::Kind);
+    const RANGE: Result<(), ValueError> = Err(ValueError::Range);
+
+    #[test]
+    fn int_bounds_and_kind() {
+        let t = ty(r#"{"type":"int","specs":{"min":"-5","max":"5","step":"1"}}"#);
+        assert_eq!(t.kind(), DataKind::Int);
+        for (value, want) in [
+            ("-5", OK),
+            ("5", OK),
+            ("0", OK),
+            ("-6", RANGE),
+            ("6", RANGE),
+            ("2.5", KIND),
+            ("2.0", KIND),
+            ("\"3\"", KIND),
+            ("true", KIND),
+            ("null", KIND),
+            ("[1]", KIND),
+            ("{}", KIND),
+        ] {
+            assert_eq!(check(&t, value), want, "{value}");
+        }
+    }
+
+    #[test]
+    fn int_must_fit_i32() {
+        let t = ty(r#"{"type":"int","specs":{}}"#);
+        for (value, want) in [
+            ("2147483647", OK),
+            ("-2147483648", OK),
+            ("2147483648", RANGE),
+            ("-2147483649", RANGE),
+            ("9223372036854775807", RANGE),
+            ("18446744073709551615", RANGE),
+        ] {
+            assert_eq!(check(&t, value), want, "{value}");
+        }
+        // Spec bounds beyond i32 do not widen it.
+        let t = ty(r#"{"type":"int","specs":{"min":"-9999999999","max":"9999999999"}}"#);
+        assert_eq!(check(&t, "2147483648"), RANGE);
+    }
+
+    #[test]
+    fn int_decimal_bounds_round_inwards() {
+        let t = ty(r#"{"type":"int","specs":{"min":"0.5","max":9.5}}"#);
+        assert_eq!(check(&t, "0"), RANGE);
+        assert_eq!(check(&t, "1"), OK);
+        assert_eq!(check(&t, "9"), OK);
+        assert_eq!(check(&t, "10"), RANGE);
+    }
+
+    #[test]
+    fn float_and_double_accept_integers() {
+        let m = thermostat();
+        let setpoint = &m.property("setpoint").unwrap().data_type;
+        assert_eq!(setpoint.kind(), DataKind::Float);
+        for (value, want) in [
+            ("21", OK),
+            ("21.5", OK),
+            ("5", OK),
+            ("35.0", OK),
+            ("4.99", RANGE),
+            ("35.01", RANGE),
+            ("-1e3", RANGE),
+            ("\"21\"", KIND),
+            ("true", KIND),
+            ("null", KIND),
+        ] {
+            assert_eq!(check(setpoint, value), want, "{value}");
+        }
+        let room = &m.property("roomTemp").unwrap().data_type;
+        assert_eq!(room.kind(), DataKind::Double);
+        assert_eq!(check(room, "-40"), OK);
+        assert_eq!(check(room, "125"), OK);
+        assert_eq!(check(room, "125.001"), RANGE);
+        assert_eq!(check(room, "-40.5"), RANGE);
+        let open = ty(r#"{"type":"double"}"#);
+        assert_eq!(check(&open, "18446744073709551615"), OK);
+        assert_eq!(check(&open, "-1.5e300"), OK);
+    }
+
+    #[test]
+    fn bool_values() {
+        let t = ty(r#"{"type":"bool","specs":{"0":"off","1":"on"}}"#);
+        for (value, want) in [
+            ("0", OK),
+            ("1", OK),
+            ("true", OK),
+            ("false", OK),
+            ("2", RANGE),
+            ("-1", RANGE),
+            ("1.0", KIND),
+            ("\"1\"", KIND),
+            ("null", KIND),
+        ] {
+            assert_eq!(check(&t, value), want, "{value}");
+        }
+    }
+
+    #[test]
+    fn enum_keys() {
+        let m = light();
+        let scene = &m.property("scene").unwrap().data_type;
+        assert_eq!(scene.kind(), DataKind::Enum);
+        for (value, want) in [
+            ("0", OK),
+            ("2", OK),
+            ("10", OK),
+            ("3", RANGE),
+            ("-1", RANGE),
+            ("18446744073709551615", RANGE),
+            ("1.5", KIND),
+            ("\"1\"", KIND),
+            ("true", KIND),
+        ] {
+            assert_eq!(check(scene, value), want, "{value}");
+        }
+        let negative = ty(r#"{"type":"enum","specs":{"-1":"none","5":"five"}}"#);
+        assert_eq!(check(&negative, "-1"), OK);
+        assert_eq!(check(&negative, "0"), RANGE);
+    }
+
+    #[test]
+    fn text_length_counts_utf8_bytes() {
+        let t = ty(r#"{"type":"text","specs":{"length":"4"}}"#);
+        for (value, want) in [
+            ("\"\"", OK),
+            ("\"abcd\"", OK),
+            ("\"abcde\"", RANGE),
+            ("\"äö\"", OK),        // 2 chars, 4 bytes
+            ("\"äöü\"", RANGE),    // 3 chars, 6 bytes
+            ("\"a€\"", OK),        // 4 bytes
+            ("\"a\\n\\\"b\"", OK), // 4 bytes once unescaped
+            ("\"€€\"", RANGE),
+            ("5", KIND),
+            ("null", KIND),
+        ] {
+            assert_eq!(check(&t, value), want, "{value}");
+        }
+        assert_eq!(
+            check(
+                &ty(r#"{"type":"text"}"#),
+                &format!("\"{}\"", "x".repeat(5000))
+            ),
+            OK
+        );
+    }
+
+    #[test]
+    fn date_is_digits_fitting_i64() {
+        let t = ty(r#"{"type":"date","specs":{}}"#);
+        for (value, want) in [
+            ("\"1700000000000\"", OK),
+            ("\"0\"", OK),
+            ("\"9223372036854775807\"", OK),
+            ("\"9223372036854775808\"", RANGE),
+            ("\"\"", RANGE),
+            ("\"-1\"", RANGE),
+            ("\"+1\"", RANGE),
+            ("\"12a\"", RANGE),
+            ("\" 1\"", RANGE),
+            ("\"1.5\"", RANGE),
+            ("1700000000000", KIND),
+            ("null", KIND),
+        ] {
+            assert_eq!(check(&t, value), want, "{value}");
+        }
+        assert_eq!(ty(r#"{"type":"date","specs":[]}"#).kind(), DataKind::Date);
+    }
+
+    #[test]
+    fn struct_members() {
+        let m = thermostat();
+        let limits = &m.property("limits").unwrap().data_type;
+        assert_eq!(limits.kind(), DataKind::Struct);
+        assert_eq!(limits.members().len(), 2);
+        for (value, want) in [
+            (r#"{"lo":0,"hi":50}"#, OK),
+            (r#"{"lo":1}"#, OK),
+            ("{}", OK),
+            (r#"{"lo":51}"#, RANGE),
+            (r#"{"lo":1,"extra":1}"#, RANGE),
+            (r#"{"lo":"1"}"#, KIND),
+            (r#"{"lo":2.5}"#, KIND),
+            // A kind mismatch anywhere wins over a range failure before it.
+            (r#"{"lo":51,"hi":"x"}"#, KIND),
+            (r#"{"extra":1,"hi":"x"}"#, KIND),
+            ("[]", KIND),
+            ("1", KIND),
+        ] {
+            assert_eq!(check(limits, value), want, "{value}");
+        }
+        let all = ty(r#"{"type":"struct","specs":[
+            {"identifier":"i","dataType":{"type":"int","specs":{"min":"0","max":"9"}}},
+            {"identifier":"f","dataType":{"type":"float","specs":{"min":"0","max":"1"}}},
+            {"identifier":"d","dataType":{"type":"double"}},
+            {"identifier":"t","dataType":{"type":"text","specs":{"length":"2"}}},
+            {"identifier":"when","dataType":{"type":"date","specs":[]}},
+            {"identifier":"on","dataType":{"type":"bool"}},
+            {"identifier":"e","dataType":{"type":"enum","specs":{"1":"a"}}}]}"#);
+        assert_eq!(
+            check(
+                &all,
+                r#"{"i":9,"f":1,"d":-3.5,"t":"ab","when":"1","on":true,"e":1}"#
+            ),
+            OK
+        );
+        assert_eq!(check(&all, r#"{"t":"abc"}"#), RANGE);
+        assert_eq!(check(&all, r#"{"on":2}"#), RANGE);
+        assert_eq!(check(&all, r#"{"e":2}"#), RANGE);
+        assert_eq!(check(&all, r#"{"when":"x"}"#), RANGE);
+        assert_eq!(check(&all, r#"{"when":1}"#), KIND);
+    }
+
+    #[test]
+    fn array_size_and_items() {
+        let m = thermostat();
+        let week = &m.property("week").unwrap().data_type;
+        assert_eq!(week.kind(), DataKind::Array);
+        assert_eq!(week.item().map(DataType::kind), Some(DataKind::Int));
+        for (value, want) in [
+            ("[]", OK),
+            ("[1,2,3,4,5,6,7]", OK),
+            ("[1,2,3,4,5,6,7,8]", RANGE),
+            ("[2147483648]", RANGE),
+            ("[1,\"2\"]", KIND),
+            ("[1,2,3,4,5,6,7,8,\"9\"]", KIND),
+            ("[1.5]", KIND),
+            ("{}", KIND),
+            ("\"[]\"", KIND),
+        ] {
+            assert_eq!(check(week, value), want, "{value}");
+        }
+        let structs = ty(
+            r#"{"type":"array","specs":{"size":2,"item":{"type":"struct","specs":[
+            {"identifier":"v","dataType":{"type":"float","specs":{"min":"0","max":"1"}}}]}}}"#,
+        );
+        assert_eq!(check(&structs, r#"[{"v":0},{"v":1.0}]"#), OK);
+        assert_eq!(check(&structs, r#"[{"v":0},{"v":1.5}]"#), RANGE);
+        assert_eq!(check(&structs, r#"[{"v":0},{"w":1}]"#), RANGE);
+        assert_eq!(check(&structs, r#"[{"v":0},{"v":"1"}]"#), KIND);
+        assert_eq!(check(&structs, r#"[{},{},{}]"#), RANGE);
+        assert_eq!(check(&structs, r#"[1]"#), KIND);
+        let max = ty(r#"{"type":"array","specs":{"size":"512","item":{"type":"text"}}}"#);
+        let items = vec!["\"\""; 512].join(",");
+        assert_eq!(check(&max, &format!("[{items}]")), OK);
+        assert_eq!(check(&max, &format!("[{items},\"\"]")), RANGE);
+    }
+
+    #[test]
+    fn alink_style_writes_floats_with_a_point() {
+        let m = thermostat();
+        let setpoint = &m.property("setpoint").unwrap().data_type;
+        assert_eq!(write(setpoint, "21", ValueStyle::Alink), "21.0");
+        assert_eq!(write(setpoint, "21", ValueStyle::Wire), "21");
+        assert_eq!(write(setpoint, "21.5", ValueStyle::Alink), "21.5");
+        assert_eq!(write(setpoint, "21.50", ValueStyle::Wire), "21.5");
+        assert_eq!(write(setpoint, "-0.0", ValueStyle::Alink), "-0.0");
+        assert_eq!(write(setpoint, "1e16", ValueStyle::Alink), "1.0e16");
+        assert_eq!(write(setpoint, "1e-7", ValueStyle::Alink), "1.0e-7");
+        assert_eq!(write(setpoint, "2.5e-7", ValueStyle::Alink), "2.5e-7");
+        let room = &m.property("roomTemp").unwrap().data_type;
+        assert_eq!(write(room, "-40", ValueStyle::Alink), "-40.0");
+        // Integers of other types stay integers.
+        let delay = &m.property("week").unwrap().data_type;
+        assert_eq!(write(delay, "[1,2]", ValueStyle::Alink), "[1,2]");
+    }
+
+    #[test]
+    fn bools_are_written_as_0_and_1() {
+        let t = ty(r#"{"type":"bool"}"#);
+        for style in [ValueStyle::Wire, ValueStyle::Alink] {
+            assert_eq!(write(&t, "true", style), "1");
+            assert_eq!(write(&t, "false", style), "0");
+            assert_eq!(write(&t, "1", style), "1");
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        let t = ty(r#"{"type":"text"}"#);
+        assert_eq!(
+            write(
+                &t,
+                r#""a\"b\\c\n\r\t\b\f\u0001\u001f/é€""#,
+                ValueStyle::Wire
+            ),
+            r#""a\"b\\c\n\r\t\b\f\u0001\u001f/é€""#
+        );
+        assert_eq!(write(&t, r#""\u00e9""#, ValueStyle::Wire), "\"é\"");
+    }
+
+    #[test]
+    fn structs_and_arrays_are_written_per_member_type() {
+        let t = ty(r#"{"type":"struct","specs":[
+            {"identifier":"f","dataType":{"type":"float"}},
+            {"identifier":"on","dataType":{"type":"bool"}},
+            {"identifier":"n","dataType":{"type":"int"}}]}"#);
+        assert_eq!(
+            write(&t, r#"{"f":2,"on":true,"n":3,"x":true}"#, ValueStyle::Alink),
+            r#"{"f":2.0,"on":1,"n":3,"x":true}"#
+        );
+        assert_eq!(
+            write(&t, r#"{ "f" : 2 , "on" : false }"#, ValueStyle::Wire),
+            r#"{"f":2,"on":0}"#
+        );
+        let a = ty(r#"{"type":"array","specs":{"size":9,"item":{"type":"double"}}}"#);
+        assert_eq!(
+            write(&a, "[1, 2.5, -3]", ValueStyle::Alink),
+            "[1.0,2.5,-3.0]"
+        );
+        assert_eq!(write(&a, "[1, 2.5, -3]", ValueStyle::Wire), "[1,2.5,-3]");
+    }
+
+    #[test]
+    fn values_failing_the_check_are_written_as_they_are() {
+        let int = ty(r#"{"type":"int"}"#);
+        assert_eq!(write(&int, r#""x""#, ValueStyle::Alink), r#""x""#);
+        assert_eq!(write(&int, "2.5", ValueStyle::Alink), "2.5");
+        assert_eq!(write(&int, "null", ValueStyle::Alink), "null");
+        let float = ty(r#"{"type":"float"}"#);
+        assert_eq!(
+            write(&float, "[1,{\"a\":true}]", ValueStyle::Alink),
+            "[1,{\"a\":true}]"
+        );
+        let week = ty(r#"{"type":"array","specs":{"size":1,"item":{"type":"float"}}}"#);
+        assert_eq!(write(&week, "{\"a\":1}", ValueStyle::Alink), "{\"a\":1}");
+        assert_eq!(
+            write(&week, "[1,\"a\",null]", ValueStyle::Alink),
+            "[1.0,\"a\",null]"
+        );
+    }
+
+    #[test]
+    fn write_json_is_compact() {
+        let text = r#" { "a" : [ 1 , -2 , 3.5 , true , false , null , "s\"" ] , "b" : { } , "c" : [ ] ,
+            "u" : 18446744073709551615 } "#;
+        let out = json(text, |v| {
+            let mut out = Vec::new();
+            write_json(v, &mut out);
+            out
+        });
+        assert_eq!(
+            out,
+            br#"{"a":[1,-2,3.5,true,false,null,"s\""],"b":{},"c":[],"u":18446744073709551615}"#
+        );
+    }
+
+    #[test]
+    fn wire_len_counts_without_writing() {
+        let t = ty(r#"{"type":"struct","specs":[{"identifier":"on","dataType":{"type":"bool"}}]}"#);
+        json(r#"{"on":true,"x":"é"}"#, |v| {
+            let mut out = Vec::new();
+            t.write_value(v, ValueStyle::Wire, &mut out);
+            assert_eq!(t.wire_len(v), out.len());
+        });
+    }
+
+    mod prop {
+        use proptest::prelude::*;
+
+        use super::super::super::test_support::{light, thermostat};
+        use super::super::*;
+
+        /// JSON texts biased towards values that fit the thermostat and light properties.
+        fn value_text() -> impl Strategy<Value = String> {
+            let leaf = prop_oneof![
+                (-300i64..7000).prop_map(|n| n.to_string()),
+                prop_oneof![
+                    Just(i64::from(i32::MIN)),
+                    Just(i64::from(i32::MAX)),
+                    Just(i64::MAX)
+                ]
+                .prop_map(|n| n.to_string()),
+                (-60.0f64..140.0).prop_map(|x| format!("{x:?}")),
+                any::<f64>()
+                    .prop_filter("finite", |x| x.is_finite())
+                    .prop_map(|x| format!("{x:e}")),
+                prop_oneof![Just("true"), Just("false"), Just("null")].prop_map(String::from),
+                any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+                "[0-9]{1,20}".prop_map(|s| format!("\"{s}\"")),
+            ];
+            leaf.prop_recursive(2, 16, 8, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..9)
+                        .prop_map(|items| format!("[{}]", items.join(","))),
+                    proptest::collection::vec(
+                        (
+                            prop_oneof![
+                                Just("r"),
+                                Just("g"),
+                                Just("b"),
+                                Just("lo"),
+                                Just("hi"),
+                                Just("zz")
+                            ],
+                            inner
+                        ),
+                        0..4
+                    )
+                    .prop_map(|members| {
+                        let members: Vec<String> = members
+                            .iter()
+                            .map(|(k, v)| format!("\"{k}\":{v}"))
+                            .collect();
+                        format!("{{{}}}", members.join(","))
+                    }),
+                ]
+            })
+        }
+
+        fn written(t: &DataType, text: &[u8], style: ValueStyle) -> Option<(bool, Vec<u8>)> {
+            let mut bytes = text.to_vec();
+            let tape = simd_json::to_tape(&mut bytes).ok()?;
+            let v = tape.as_value();
+            let mut out = Vec::new();
+            t.write_value(v, style, &mut out);
+            Some((t.check(v).is_ok(), out))
+        }
+
+        proptest! {
+            #[test]
+            fn normalisation_is_idempotent_and_keeps_values_valid(text in value_text()) {
+                let models = [thermostat(), light()];
+                for property in models.iter().flat_map(|m| m.properties()) {
+                    let t = &property.data_type;
+                    for style in [ValueStyle::Wire, ValueStyle::Alink] {
+                        let (ok, once) = written(t, text.as_bytes(), style).expect("generated JSON parses");
+                        // Total: whatever the value, the output is JSON.
+                        let reparsed = written(t, &once, style);
+                        prop_assert!(reparsed.is_some(), "{} not JSON: {}", property.identifier, String::from_utf8_lossy(&once));
+                        if ok {
+                            let (still_ok, twice) = reparsed.unwrap();
+                            prop_assert!(still_ok, "{}: {} -> {}", property.identifier, text, String::from_utf8_lossy(&once));
+                            prop_assert_eq!(&once, &twice, "{}: {}", property.identifier, text);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
