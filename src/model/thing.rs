@@ -390,3 +390,301 @@ const MAX_IDENTIFIER_BYTES: usize = 63;
 const MAX_VALUE_BYTES: usize = 2047;
 /// Up to this many entries a linear scan beats bisection over an index (see `benches/model.rs`).
 const LINEAR_MAX: usize = 8;
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{doc_with, export, json, light, thermostat};
+    use super::*;
+
+    fn report(m: &ThingModel, id: &str, kind: DataKind, value: &str) -> Result<(), Code> {
+        json(value, |v| {
+            m.check_report_item(id, kind, v)
+                .map(|p| assert_eq!(&*p.identifier, id))
+        })
+    }
+
+    fn set(m: &ThingModel, id: &str, value: &str) -> Result<(), Code> {
+        json(value, |v| m.check_set(id, v).map(|_| ()))
+    }
+
+    fn call(m: &ThingModel, service: &str, input: Option<&str>) -> Result<(), Code> {
+        match input {
+            None => m.check_call(service, None).map(|_| ()),
+            Some(text) => json(text, |v| {
+                m.check_call(service, v.as_object())
+                    .map(|s| assert_eq!(&*s.identifier, service))
+            }),
+        }
+    }
+
+    #[test]
+    fn report_item_codes() {
+        let m = thermostat();
+        assert_eq!(report(&m, "power", DataKind::Bool, "1"), Ok(()));
+        assert_eq!(report(&m, "power", DataKind::Bool, "true"), Ok(()));
+        assert_eq!(report(&m, "setpoint", DataKind::Float, "21"), Ok(()));
+        // Access is not checked for reports: roomTemp is r, but so is every report.
+        assert_eq!(report(&m, "roomTemp", DataKind::Double, "81.5"), Ok(()));
+        assert_eq!(
+            report(&m, "nope", DataKind::Bool, "1"),
+            Err(Code::PropertyNotExist)
+        );
+        assert_eq!(
+            report(&m, "Power", DataKind::Bool, "1"),
+            Err(Code::PropertyNotExist)
+        );
+        // Item type differs from the TSL, even when the value would fit.
+        assert_eq!(
+            report(&m, "power", DataKind::Int, "1"),
+            Err(Code::ParameterType)
+        );
+        assert_eq!(
+            report(&m, "setpoint", DataKind::Double, "21"),
+            Err(Code::ParameterType)
+        );
+        assert_eq!(
+            report(&m, "setpoint", DataKind::Float, "\"21\""),
+            Err(Code::ParameterType)
+        );
+        assert_eq!(
+            report(&m, "mode", DataKind::Enum, "1.5"),
+            Err(Code::ParameterType)
+        );
+        assert_eq!(
+            report(&m, "setpoint", DataKind::Float, "36"),
+            Err(Code::OutOfRange)
+        );
+        assert_eq!(
+            report(&m, "power", DataKind::Bool, "2"),
+            Err(Code::OutOfRange)
+        );
+        assert_eq!(
+            report(&m, "mode", DataKind::Enum, "3"),
+            Err(Code::OutOfRange)
+        );
+        assert_eq!(
+            report(
+                &m,
+                "label",
+                DataKind::Text,
+                &format!("\"{}\"", "x".repeat(33))
+            ),
+            Err(Code::OutOfRange)
+        );
+        assert_eq!(
+            report(&m, "limits", DataKind::Struct, r#"{"lo":1,"hi":99}"#),
+            Err(Code::OutOfRange)
+        );
+        assert_eq!(
+            report(&m, "limits", DataKind::Struct, r#"{"lo":99,"hi":"1"}"#),
+            Err(Code::ParameterType)
+        );
+    }
+
+    #[test]
+    fn event_item_codes() {
+        let m = thermostat();
+        assert!(m.event("overheat").is_some());
+        let overheat = m.event("overheat").unwrap();
+        let check = |id: &str, kind: DataKind, value: &str| {
+            json(value, |v| {
+                m.check_event_item(overheat, id, kind, v)
+                    .map(|p| &*p.identifier == id)
+            })
+        };
+        assert_eq!(check("roomTemp", DataKind::Double, "81.5"), Ok(true));
+        assert_eq!(check("roomTemp", DataKind::Double, "81"), Ok(true));
+        assert_eq!(
+            check("power", DataKind::Bool, "1"),
+            Err(Code::PropertyNotExist)
+        );
+        assert_eq!(
+            check("roomTemp", DataKind::Float, "81.5"),
+            Err(Code::ParameterType)
+        );
+        assert_eq!(
+            check("roomTemp", DataKind::Double, "\"81.5\""),
+            Err(Code::ParameterType)
+        );
+        assert_eq!(
+            check("roomTemp", DataKind::Double, "125.5"),
+            Err(Code::OutOfRange)
+        );
+        let l = light();
+        let fault = l.event("fault").unwrap();
+        assert_eq!(fault.level, EventLevel::Error);
+        json("65536", |v| {
+            assert_eq!(
+                l.check_event_item(fault, "errCode", DataKind::Int, v).err(),
+                Some(Code::OutOfRange)
+            );
+        });
+    }
+
+    #[test]
+    fn get_codes() {
+        let m = export();
+        assert_eq!(m.check_get("humidity").map(|p| p.access), Ok(Access::Read));
+        assert_eq!(
+            m.check_get("interval").map(|p| p.access),
+            Ok(Access::ReadWrite)
+        );
+        assert_eq!(m.check_get("pin").err(), Some(Code::PropertyWriteOnly));
+        assert_eq!(m.check_get("nope").err(), Some(Code::PropertyNotExist));
+    }
+
+    #[test]
+    fn set_codes() {
+        let m = thermostat();
+        assert_eq!(set(&m, "setpoint", "19.5"), Ok(()));
+        assert_eq!(set(&m, "power", "false"), Ok(()));
+        assert_eq!(set(&m, "nope", "1"), Err(Code::PropertyNotExist));
+        assert_eq!(set(&m, "roomTemp", "20"), Err(Code::PropertyReadOnly));
+        assert_eq!(set(&m, "serviced", "\"x\""), Err(Code::PropertyReadOnly));
+        assert_eq!(set(&m, "setpoint", "\"19.5\""), Err(Code::ParameterType));
+        assert_eq!(set(&m, "week", "[1,2.5]"), Err(Code::ParameterType));
+        assert_eq!(set(&m, "setpoint", "40"), Err(Code::OutOfRange));
+        assert_eq!(set(&m, "week", "[1,2,3,4,5,6,7,8]"), Err(Code::OutOfRange));
+        let e = export();
+        assert_eq!(set(&e, "pin", "\"1234\""), Ok(()));
+    }
+
+    #[test]
+    fn set_enforces_client_buffer_limits() {
+        let long = "x".repeat(64);
+        let doc = doc_with(r#"{"type":"text"}"#).replace(
+            "\"identifier\":\"x\"",
+            &format!("\"identifier\":\"{long}\""),
+        );
+        let m = ThingModel::from_slice(doc.as_bytes()).unwrap();
+        assert_eq!(set(&m, &long, "\"v\""), Err(Code::OutOfRange));
+        let fits = doc_with(r#"{"type":"text"}"#).replace(
+            "\"identifier\":\"x\"",
+            &format!("\"identifier\":\"{}\"", &long[..63]),
+        );
+        let m = ThingModel::from_slice(fits.as_bytes()).unwrap();
+        assert_eq!(set(&m, &long[..63], "\"v\""), Ok(()));
+
+        let m = ThingModel::from_slice(doc_with(r#"{"type":"text"}"#).as_bytes()).unwrap();
+        assert_eq!(set(&m, "x", &format!("\"{}\"", "é".repeat(1023))), Ok(())); // 2046 bytes
+        assert_eq!(set(&m, "x", &format!("\"{}\"", "v".repeat(2047))), Ok(()));
+        assert_eq!(
+            set(&m, "x", &format!("\"{}\"", "v".repeat(2048))),
+            Err(Code::OutOfRange)
+        );
+
+        let m = ThingModel::from_slice(
+            doc_with(r#"{"type":"array","specs":{"size":512,"item":{"type":"text"}}}"#).as_bytes(),
+        )
+        .unwrap();
+        // 64 items of `"` + 29 bytes + `"` and 63 commas: 64 * 31 + 63 + 2 = 2049 bytes.
+        let items = vec![format!("\"{}\"", "y".repeat(29)); 64].join(",");
+        assert_eq!(set(&m, "x", &format!("[{items}]")), Err(Code::OutOfRange));
+        let items = vec![format!("\"{}\"", "y".repeat(29)); 63].join(",");
+        assert_eq!(set(&m, "x", &format!("[{items}]")), Ok(()));
+    }
+
+    #[test]
+    fn call_codes() {
+        let m = thermostat();
+        assert_eq!(call(&m, "reboot", Some(r#"{"delay":5}"#)), Ok(()));
+        assert_eq!(call(&m, "reboot", Some(r#"{"delay":0}"#)), Ok(()));
+        assert_eq!(call(&m, "nope", Some("{}")), Err(Code::ServiceNotExist));
+        assert_eq!(
+            call(&m, "reboot", Some("{}")),
+            Err(Code::ServiceInputIncorrect)
+        );
+        assert_eq!(call(&m, "reboot", None), Err(Code::ServiceInputIncorrect));
+        assert_eq!(
+            call(&m, "reboot", Some(r#"{"delay":5,"x":1}"#)),
+            Err(Code::ServiceInputIncorrect)
+        );
+        assert_eq!(
+            call(&m, "reboot", Some(r#"{"delay":"5"}"#)),
+            Err(Code::ServiceInputIncorrect)
+        );
+        assert_eq!(
+            call(&m, "reboot", Some(r#"{"delay":61}"#)),
+            Err(Code::ServiceInputIncorrect)
+        );
+        assert_eq!(
+            call(&m, "reboot", Some(r#"{"Delay":5}"#)),
+            Err(Code::ServiceInputIncorrect)
+        );
+
+        let e = export();
+        assert_eq!(call(&e, "set", Some("{}")), Err(Code::ServiceNotExist));
+        assert_eq!(call(&e, "get", None), Err(Code::ServiceNotExist));
+        assert_eq!(call(&e, "calibrate", Some(r#"{"offset":-5.5}"#)), Ok(()));
+        assert_eq!(
+            call(&e, "calibrate", Some(r#"{"offset":5.51}"#)),
+            Err(Code::ServiceInputIncorrect)
+        );
+
+        let none = ThingModel::from_slice(
+            br#"{"profile":{"productKey":"p"},"services":[{"identifier":"ping","outputData":[]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(call(&none, "ping", None), Ok(()));
+        assert_eq!(call(&none, "ping", Some("{}")), Ok(()));
+        assert_eq!(
+            call(&none, "ping", Some(r#"{"a":1}"#)),
+            Err(Code::ServiceInputIncorrect)
+        );
+        assert_eq!(
+            none.service("ping").map(|s| s.call_type),
+            Some(CallType::Async)
+        );
+    }
+
+    #[test]
+    fn builtins_are_not_user_events_or_services() {
+        let e = export();
+        assert!(e.event("post").is_none());
+        assert!(e.service("set").is_none());
+        assert!(e.service("get").is_none());
+        assert_eq!(e.events().len(), 1);
+        assert_eq!(e.services().len(), 1);
+        assert_eq!(e.services()[0].call_type, CallType::Sync);
+    }
+
+    #[test]
+    fn lookups_use_the_index_above_eight_entries() {
+        for n in [0, 1, 8, 9, 40] {
+            let props: Vec<String> = (0..n)
+                .rev()
+                .map(|i| {
+                    format!(
+                        r#"{{"identifier":"p{i}","accessMode":"rw","dataType":{{"type":"int"}}}}"#
+                    )
+                })
+                .collect();
+            let doc = format!(
+                r#"{{"profile":{{"productKey":"p"}},"properties":[{}]}}"#,
+                props.join(",")
+            );
+            let m = ThingModel::from_slice(doc.as_bytes()).unwrap();
+            for i in 0..n {
+                let id = format!("p{i}");
+                assert_eq!(m.property(&id).map(|p| &*p.identifier), Some(id.as_str()));
+            }
+            assert!(m.property("p").is_none());
+            assert!(m.property("zzz").is_none());
+            assert!(m.property("").is_none());
+        }
+    }
+
+    #[test]
+    fn access_and_names_round_trip() {
+        for a in [Access::Read, Access::ReadWrite, Access::Write] {
+            assert_eq!(Access::from_mode(a.as_str()), Some(a));
+        }
+        for l in [EventLevel::Info, EventLevel::Alert, EventLevel::Error] {
+            assert_eq!(EventLevel::from_name(l.as_str()), Some(l));
+        }
+        for c in [CallType::Sync, CallType::Async] {
+            assert_eq!(CallType::from_name(c.as_str()), Some(c));
+        }
+        assert_eq!(Access::from_mode("R"), None);
+    }
+}
