@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 #[error("{}", Shown(self))]
 pub struct ModelError {
     file: Option<Box<Path>>,
-    kind: ModelErrorKind,
+    /// Boxed: a `Result<ThingModel, ModelError>` stays small, and load errors are rare.
+    kind: Box<ModelErrorKind>,
 }
 
 /// What went wrong, without the file name.
@@ -95,7 +96,7 @@ impl ModelError {
     /// The JSON path of an invalid part (`$.properties[3].dataType`), for
     /// [`ModelErrorKind::Invalid`] only.
     pub fn path(&self) -> Option<&str> {
-        match &self.kind {
+        match &*self.kind {
             ModelErrorKind::Invalid { path, .. } => Some(path),
             _ => None,
         }
@@ -103,7 +104,7 @@ impl ModelError {
 
     /// A short stable label for metrics and logs.
     pub fn as_str(&self) -> &'static str {
-        match self.kind {
+        match *self.kind {
             ModelErrorKind::Io(_) => "io",
             ModelErrorKind::Syntax { .. } => "syntax",
             ModelErrorKind::Invalid { .. } => "invalid",
@@ -111,7 +112,10 @@ impl ModelError {
     }
 
     pub(super) fn new(kind: ModelErrorKind) -> Self {
-        Self { file: None, kind }
+        Self {
+            file: None,
+            kind: Box::new(kind),
+        }
     }
 
     pub(super) fn invalid(path: String, what: Invalid) -> Self {
@@ -129,7 +133,7 @@ struct Shown<'a>(&'a ModelError);
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ModelError { file, kind } = self.0;
-        match (file, kind) {
+        match (file, &**kind) {
             (None, kind) => write!(f, "{kind}"),
             (Some(file), ModelErrorKind::Syntax { .. }) => write!(f, "{}:{kind}", file.display()),
             (Some(file), kind) => write!(f, "{}: {kind}", file.display()),

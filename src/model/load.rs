@@ -628,3 +628,329 @@ fn syntax(e: serde_json::Error) -> ModelError {
 
 /// PROTOCOL.md 11.1: an array holds at most 512 elements.
 const MAX_ARRAY_SIZE: u16 = 512;
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::super::test_support::{export, light, thermostat};
+    use super::*;
+
+    /// Loads `doc` and returns the error's JSON path and what.
+    fn invalid(doc: &str) -> (String, Invalid) {
+        let e = ThingModel::from_slice(doc.as_bytes()).expect_err("document must not load");
+        match e.kind() {
+            ModelErrorKind::Invalid { path, what } => (path.clone(), what.clone()),
+            other => panic!("not an Invalid error: {other}"),
+        }
+    }
+
+    /// A document whose properties are `props` (JSON array elements).
+    fn props(props: &str) -> String {
+        format!(r#"{{"profile":{{"productKey":"p"}},"properties":[{props}]}}"#)
+    }
+
+    fn prop(data_type: &str) -> String {
+        format!(r#"{{"identifier":"x","accessMode":"rw","dataType":{data_type}}}"#)
+    }
+
+    fn temp_file(name: &str, contents: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("ringlink-model-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_three_test_models_load() {
+        let t = thermostat();
+        assert_eq!(t.product_key(), "a1ThermoPK0");
+        let kinds: Vec<_> = t.properties().iter().map(|p| p.data_type.kind()).collect();
+        assert_eq!(
+            kinds,
+            [
+                DataKind::Bool,
+                DataKind::Float,
+                DataKind::Double,
+                DataKind::Enum,
+                DataKind::Text,
+                DataKind::Date,
+                DataKind::Array,
+                DataKind::Struct
+            ]
+        );
+        assert_eq!(t.properties()[2].access, Access::Read);
+        assert_eq!(t.properties()[0].name.as_ref(), "Power");
+        assert_eq!(t.events().len(), 1);
+        assert_eq!(t.events()[0].level, EventLevel::Alert);
+        assert_eq!(t.services()[0].input[0].identifier.as_ref(), "delay");
+        assert_eq!(t.services()[0].output[0].data_type.kind(), DataKind::Bool);
+
+        let l = light();
+        assert_eq!(l.product_key(), "a1LightPK00");
+        assert_eq!(l.properties().len(), 7);
+        assert_eq!(
+            l.property("color").map(|p| p.data_type.members().len()),
+            Some(3)
+        );
+        assert_eq!(l.property("fw").map(|p| p.access), Some(Access::Read));
+        assert_eq!(
+            l.service("blink").map(|s| s.call_type),
+            Some(CallType::Sync)
+        );
+
+        let e = export();
+        assert_eq!(e.product_key(), "a1ExportPK0");
+        assert_eq!(e.properties().len(), 4);
+        assert_eq!(
+            e.property("stamp").map(|p| p.data_type.kind()),
+            Some(DataKind::Date)
+        );
+        assert_eq!(e.events().len(), 1);
+        assert_eq!(e.services().len(), 1);
+    }
+
+    #[test]
+    fn load_reads_a_file_and_names_it_in_errors() {
+        let good = temp_file("good.json", &props(&prop(r#"{"type":"int"}"#)));
+        assert_eq!(ThingModel::load(&good).unwrap().product_key(), "p");
+
+        let bad = temp_file("syntax.json", "{\n  \"profile\": }\n");
+        let e = ThingModel::load(&bad).unwrap_err();
+        assert_eq!(e.as_str(), "syntax");
+        assert_eq!(e.file(), Some(bad.as_path()));
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with(&format!("{}:2:14: ", bad.display())),
+            "{shown}"
+        );
+        assert!(!shown.contains("at line"), "{shown}");
+
+        let invalid = temp_file("invalid.json", &props(&prop(r#"{"type":"integer"}"#)));
+        let e = ThingModel::load(&invalid).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: at $.properties[0].dataType.type: unknown type `integer`",
+                invalid.display()
+            )
+        );
+        assert_eq!(e.path(), Some("$.properties[0].dataType.type"));
+
+        let missing = good.with_extension("missing");
+        let e = ThingModel::load(&missing).unwrap_err();
+        assert_eq!(e.as_str(), "io");
+        assert!(e
+            .to_string()
+            .starts_with(&format!("{}: ", missing.display())));
+
+        for path in [good, bad, invalid] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    #[test]
+    fn errors_without_a_file() {
+        let e = ThingModel::from_slice(b"[1,").unwrap_err();
+        assert!(matches!(e.kind(), ModelErrorKind::Syntax { line: 1, .. }));
+        assert!(e.to_string().starts_with("1:"), "{e}");
+        let e = ThingModel::from_slice(b"{}").unwrap_err();
+        assert_eq!(e.to_string(), "at $: missing field `profile`");
+        assert_eq!(e.file(), None);
+    }
+
+    #[test]
+    fn load_errors_name_the_json_path() {
+        let int = prop(r#"{"type":"int","specs":{"min":"0","max":"9"}}"#);
+        let bad_min = prop(r#"{"type":"int","specs":{"min":"abc","max":"9"}}"#);
+        let cases: Vec<(String, &str, Invalid)> = vec![
+            (
+                r#"{"profile":{}}"#.into(),
+                "$.profile",
+                Invalid::Missing("productKey"),
+            ),
+            (
+                r#"{"profile":{"productKey":""}}"#.into(),
+                "$.profile.productKey",
+                Invalid::Expected { expected: "a non-empty string", found: "an empty string" },
+            ),
+            (
+                r#"{"profile":{"productKey":7}}"#.into(),
+                "$.profile.productKey",
+                Invalid::Expected { expected: "a string", found: "a number" },
+            ),
+            (
+                props(&format!("{int},{int},{int},{bad_min}")).replace("\"x\"", "\"y\"").replacen("\"y\"", "\"a\"", 1).replacen("\"y\"", "\"b\"", 1).replacen("\"y\"", "\"c\"", 1),
+                "$.properties[3].dataType.specs.min",
+                Invalid::BadNumber("\"abc\"".into()),
+            ),
+            (
+                props(&format!("{int},{int}")),
+                "$.properties[1].identifier",
+                Invalid::Duplicate { identifier: "x".into(), first: "$.properties[0]".into() },
+            ),
+            (
+                props(&prop(r#"{"type":"struct","specs":{"a":1}}"#)),
+                "$.properties[0].dataType.specs",
+                Invalid::Expected { expected: "an array of struct members", found: "an object" },
+            ),
+            (
+                props(&prop(r#"{"type":"struct"}"#)),
+                "$.properties[0].dataType",
+                Invalid::Missing("specs"),
+            ),
+            (
+                props(&prop(r#"{"type":"array","specs":{"size":"513","item":{"type":"int"}}}"#)),
+                "$.properties[0].dataType.specs.size",
+                Invalid::ArrayTooLarge(513),
+            ),
+            (
+                props(&prop(r#"{"type":"array","specs":{"size":"-1","item":{"type":"int"}}}"#)),
+                "$.properties[0].dataType.specs.size",
+                Invalid::BadCount("\"-1\"".into()),
+            ),
+            (
+                props(&prop(r#"{"type":"array","specs":{"size":3}}"#)),
+                "$.properties[0].dataType.specs",
+                Invalid::Missing("item"),
+            ),
+            (
+                props(&prop(r#"{"type":"array","specs":{"size":3,"item":{"type":"bool"}}}"#)),
+                "$.properties[0].dataType.specs.item.type",
+                Invalid::TypeNotAllowed { kind: "bool", place: "as an array item", allowed: "int, float, double, text, struct" },
+            ),
+            (
+                props(&prop(r#"{"type":"struct","specs":[{"identifier":"a","dataType":{"type":"array","specs":{"size":1,"item":{"type":"int"}}}}]}"#)),
+                "$.properties[0].dataType.specs[0].dataType.type",
+                Invalid::TypeNotAllowed { kind: "array", place: "in a struct member", allowed: "int, float, double, text, date, bool, enum" },
+            ),
+            (
+                props(&prop(r#"{"type":"struct","specs":[{"identifier":"a","dataType":{"type":"int"}},{"identifier":"a","dataType":{"type":"int"}}]}"#)),
+                "$.properties[0].dataType.specs[1].identifier",
+                Invalid::Duplicate { identifier: "a".into(), first: "$.properties[0].dataType.specs[0]".into() },
+            ),
+            (
+                props(&prop(r#"{"type":"float","specs":{"min":"10","max":"1.5"}}"#)),
+                "$.properties[0].dataType.specs.min",
+                Invalid::MinAboveMax { min: "10".into(), max: "1.5".into() },
+            ),
+            (
+                props(&prop(r#"{"type":"float","specs":{"max":"1e999"}}"#)),
+                "$.properties[0].dataType.specs.max",
+                Invalid::BadNumber("\"1e999\"".into()),
+            ),
+            (
+                props(&prop(r#"{"type":"int","specs":{"max":" 5"}}"#)),
+                "$.properties[0].dataType.specs.max",
+                Invalid::BadNumber("\" 5\"".into()),
+            ),
+            (
+                props(&prop(r#"{"type":"int","specs":{"max":true}}"#)),
+                "$.properties[0].dataType.specs.max",
+                Invalid::Expected { expected: "a number or a numeric string", found: "a bool" },
+            ),
+            (
+                props(&prop(r#"{"type":"enum","specs":{"0":"a","one":"b"}}"#)),
+                "$.properties[0].dataType.specs.one",
+                Invalid::BadEnumKey("one".into()),
+            ),
+            (
+                props(&prop(r#"{"type":"text","specs":{"length":"2.5"}}"#)),
+                "$.properties[0].dataType.specs.length",
+                Invalid::BadCount("\"2.5\"".into()),
+            ),
+            (
+                props(&prop(r#"{"type":"int","specs":[1]}"#)),
+                "$.properties[0].dataType.specs",
+                Invalid::Expected { expected: "an object", found: "an array" },
+            ),
+            (
+                props(r#"{"identifier":"x","accessMode":"x","dataType":{"type":"int"}}"#),
+                "$.properties[0].accessMode",
+                Invalid::UnknownValue { field: "accessMode", value: "x".into(), expected: "r, rw or w" },
+            ),
+            (
+                props(r#"{"identifier":"","accessMode":"r","dataType":{"type":"int"}}"#),
+                "$.properties[0].identifier",
+                Invalid::EmptyIdentifier,
+            ),
+            (
+                props(r#"{"identifier":"x","accessMode":"r"}"#),
+                "$.properties[0]",
+                Invalid::Missing("dataType"),
+            ),
+            (
+                r#"{"profile":{"productKey":"p"},"properties":{}}"#.into(),
+                "$.properties",
+                Invalid::Expected { expected: "an array", found: "an object" },
+            ),
+            (
+                r#"{"profile":{"productKey":"p"},"events":[{"identifier":"e","type":"fatal"}]}"#.into(),
+                "$.events[0].type",
+                Invalid::UnknownValue { field: "event type", value: "fatal".into(), expected: "info, alert or error" },
+            ),
+            (
+                r#"{"profile":{"productKey":"p"},"events":[{"identifier":"e","outputData":[{"identifier":"o","dataType":{"type":"x"}}]}]}"#.into(),
+                "$.events[0].outputData[0].dataType.type",
+                Invalid::UnknownType("x".into()),
+            ),
+            (
+                r#"{"profile":{"productKey":"p"},"services":[{"identifier":"s","inputData":["a"]}]}"#.into(),
+                "$.services[0].inputData[0]",
+                Invalid::Expected { expected: "an object", found: "a string" },
+            ),
+            (
+                r#"{"profile":{"productKey":"p"},"services":[{"identifier":"s","callType":"later"}]}"#.into(),
+                "$.services[0].callType",
+                Invalid::UnknownValue { field: "callType", value: "later".into(), expected: "sync or async" },
+            ),
+            (
+                r#"{"profile":{"productKey":"p"},"services":[{"identifier":"s"},{"identifier":"s"}]}"#.into(),
+                "$.services[1].identifier",
+                Invalid::Duplicate { identifier: "s".into(), first: "$.services[0]".into() },
+            ),
+        ];
+        for (doc, path, what) in cases {
+            assert_eq!(invalid(&doc), (path.to_owned(), what), "{doc}");
+        }
+    }
+
+    #[test]
+    fn specs_accept_numbers_strings_and_lenient_shapes() {
+        let doc = props(&[
+            r#"{"identifier":"a","accessMode":"rw","dataType":{"type":"int","specs":{"min":0,"max":10.5,"step":"whatever"}}}"#,
+            r#"{"identifier":"b","accessMode":"rw","dataType":{"type":"double","specs":{"min":"-1.5e2","max":"2E+2"}}}"#,
+            r#"{"identifier":"c","accessMode":"rw","dataType":{"type":"text","specs":{"length":16}}}"#,
+            r#"{"identifier":"d","accessMode":"rw","dataType":{"type":"bool","specs":[]}}"#,
+            r#"{"identifier":"e","accessMode":"rw","dataType":{"type":"float"},"unknownField":[1,2]}"#,
+            r#"{"identifier":"f","accessMode":"rw","dataType":{"type":"array","specs":{"size":0,"item":{"type":"struct","specs":[]}}}}"#,
+        ]
+        .join(","));
+        let m = ThingModel::from_slice(doc.as_bytes()).unwrap();
+        assert_eq!(m.properties().len(), 6);
+        assert_eq!(
+            m.property("a").map(|p| &p.data_type.spec),
+            Some(&Spec::Int(IntRange { min: 0, max: 10 }))
+        );
+        assert_eq!(
+            m.property("b").map(|p| &p.data_type.spec),
+            Some(&Spec::Double(FloatRange {
+                min: -150.0,
+                max: 200.0
+            }))
+        );
+        assert_eq!(
+            m.property("c").map(|p| &p.data_type.spec),
+            Some(&Spec::Text { max_bytes: 16 })
+        );
+        // A byte-order mark is skipped.
+        let mut bom = b"\xEF\xBB\xBF".to_vec();
+        bom.extend_from_slice(doc.as_bytes());
+        assert!(ThingModel::from_slice(&bom).is_ok());
+    }
+
+    #[test]
+    fn error_size_is_pinned() {
+        assert_eq!(size_of::<ModelError>(), 24);
+    }
+}
