@@ -1,1 +1,684 @@
-//! The per-connection state machine. Sans-IO.
+//! The per-connection state machine: one WebSocket connection of a device or sub-gateway.
+//!
+//! Owns: the connection's WebSocket state, the devices online on it, its pending downlinks (by
+//! messageId, with deadlines), its keepalive timers, and the bytes it must send.
+//! Never: sockets, the clock, or state shared with other connections. Ownership across
+//! connections (takeover) is decided by the router, which the session talks to through
+//! [`Event::Online`] / [`Event::Offline`] and [`Session::handle_taken_over`].
+//!
+//! # Driving a session
+//!
+//! ```text
+//!   new(ctx, peer, now)
+//!     loop {
+//!       handle_input(buf, now, shard) -> consumed   // bytes read from the socket
+//!       handle_timeout(now)                         // when poll_timeout() has passed
+//!       send_downlink(dl, now, shard)               // commands from the router
+//!       handle_taken_over(device)                   //
+//!       ack(token, code)                            // an uplink's batch is durable
+//!       while let Some(e) = poll_event() { .. }     // then, in any order:
+//!       poll_transmit(&mut out)                     //   bytes to write
+//!       poll_timeout()                              //   when to call handle_timeout next
+//!     } until is_closed() and the transmit buffer is flushed
+//!   handle_disconnect()                             // the transport went away (EOF, error)
+//! ```
+//!
+//! `now` never goes backwards between calls. Success replies to requests that produce an uplink
+//! (online, offline, reports) are held back until the driver calls [`Session::ack`] with the
+//! uplink's [`AckToken`], so that nothing acknowledged to a device can be lost. Replies still
+//! leave in the order the requests arrived: one that is ready waits behind one held back.
+
+mod downlink;
+mod stats;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use simd_json::prelude::*;
+
+use crate::model::{DataType, Json, ThingModel, ValueStyle};
+use crate::protocol::{self, json, Code, Inbound, Item, Method, Request};
+use crate::registry::{DeviceId, Registry};
+use crate::ws;
+
+pub use downlink::{Downlink, DownlinkRequest, Outcome};
+pub use stats::Stats;
+
+use downlink::Pending;
+
+/// Connection-level settings, shared by every session of the process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub limits: ws::Limits,
+    /// A connection that has not completed its upgrade by then is dropped (slowloris).
+    pub handshake_timeout: Duration,
+    /// How often ringlink pings each connection.
+    pub ping_interval: Duration,
+    /// A connection with no pong for this long is closed and its devices go offline.
+    pub pong_timeout: Duration,
+    /// A downlink with no reply by then completes with 100006.
+    pub downlink_timeout: Duration,
+    /// Whether a report for a device online nowhere first onlines it on this connection.
+    pub auto_online_on_report: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            limits: ws::Limits::default(),
+            handshake_timeout: Duration::from_millis(5_000),
+            ping_interval: Duration::from_millis(30_000),
+            pong_timeout: Duration::from_millis(60_000),
+            downlink_timeout: Duration::from_millis(8_000),
+            auto_online_on_report: false,
+        }
+    }
+}
+
+/// What every session of the process shares: the registry and the settings.
+#[derive(Debug)]
+pub struct Context {
+    pub registry: Arc<Registry>,
+    pub config: Config,
+}
+
+/// Whether a device is online on any connection; the router answers it (auto-online only).
+pub trait Presence: Send + Sync {
+    fn is_online(&self, device: DeviceId) -> bool;
+}
+
+/// A [`Presence`] for a single connection in isolation: nothing is online elsewhere.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Alone;
+
+impl Presence for Alone {
+    fn is_online(&self, _: DeviceId) -> bool {
+        false
+    }
+}
+
+/// Per-shard scratch state lent to every session of the shard: reusable parser buffers, the
+/// shard's counters and its view of presence. One per thread; never shared.
+pub struct ShardState {
+    pub decoder: protocol::Decoder,
+    pub stats: Stats,
+    presence: Arc<dyn Presence>,
+    /// Scratch for one downlink body (parsed in place).
+    scratch: Vec<u8>,
+}
+
+impl ShardState {
+    pub fn new(presence: Arc<dyn Presence>) -> Self {
+        Self {
+            decoder: protocol::Decoder::new(),
+            stats: Stats::default(),
+            presence,
+            scratch: Vec::new(),
+        }
+    }
+}
+
+/// What a session asks of its driver, in the order it happened.
+#[derive(Debug, PartialEq)]
+pub enum Event {
+    /// A device came online on this connection: the router makes this connection its owner
+    /// (taking it from any other connection) and emits an online uplink, then calls
+    /// [`Session::ack`] with `ack` when it is durable.
+    Online {
+        device: DeviceId,
+        ack: Option<AckToken>,
+    },
+    /// This connection gave a device up (offlineDevice, or the connection ended). The router
+    /// emits an offline uplink only if this connection still owns it, then acks.
+    Offline {
+        device: DeviceId,
+        ack: Option<AckToken>,
+    },
+    /// An accepted report to forward upstream; ack `ack` when it is durable.
+    Uplink { uplink: Uplink, ack: AckToken },
+    /// A downlink finished: answered, rejected before sending, timed out or lost.
+    DownlinkDone { token: u64, outcome: Outcome },
+}
+
+/// Identifies a reply held back until its uplink is durable; see [`Session::ack`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AckToken(u64);
+
+/// A property or event report, its values already checked and normalised (Alink style).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Uplink {
+    pub device: DeviceId,
+    pub kind: UplinkKind,
+    /// A JSON object `{identifier: value}` with normalised values: bool 0/1, float and double
+    /// always with a decimal point.
+    pub values: Box<str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UplinkKind {
+    Property,
+    Event(Box<str>),
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer sent a Close frame.
+    PeerClosed(Option<u16>),
+    /// The peer broke RFC 6455; the close frame or HTTP error is in the transmit buffer.
+    Protocol(&'static str),
+    HandshakeTimeout,
+    PongTimeout,
+    /// The transport went away (EOF, reset, write error).
+    Disconnected,
+    /// ringlink is shutting down (close code 1001 sent).
+    Shutdown,
+}
+
+/// One WebSocket connection's Link protocol state.
+pub struct Session {
+    ws: ws::Conn,
+    core: Core,
+}
+
+/// Everything but the WebSocket framing state, so that a message borrowed from `ws` can be
+/// handled while the rest of the session is mutated.
+struct Core {
+    ctx: Arc<Context>,
+    peer: IpAddr,
+    tx: Vec<u8>,
+    owned: HashSet<DeviceId>,
+    pending: HashMap<u32, Pending>,
+    /// Downlink deadlines in insertion order. Every downlink has the same timeout, so this is
+    /// sorted by deadline; entries whose downlink has finished are skipped when popped.
+    deadlines: VecDeque<(Instant, u32)>,
+    /// The last server messageId handed out: 1 <= next_id <= 2^31-1.
+    next_id: u32,
+    events: VecDeque<Event>,
+    /// Replies in request order from the oldest one held back for its uplink: `(messageId,
+    /// code)`, the code `None` while held. Empty when nothing is held, which is the usual case.
+    held: VecDeque<(u32, Option<Code>)>,
+    /// The [`AckToken`] of `held[0]`; tokens count every reply ever held.
+    held_front: u64,
+    /// Set until the upgrade completes.
+    handshake_deadline: Option<Instant>,
+    next_ping: Option<Instant>,
+    last_pong: Instant,
+    ended: Option<CloseReason>,
+}
+
+impl Session {
+    /// A new server connection from `peer`, accepted at `now`.
+    pub fn new(ctx: Arc<Context>, peer: IpAddr, now: Instant) -> Self {
+        let ws = ws::Conn::server(ctx.config.limits);
+        let handshake_deadline = Some(now + ctx.config.handshake_timeout);
+        Self {
+            ws,
+            core: Core {
+                ctx,
+                peer,
+                tx: Vec::new(),
+                owned: HashSet::new(),
+                pending: HashMap::new(),
+                deadlines: VecDeque::new(),
+                next_id: 0,
+                events: VecDeque::new(),
+                held: VecDeque::new(),
+                held_front: 0,
+                handshake_deadline,
+                next_ping: None,
+                last_pong: now,
+                ended: None,
+            },
+        }
+    }
+
+    /// Handles bytes received from the socket; returns how many were consumed. The caller keeps
+    /// the rest and presents it again, with more bytes appended, on the next call. Complete
+    /// frames are unmasked and decoded in place, so `input` is modified.
+    pub fn handle_input(
+        &mut self,
+        input: &mut [u8],
+        now: Instant,
+        shard: &mut ShardState,
+    ) -> usize {
+        let mut consumed = 0;
+        while self.core.ended.is_none() {
+            let event = self.ws.read(&mut input[consumed..], &mut self.core.tx);
+            match event {
+                Ok(ws::Event::NeedMore) => break,
+                Ok(ws::Event::Consumed(n)) => {
+                    consumed += n;
+                    if self.core.handshake_deadline.is_some() && self.ws.is_open() {
+                        self.core.opened(now);
+                    }
+                }
+                Ok(ws::Event::Message {
+                    consumed: n, data, ..
+                }) => {
+                    consumed += n;
+                    self.core.handle_message(data, shard);
+                }
+                Ok(ws::Event::Pong { consumed: n }) => {
+                    consumed += n;
+                    self.core.last_pong = now;
+                }
+                Ok(ws::Event::Closed { consumed: n, code }) => {
+                    consumed += n;
+                    self.core.end(CloseReason::PeerClosed(code));
+                }
+                Err(e) => {
+                    shard.stats.ws_errors += 1;
+                    self.core.end(CloseReason::Protocol(e.as_str()));
+                }
+            }
+        }
+        consumed
+    }
+
+    /// Handles the passage of time: handshake timeout, pings, pong timeout, downlink timeouts.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let core = &mut self.core;
+        if core.ended.is_some() {
+            return;
+        }
+        if core.handshake_deadline.is_some_and(|d| now >= d) {
+            core.end(CloseReason::HandshakeTimeout);
+            return;
+        }
+        if core.next_ping.is_some() && now >= core.last_pong + core.ctx.config.pong_timeout {
+            core.end(CloseReason::PongTimeout);
+            return;
+        }
+        if let Some(at) = core.next_ping.filter(|&at| now >= at) {
+            self.ws.send_ping(&mut core.tx, b"");
+            let interval = core.ctx.config.ping_interval;
+            // Skip the pings missed while the driver was late rather than sending a burst.
+            let mut next = at + interval;
+            while next <= now {
+                next += interval;
+            }
+            core.next_ping = Some(next);
+        }
+        core.expire_downlinks(now);
+    }
+
+    /// The transport is gone (EOF, reset, error): devices go offline, downlinks fail (100008).
+    pub fn handle_disconnect(&mut self) {
+        self.core.end(CloseReason::Disconnected);
+    }
+
+    /// The router moved `device` to another connection: this one no longer owns it. Nothing is
+    /// emitted; downlinks already pending for it here finish or time out here.
+    pub fn handle_taken_over(&mut self, device: DeviceId) {
+        self.core.owned.remove(&device);
+    }
+
+    /// The uplink (or online/offline) behind `token` is durable (`Code::Success`) or could not
+    /// be kept (an error code): its reply can go, after the replies to earlier requests.
+    pub fn ack(&mut self, token: AckToken, code: Code) {
+        if self.core.ended.is_none() {
+            self.core.resolve(token, code);
+        }
+    }
+
+    /// Sends a downlink to a device on this connection. It always completes with exactly one
+    /// [`Event::DownlinkDone`]: at once when it fails validation (nothing is sent), else on the
+    /// device's reply, on timeout or when the connection ends.
+    pub fn send_downlink(&mut self, downlink: Downlink, now: Instant, shard: &mut ShardState) {
+        self.core.send_downlink(downlink, now, shard);
+    }
+
+    /// Starts closing for shutdown: close code 1001, then every device goes offline.
+    pub fn shutdown(&mut self) {
+        if self.core.ended.is_none() {
+            if self.ws.is_open() {
+                self.ws.close(&mut self.core.tx, 1001, "going away");
+            }
+            self.core.end(CloseReason::Shutdown);
+        }
+    }
+
+    /// The next thing the driver must act on.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.core.events.pop_front()
+    }
+
+    /// Moves the bytes to send into `out` (a swap when `out` is empty, so no copy); returns
+    /// whether there was anything.
+    pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool {
+        if self.core.tx.is_empty() {
+            return false;
+        }
+        if out.is_empty() {
+            std::mem::swap(out, &mut self.core.tx);
+        } else {
+            out.extend_from_slice(&self.core.tx);
+            self.core.tx.clear();
+        }
+        true
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let c = &self.core;
+        if c.ended.is_some() {
+            return None;
+        }
+        let pong = c.next_ping.map(|_| c.last_pong + c.ctx.config.pong_timeout);
+        [
+            c.handshake_deadline,
+            c.next_ping,
+            pong,
+            c.deadlines.front().map(|d| d.0),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Whether the connection is over: after the transmit buffer is flushed, the driver shuts
+    /// the socket down. [`Event`]s may still be waiting.
+    pub fn is_closed(&self) -> bool {
+        self.core.ended.is_some()
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.core.ended.as_ref()
+    }
+
+    /// Whether the WebSocket upgrade is done and the connection not closing.
+    pub fn is_open(&self) -> bool {
+        self.ws.is_open() && self.core.ended.is_none()
+    }
+
+    /// The devices online on this connection.
+    pub fn devices(&self) -> impl Iterator<Item = DeviceId> + '_ {
+        self.core.owned.iter().copied()
+    }
+
+    pub fn peer(&self) -> IpAddr {
+        self.core.peer
+    }
+
+    /// How many bytes the read buffer should hold for the frame being received.
+    pub fn wanted_bytes(&self) -> usize {
+        self.ws.wanted_bytes()
+    }
+
+    /// Downlinks sent and not yet finished.
+    pub fn pending_downlinks(&self) -> usize {
+        self.core.pending.len()
+    }
+}
+
+impl Core {
+    fn opened(&mut self, now: Instant) {
+        self.handshake_deadline = None;
+        self.last_pong = now;
+        self.next_ping = Some(now + self.ctx.config.ping_interval);
+    }
+
+    fn handle_message(&mut self, data: &mut [u8], shard: &mut ShardState) {
+        let ShardState {
+            decoder,
+            stats,
+            presence,
+            ..
+        } = shard;
+        decoder.decode(data, |decoded| match decoded {
+            Ok(None) => {}
+            Ok(Some(Inbound::Request(req))) => {
+                let outcome = self.handle_request(&req, presence.as_ref());
+                stats.count_request(Some(req.method), outcome.unwrap_or(Code::Success));
+                // `None`: answered by ack() once the uplink is durable.
+                if let Some(code) = outcome {
+                    self.reply(req.id, code);
+                }
+            }
+            Ok(Some(Inbound::Reply(reply))) => {
+                if !self.complete_downlink(&reply) {
+                    stats.replies_unmatched += 1;
+                }
+            }
+            Err(reject) => {
+                stats.count_request(None, reject.code);
+                self.reply(reject.id, reject.code);
+            }
+        });
+    }
+
+    /// The per-method checks of PROTOCOL.md section 7. `Some(code)` is the reply to send now;
+    /// `None` means an uplink with an `ack` was emitted and the reply waits for it.
+    fn handle_request(&mut self, req: &Request<'_, '_>, presence: &dyn Presence) -> Option<Code> {
+        let registry = Arc::clone(&self.ctx.registry);
+        let Some(device) = registry.lookup(req.product_key, req.device_name) else {
+            return Some(Code::DeviceNotRegistered);
+        };
+        match req.method {
+            Method::OnlineDevice => {
+                if !registry.allows_peer(device, self.peer) {
+                    return Some(Code::DeviceNotRegistered);
+                }
+                if !self.owned.insert(device) {
+                    return Some(Code::Success); // already online here: nothing changes
+                }
+                let ack = Some(self.hold_reply(req.id));
+                self.events.push_back(Event::Online { device, ack });
+                None
+            }
+            Method::OfflineDevice => {
+                if !self.owned.remove(&device) {
+                    return Some(Code::Success); // not online here: idempotent
+                }
+                let ack = Some(self.hold_reply(req.id));
+                self.events.push_back(Event::Offline { device, ack });
+                None
+            }
+            Method::ReportProperty | Method::ReportEvent => {
+                if !self.owned.contains(&device) {
+                    let auto = self.ctx.config.auto_online_on_report
+                        && registry.allows_peer(device, self.peer)
+                        && !presence.is_online(device);
+                    if !auto {
+                        return Some(Code::DeviceOffline);
+                    }
+                    self.owned.insert(device);
+                    self.events.push_back(Event::Online { device, ack: None });
+                }
+                let model = registry.model(device);
+                let checked = if req.method == Method::ReportProperty {
+                    check_property_report(model, req.payload)
+                } else {
+                    check_event_report(model, req.payload)
+                };
+                match checked {
+                    Ok((kind, values)) => {
+                        let uplink = Uplink {
+                            device,
+                            kind,
+                            values,
+                        };
+                        let ack = self.hold_reply(req.id);
+                        self.events.push_back(Event::Uplink { uplink, ack });
+                        None
+                    }
+                    Err(code) => Some(code),
+                }
+            }
+        }
+    }
+
+    /// Sends a reply now, or queues it behind replies still held back.
+    fn reply(&mut self, id: u32, code: Code) {
+        if self.held.is_empty() {
+            self.write_reply(id, code);
+        } else {
+            self.held.push_back((id, Some(code)));
+        }
+    }
+
+    /// Holds a reply back until [`Self::resolve`]; returns the token that resolves it.
+    fn hold_reply(&mut self, id: u32) -> AckToken {
+        let token = AckToken(self.held_front + self.held.len() as u64);
+        self.held.push_back((id, None));
+        token
+    }
+
+    /// Sets the code of a held reply and sends every reply that is ready at the front.
+    fn resolve(&mut self, token: AckToken, code: Code) {
+        let Some(index) = token.0.checked_sub(self.held_front) else {
+            return; // already sent
+        };
+        if let Some(slot) = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.held.get_mut(i))
+        {
+            slot.1.get_or_insert(code);
+        }
+        while let Some(&(id, Some(code))) = self.held.front() {
+            self.held.pop_front();
+            self.held_front += 1;
+            self.write_reply(id, code);
+        }
+    }
+
+    fn write_reply(&mut self, id: u32, code: Code) {
+        ws::encode::write_frame_with(&mut self.tx, ws::frame::Opcode::Text, None, |out| {
+            protocol::write_reply(out, id, code);
+        });
+    }
+
+    /// Appends one TEXT frame carrying `payload`.
+    fn send_text(&mut self, payload: &[u8]) {
+        ws::encode::write_frame(&mut self.tx, ws::frame::Opcode::Text, true, None, payload);
+    }
+
+    /// Ends the connection once: every owned device goes offline, every pending downlink fails
+    /// with 100008.
+    fn end(&mut self, reason: CloseReason) {
+        if self.ended.is_some() {
+            return;
+        }
+        self.ended = Some(reason);
+        let mut owned: Vec<DeviceId> = self.owned.drain().collect();
+        owned.sort_unstable();
+        self.events.extend(
+            owned
+                .into_iter()
+                .map(|device| Event::Offline { device, ack: None }),
+        );
+        let mut pending: Vec<(u32, Pending)> = self.pending.drain().collect();
+        pending.sort_unstable_by_key(|(id, _)| *id);
+        for (_, p) in pending {
+            self.events.push_back(Event::DownlinkDone {
+                token: p.token,
+                outcome: Outcome::failed(Code::ServiceUnreachable),
+            });
+        }
+        self.deadlines.clear();
+    }
+}
+
+/// Checks a reportProperty payload; returns the normalised values to forward.
+fn check_property_report(model: &ThingModel, payload: Json<'_, '_>) -> Result<Uplinked, Code> {
+    let items = payload
+        .get("properties")
+        .and_then(|p| p.as_array())
+        .filter(|a| !a.is_empty())
+        .ok_or(Code::InvalidParameter)?;
+    let values = collect_items(items.iter(), |item| {
+        model
+            .check_report_item(item.identifier, item.kind, item.value)
+            .map(|p| &p.data_type)
+    })?;
+    Ok((UplinkKind::Property, values))
+}
+
+/// Checks a reportEvent payload; returns the event and the normalised values to forward.
+fn check_event_report(model: &ThingModel, payload: Json<'_, '_>) -> Result<Uplinked, Code> {
+    let identifier = payload
+        .get("identifier")
+        .and_then(|v| v.into_string())
+        .ok_or(Code::InvalidParameter)?;
+    let items = payload
+        .get("outputData")
+        .and_then(|v| v.as_array())
+        .ok_or(Code::InvalidParameter)?;
+    // The built-in `post` event is not a user event: `model.event` has no entry for it.
+    let event = model.event(identifier).ok_or(Code::InvalidParameter)?;
+    let values = collect_items(items.iter(), |item| {
+        model
+            .check_event_item(event, item.identifier, item.kind, item.value)
+            .map(|p| &p.data_type)
+    })?;
+    Ok((UplinkKind::Event(identifier.into()), values))
+}
+
+type Uplinked = (UplinkKind, Box<str>);
+
+/// Checks every item and writes `{identifier: value, ...}` with values normalised for upstream.
+///
+/// All items are checked before anything is forwarded. The checks go level by level
+/// (well-formed, identifier, type, range): when several items fail, the failure that comes
+/// first in PROTOCOL.md's table decides, whichever item it is.
+fn collect_items<'t, 'i, 'm>(
+    items: impl Iterator<Item = Json<'t, 'i>>,
+    mut check: impl FnMut(&Item<'t, 'i>) -> Result<&'m DataType, Code>,
+) -> Result<Box<str>, Code>
+where
+    'i: 't,
+{
+    let mut failure: Option<Code> = None;
+    let mut values = Vec::with_capacity(64);
+    values.push(b'{');
+    for v in items {
+        let checked = Item::parse(v)
+            .ok_or(Code::InvalidParameter)
+            .and_then(|item| check(&item).map(|ty| (item, ty)));
+        match checked {
+            Ok((item, ty)) if failure.is_none() => {
+                if values.len() > 1 {
+                    values.push(b',');
+                }
+                json::write_str(&mut values, item.identifier);
+                values.push(b':');
+                ty.write_value(item.value, ValueStyle::Alink, &mut values);
+            }
+            Ok(_) => {}
+            Err(code) => {
+                failure = Some(downlink::first_check(failure, code));
+            }
+        }
+    }
+    if let Some(code) = failure {
+        return Err(code);
+    }
+    values.push(b'}');
+    Ok(into_boxed_str(values))
+}
+
+/// The position of a report check in PROTOCOL.md's table: lower is checked first.
+fn check_rank(code: Code) -> u8 {
+    match code {
+        Code::InvalidParameter => 0,
+        Code::PropertyNotExist => 1,
+        Code::PropertyReadOnly | Code::PropertyWriteOnly => 2,
+        Code::ParameterType => 3,
+        Code::OutOfRange => 4,
+        _ => 5,
+    }
+}
+
+/// The writers only ever produce UTF-8 (JSON text of UTF-8 strings).
+fn into_boxed_str(bytes: Vec<u8>) -> Box<str> {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        .into_boxed_str()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,70 @@
+//! Per-shard counters kept by sessions; the driver exports them as metrics.
+
+use crate::protocol::{Code, Method};
+
+/// Slots per code: every code ringlink sends, plus one for codes from clients it does not know.
+const CODES: usize = Code::SENT.len() + 1;
+
+/// Counters of one shard. Plain integers: a shard is one thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests answered, by method and code; the last method row counts messages rejected
+    /// before their method was known (not JSON, bad envelope).
+    requests: [[u64; CODES]; Method::ALL.len() + 1],
+    /// Client replies whose messageId matched no pending downlink (late, unknown or 0).
+    pub replies_unmatched: u64,
+    /// Connections closed for breaking RFC 6455.
+    pub ws_errors: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            requests: [[0; CODES]; Method::ALL.len() + 1],
+            replies_unmatched: 0,
+            ws_errors: 0,
+        }
+    }
+}
+
+impl Stats {
+    pub(crate) fn count_request(&mut self, method: Option<Method>, code: Code) {
+        let row = method.map_or(Method::ALL.len(), |m| m as usize);
+        self.requests[row][code_slot(code)] += 1;
+    }
+
+    /// Requests by method name (`"invalid"` for rejects before the method was known) and code.
+    pub fn requests(&self) -> impl Iterator<Item = (&'static str, Code, u64)> + '_ {
+        self.requests.iter().enumerate().flat_map(|(row, codes)| {
+            let name = Method::ALL.get(row).map_or("invalid", |m| m.as_str());
+            nonzero(codes).map(move |(code, n)| (name, code, n))
+        })
+    }
+
+    /// Adds another shard's counters to these.
+    pub fn merge(&mut self, other: &Self) {
+        for (a, b) in self.requests.iter_mut().zip(&other.requests) {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        }
+        self.replies_unmatched += other.replies_unmatched;
+        self.ws_errors += other.ws_errors;
+    }
+}
+
+fn code_slot(code: Code) -> usize {
+    Code::SENT
+        .iter()
+        .position(|c| *c == code)
+        .unwrap_or(CODES - 1)
+}
+
+fn nonzero(codes: &[u64; CODES]) -> impl Iterator<Item = (Code, u64)> + '_ {
+    codes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(i, n)| {
+            // The last slot collects unknown client codes; report them as 100000.
+            (Code::SENT.get(i).copied().unwrap_or(Code::Unknown), *n)
+        })
+}
