@@ -13,7 +13,7 @@ use simd_json::prelude::*;
 
 use ringlink::model::{DataKind, ThingModel, ValueStyle};
 
-const THERMOSTAT: &[u8] = include_bytes!("../tests/data/tsl/thermostat.json");
+const THERMOSTAT: &[u8] = include_bytes!("../src/registry/demo/thermostat.json");
 
 const REPORT: &str = r#"[{"identifier":"power","type":"bool","value":1},{"identifier":"setpoint","type":"float","value":21.5},{"identifier":"mode","type":"enum","value":2},{"identifier":"limits","type":"struct","value":{"lo":10,"hi":40}}]"#;
 

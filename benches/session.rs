@@ -16,7 +16,7 @@ use ringlink::registry::Registry;
 use ringlink::session::{Alone, Config, Context, Event, Session, ShardState};
 use ringlink::ws;
 
-const THERMOSTAT: &[u8] = include_bytes!("../tests/data/tsl/thermostat.json");
+const THERMOSTAT: &[u8] = include_bytes!("../src/registry/demo/thermostat.json");
 
 fn report(id: u32) -> String {
     format!(

@@ -10,17 +10,17 @@ pub(super) fn json<R>(text: &str, f: impl FnOnce(Json<'_, '_>) -> R) -> R {
 }
 
 pub(super) fn thermostat() -> ThingModel {
-    ThingModel::from_slice(include_bytes!("../../tests/data/tsl/thermostat.json"))
+    ThingModel::from_slice(include_bytes!("../registry/demo/thermostat.json"))
         .expect("thermostat.json loads")
 }
 
 pub(super) fn light() -> ThingModel {
-    ThingModel::from_slice(include_bytes!("../../tests/data/tsl/light.json"))
+    ThingModel::from_slice(include_bytes!("../registry/demo/light.json"))
         .expect("light.json loads")
 }
 
 pub(super) fn export() -> ThingModel {
-    ThingModel::from_slice(include_bytes!("../../tests/data/tsl/export_builtins.json"))
+    ThingModel::from_slice(include_bytes!("../registry/demo/export_builtins.json"))
         .expect("export_builtins.json loads")
 }
 

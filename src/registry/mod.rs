@@ -245,8 +245,8 @@ pub(crate) mod tests {
     /// The thermostat of PROTOCOL.md 11.2 and the light product, from the test data.
     pub(crate) fn models() -> Vec<ThingModel> {
         [
-            include_bytes!("../../tests/data/tsl/thermostat.json").as_slice(),
-            include_bytes!("../../tests/data/tsl/light.json").as_slice(),
+            include_bytes!("demo/thermostat.json").as_slice(),
+            include_bytes!("demo/light.json").as_slice(),
         ]
         .into_iter()
         .map(|json| ThingModel::from_slice(json).expect("test TSL loads"))

@@ -15,7 +15,7 @@ static MODEL: OnceLock<ThingModel> = OnceLock::new();
 
 fn model() -> &'static ThingModel {
     MODEL.get_or_init(|| {
-        ThingModel::from_slice(include_bytes!("../../data/tsl/thermostat.json"))
+        ThingModel::from_slice(include_bytes!("../../../src/registry/demo/thermostat.json"))
             .expect("thermostat.json loads")
     })
 }

@@ -18,7 +18,7 @@ fn context() -> Arc<Context> {
     static CTX: OnceLock<Arc<Context>> = OnceLock::new();
     CTX.get_or_init(|| {
         let mut b = Registry::builder();
-        let tsl = include_bytes!("../../data/tsl/thermostat.json");
+        let tsl = include_bytes!("../../../src/registry/demo/thermostat.json");
         b.add_product(ThingModel::from_slice(tsl).expect("TSL loads")).expect("product");
         for name in ["thermo-01", "thermo-02"] {
             b.add_device("a1ThermoPK0", name, None).expect("device");
