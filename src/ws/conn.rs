@@ -96,6 +96,9 @@ pub struct Conn {
     /// `reassembly[..utf8_checked]` is known valid UTF-8 (TEXT only); the rest is at most an
     /// incomplete character.
     utf8_checked: usize,
+    /// Payload bytes of the incomplete TEXT frame at the front of the input already known to
+    /// be valid UTF-8 (a fail-fast hint only; complete frames are validated in full).
+    partial_checked: usize,
     /// What the caller's read buffer should hold to make progress.
     wanted: usize,
     role: Role,
@@ -122,6 +125,7 @@ impl Conn {
             limits,
             reassembly: Vec::new(),
             utf8_checked: 0,
+            partial_checked: 0,
             wanted: 0,
             role,
             state,
@@ -317,9 +321,15 @@ impl Conn {
         let total = header.len + header.payload_len as usize;
         if input.len() < total {
             self.wanted = total;
+            let text = header.opcode == Opcode::Text
+                || (header.opcode == Opcode::Continuation && self.fragment == Fragment::Text);
+            if text {
+                self.check_partial_utf8(&input[header.len..], header.mask)?;
+            }
             return Ok(Step::NeedMore);
         }
         self.wanted = self.idle_wanted();
+        self.partial_checked = 0;
         let start = header.len;
         let payload = &mut input[start..total];
         if let Some(mask) = header.mask {
@@ -437,6 +447,50 @@ impl Conn {
         Ok(())
     }
 
+    /// Fails a TEXT frame whose payload has only partly arrived as soon as the part that did
+    /// arrive is not UTF-8, instead of waiting for the whole frame. `available` is the payload
+    /// present so far (still masked); `partial_checked` remembers how far earlier calls got so
+    /// that a frame trickling in is scanned once. Unmasks into a stack copy: the input must
+    /// stay untouched because nothing is consumed.
+    fn check_partial_utf8(
+        &mut self,
+        available: &[u8],
+        mask: Option<[u8; 4]>,
+    ) -> Result<(), WsError> {
+        // The incomplete character a previous fragment ended with, at most 3 bytes.
+        let carry: &[u8] = if self.fragment == Fragment::Text {
+            &self.reassembly[self.utf8_checked..]
+        } else {
+            &[]
+        };
+        let mut pos = self.partial_checked;
+        let mut scratch = [0_u8; 256];
+        while pos < available.len() {
+            let carried = if pos == 0 { carry.len() } else { 0 };
+            scratch[..carried].copy_from_slice(&carry[..carried]);
+            let n = (available.len() - pos).min(scratch.len() - carried);
+            let chunk = &mut scratch[carried..carried + n];
+            chunk.copy_from_slice(&available[pos..pos + n]);
+            if let Some(mask) = mask {
+                // Masking restarts at payload offset `pos`: rotate the key to line up.
+                let m = [0, 1, 2, 3].map(|i| mask[(pos + i) % 4]);
+                fastwebsockets::unmask(chunk, m);
+            }
+            let next = match std::str::from_utf8(&scratch[..carried + n]) {
+                Ok(_) => pos + n,
+                Err(e) if e.error_len().is_some() => return Err(WsError::InvalidUtf8),
+                // An incomplete character at the end of this chunk: resume at its start.
+                Err(e) => (pos + e.valid_up_to()).saturating_sub(carried).max(pos),
+            };
+            if next == pos {
+                break;
+            }
+            pos = next;
+        }
+        self.partial_checked = pos;
+        Ok(())
+    }
+
     /// Queues what the peer must be told about `err` and closes.
     fn fail(&mut self, err: &WsError, tx: &mut Vec<u8>) {
         match (self.state, err) {
@@ -456,6 +510,7 @@ impl Conn {
         self.fragment = Fragment::None;
         self.reassembly = Vec::new();
         self.delivered = false;
+        self.partial_checked = 0;
         self.wanted = MAX_HEADER_LEN;
     }
 

@@ -394,6 +394,43 @@ fn utf8_is_checked_across_fragments_and_fails_fast() {
 }
 
 #[test]
+fn utf8_fails_fast_inside_a_frame_still_arriving() {
+    // One 1000-byte TEXT frame whose 600th byte is bad; only 700 bytes have arrived.
+    let mut payload = "€".repeat(333).into_bytes();
+    payload.push(b'.');
+    payload[600] = 0xFF;
+    let frame = cframe(Opcode::Text, true, &payload);
+    let mut conn = open_server(Limits::default());
+    let mut tx = Vec::new();
+    let (_, err) = drive(
+        &mut conn,
+        frame[..300].chunks(7).chain([&frame[300..700]]),
+        &mut tx,
+    );
+    assert_eq!(err, Some(WsError::InvalidUtf8));
+    assert_eq!(close_code_sent(&tx), Some(1007));
+
+    // The same inside a continuation, with a character split across the fragment boundary.
+    let mut s = cframe(Opcode::Text, false, &[b'a', 0xE2]);
+    let mut rest = vec![0x82, 0xAC];
+    rest.extend_from_slice(&[b'b'; 100]);
+    rest.push(0xC0);
+    rest.extend_from_slice(&[b'c'; 100]);
+    let cont = cframe(Opcode::Continuation, true, &rest);
+    s.extend_from_slice(&cont[..cont.len() - 50]);
+    let mut conn = open_server(Limits::default());
+    let mut tx = Vec::new();
+    let (_, err) = drive(&mut conn, s.chunks(3), &mut tx);
+    assert_eq!(err, Some(WsError::InvalidUtf8));
+
+    // Valid text trickling in byte by byte is never refused early.
+    let ok = cframe(Opcode::Text, true, "aé€😀".repeat(50).as_bytes());
+    let mut conn = open_server(Limits::default());
+    let (outs, err) = drive(&mut conn, ok.chunks(1), &mut Vec::new());
+    assert_eq!((outs.len(), err), (1, None));
+}
+
+#[test]
 fn close_is_echoed_with_the_peer_code() {
     for (payload, code) in [
         (vec![], None),
