@@ -18,4 +18,5 @@ pub mod model;
 pub mod protocol;
 pub mod registry;
 pub mod session;
+pub mod uplink;
 pub mod ws;

@@ -1,0 +1,564 @@
+//! The embedded local log, the default sink: append-only, segmented, CRC-framed, crash-safe.
+//!
+//! Owns: the segment files of one directory, the active segment's file handle, the global frame
+//! sequence number, and the size and age caps. Never: the record format beyond "lines ending in
+//! `\n`" (records are opaque bytes here, except in [`LocalLog::read_dir`]), threads, the
+//! network. One process writes a directory at a time; nothing enforces it (no lock file).
+//!
+//! # On disk
+//!
+//! ```text
+//!   dir/00000000000000000000.log   frames 0..=41
+//!   dir/00000000000000000042.log   frames 42.. (named by its first frame's sequence number,
+//!                                   20 digits, so lexical order = log order)
+//!
+//!   frame = magic "rlu1" | len: u32 LE | crc: u32 LE | payload (len bytes)
+//!           crc = CRC-32 (IEEE) of the 4 len bytes then the payload
+//!           payload = one batch: record lines, each ending in '\n'; 1 <= len <= MAX_FRAME_PAYLOAD
+//! ```
+//!
+//! What always holds, between calls:
+//! - every segment is a whole number of valid frames, and `0 <= active.bytes`; the active
+//!   segment is the last one, and one [`LocalLog::append`] is one positional write at its end;
+//! - segment `i + 1` starts at the sequence number where segment `i` ends (no gaps);
+//! - `total_bytes` = the sum of every segment's size.
+//!
+//! A crash can only leave a torn frame at the end of the last segment (a write that did not
+//! finish); [`LocalLog::open`] truncates it. Anything invalid elsewhere is disk corruption (or
+//! power loss under [`Fsync::Never`]) and is refused with the file and offset.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use super::{decode_line, OwnedRecord, UplinkError};
+
+/// When the log asks the kernel to put appended bytes on the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// Leave flushing to the OS: safe when the process crashes (the page cache survives), not
+    /// when the machine loses power.
+    Never,
+    /// `fdatasync` after every append (one per group commit), and the directory after a new
+    /// segment is created: a success reply survives power loss.
+    Batch,
+}
+
+/// Where the log lives and how big it may grow.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// The log directory (`--data-dir`/uplink); created if missing.
+    pub dir: PathBuf,
+    /// Default 64 MiB: a new segment past this size. Small enough that the caps free space in
+    /// steps of under 10 % of `max_bytes`, big enough that a roll (create + directory fsync)
+    /// happens once per ~500 000 typical records.
+    pub segment_bytes: u64,
+    /// Default 1 GiB: the oldest segments are deleted past it. An edge box shares its disk with
+    /// everything else; a consumer that never reads must not fill it.
+    pub max_bytes: u64,
+    /// Default 7 days: segments whose last write is older are deleted. A week covers an outage
+    /// over a long weekend; older telemetry is history nobody replays from a gateway.
+    pub max_age: Duration,
+    /// Default [`Fsync::Batch`]: a device's success reply promises the uplink is durable, and
+    /// group commit pays one fsync for a whole batch of batches.
+    pub fsync: Fsync,
+}
+
+impl LogOptions {
+    /// The defaults above, in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            segment_bytes: 64 << 20,
+            max_bytes: 1 << 30,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            fsync: Fsync::Batch,
+        }
+    }
+}
+
+/// What [`LocalLog::open`] found, after truncating a torn tail and applying the caps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Segment files kept.
+    pub segments: usize,
+    /// Record lines in them.
+    pub records: u64,
+    /// Their total size.
+    pub bytes: u64,
+    /// Bytes cut from the end of the last segment (a torn or corrupt tail).
+    pub truncated_bytes: u64,
+}
+
+/// An open log directory; see the module docs for the format.
+#[derive(Debug)]
+pub struct LocalLog {
+    opts: LogOptions,
+    /// Oldest first; never empty; the last one is active and open in `file`.
+    segments: VecDeque<Segment>,
+    file: File,
+    /// The sequence number of the next frame.
+    next_seq: u64,
+    total_bytes: u64,
+    /// The frames of one append, built here and written with one call.
+    scratch: Vec<u8>,
+    /// Set when a failed write could not be undone: appending after unknown bytes would turn a
+    /// torn tail into corruption in the middle, so every later append fails.
+    broken: bool,
+}
+
+impl LocalLog {
+    /// Creates the dir if needed, opens and recovers it: every segment's frames are validated;
+    /// a torn or corrupt tail of the LAST segment is truncated (nothing before it is lost);
+    /// corruption in an earlier segment, or a sequence gap between segments, is an error naming
+    /// the file and offset. Then the caps are applied.
+    pub fn open(opts: LogOptions) -> Result<(Self, Recovery), UplinkError> {
+        fs::create_dir_all(&opts.dir).map_err(|e| UplinkError::io(&opts.dir, e))?;
+        let found = list_segments(&opts.dir)?;
+
+        // Validate everything before changing anything.
+        let mut scans = Vec::with_capacity(found.len());
+        for (i, (seq, path)) in found.iter().enumerate() {
+            let scan = scan_segment(path, |_| Ok(()))?;
+            let last = i + 1 == found.len();
+            if let (Some((offset, what)), false) = (scan.bad, last) {
+                return Err(corrupt(path, offset, what));
+            }
+            if let Some((prev_seq, prev)) = scans.last() {
+                check_sequence(*prev_seq, prev, *seq, path)?;
+            }
+            scans.push((*seq, scan));
+        }
+
+        let mut truncated_bytes = 0;
+        let mut segments = VecDeque::with_capacity(found.len() + 1);
+        let mut records = Vec::with_capacity(found.len());
+        for ((seq, path), (_, scan)) in found.into_iter().zip(&scans) {
+            if scan.bad.is_some() {
+                // Only the last segment gets here (checked above): cut its tail.
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| UplinkError::io(&path, e))?;
+                f.set_len(scan.valid_len)
+                    .map_err(|e| UplinkError::io(&path, e))?;
+                if opts.fsync == Fsync::Batch {
+                    f.sync_all().map_err(|e| UplinkError::io(&path, e))?;
+                }
+                truncated_bytes += scan.file_len - scan.valid_len;
+            }
+            let modified = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map_err(|e| UplinkError::io(&path, e))?;
+            segments.push_back(Segment {
+                first_seq: seq,
+                frames: scan.frames,
+                bytes: scan.valid_len,
+                modified,
+                path,
+            });
+            records.push(scan.records);
+        }
+
+        let (file, next_seq) = match segments.back() {
+            Some(last) => {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&last.path)
+                    .map_err(|e| UplinkError::io(&last.path, e))?;
+                (file, last.first_seq + last.frames)
+            }
+            None => {
+                let seg = create_segment(&opts, 0)?;
+                segments.push_back(seg.0);
+                records.push(0);
+                (seg.1, 0)
+            }
+        };
+        let total_bytes = segments.iter().map(|s| s.bytes).sum();
+        let mut log = Self {
+            opts,
+            segments,
+            file,
+            next_seq,
+            total_bytes,
+            scratch: Vec::new(),
+            broken: false,
+        };
+        let deleted = log.enforce_caps(SystemTime::now(), 0)?;
+        let recovery = Recovery {
+            segments: log.segments.len(),
+            records: records[deleted..].iter().sum(),
+            bytes: log.total_bytes,
+            truncated_bytes,
+        };
+        Ok((log, recovery))
+    }
+
+    /// Appends one or more encoded batches as ONE write, one frame per batch (empty batches
+    /// are skipped), then fsyncs per policy. Rolls to a new segment first when the write would
+    /// take the active one past `segment_bytes`, then applies the caps (never to the active
+    /// segment). On error nothing was appended: a partial write is cut off again.
+    pub fn append(&mut self, batches: &[&[u8]]) -> Result<(), UplinkError> {
+        if self.broken {
+            let path = &self.active().path;
+            return Err(UplinkError::io(
+                path,
+                io::Error::other("an earlier failed write could not be undone; reopen the log"),
+            ));
+        }
+        let mut frames = 0u64;
+        let mut len = 0u64;
+        for b in batches.iter().filter(|b| !b.is_empty()) {
+            if b.len() > MAX_FRAME_PAYLOAD {
+                return Err(UplinkError::BadRecord(format!(
+                    "batch of {} bytes exceeds the log's frame limit of {MAX_FRAME_PAYLOAD}",
+                    b.len()
+                )));
+            }
+            if b.last() != Some(&b'\n') {
+                return Err(UplinkError::BadRecord(
+                    "batch does not end with a newline".into(),
+                ));
+            }
+            frames += 1;
+            len += (HEADER + b.len()) as u64;
+        }
+        if frames == 0 {
+            return Ok(());
+        }
+
+        if self.active().bytes > 0 && self.active().bytes + len > self.opts.segment_bytes {
+            self.roll()?;
+        }
+        let now = SystemTime::now();
+        self.enforce_caps(now, len)?;
+
+        self.scratch.clear();
+        self.scratch.reserve(len as usize);
+        for b in batches.iter().filter(|b| !b.is_empty()) {
+            // b.len() <= MAX_FRAME_PAYLOAD < u32::MAX, checked above.
+            let n = (b.len() as u32).to_le_bytes();
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&n);
+            crc.update(b);
+            self.scratch.extend_from_slice(&MAGIC);
+            self.scratch.extend_from_slice(&n);
+            self.scratch
+                .extend_from_slice(&crc.finalize().to_le_bytes());
+            self.scratch.extend_from_slice(b);
+        }
+
+        let at = self.active().bytes;
+        let mut result = self.file.write_all_at(&self.scratch, at);
+        if result.is_ok() && self.opts.fsync == Fsync::Batch {
+            result = self.file.sync_data();
+        }
+        if let Err(e) = result {
+            // Cut whatever part of the write landed, so the next append starts on a frame
+            // boundary. If even that fails, refuse all further appends (see `broken`).
+            if self.file.set_len(at).is_err() {
+                self.broken = true;
+            }
+            return Err(UplinkError::io(&self.active().path, e));
+        }
+
+        let seg = self.active_mut();
+        seg.bytes += len;
+        seg.frames += frames;
+        seg.modified = now;
+        self.next_seq += frames;
+        self.total_bytes += len;
+        Ok(())
+    }
+
+    /// Total size of the segments on disk, for metrics.
+    pub fn bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// The log directory.
+    pub fn dir(&self) -> &Path {
+        &self.opts.dir
+    }
+
+    /// Reads every record of a log directory in order (tests, replay, tools), without changing
+    /// it. Stops cleanly at a torn tail of the last segment; corruption anywhere else, or a line
+    /// that does not decode, is an error.
+    pub fn read_dir(dir: &Path) -> Result<Vec<OwnedRecord>, UplinkError> {
+        let found = list_segments(dir)?;
+        let mut out = Vec::new();
+        let mut prev: Option<(u64, Scan)> = None;
+        for (i, (seq, path)) in found.iter().enumerate() {
+            let scan = scan_segment(path, |payload| {
+                for line in payload.split_inclusive(|&b| b == b'\n') {
+                    out.push(decode_line(line)?);
+                }
+                Ok(())
+            })?;
+            if let (Some((offset, what)), false) = (scan.bad, i + 1 == found.len()) {
+                return Err(corrupt(path, offset, what));
+            }
+            if let Some((prev_seq, prev)) = &prev {
+                check_sequence(*prev_seq, prev, *seq, path)?;
+            }
+            prev = Some((*seq, scan));
+        }
+        Ok(out)
+    }
+
+    fn active(&self) -> &Segment {
+        // `segments` is never empty: open creates one, and the caps keep the last one.
+        self.segments.back().expect("the active segment exists")
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        // As in `active`.
+        self.segments.back_mut().expect("the active segment exists")
+    }
+
+    /// Closes the active segment and starts a new one at `next_seq`.
+    fn roll(&mut self) -> Result<(), UplinkError> {
+        let (seg, file) = create_segment(&self.opts, self.next_seq)?;
+        self.segments.push_back(seg);
+        self.file = file;
+        Ok(())
+    }
+
+    /// Deletes the oldest closed segments while the log plus `incoming` bytes is over
+    /// `max_bytes`, or the oldest segment's last write is older than `max_age` at `now`. The
+    /// active segment is never deleted. Returns how many segments were deleted.
+    fn enforce_caps(&mut self, now: SystemTime, incoming: u64) -> Result<usize, UplinkError> {
+        let mut deleted = 0;
+        while self.segments.len() > 1 {
+            let oldest = &self.segments[0];
+            let too_big = self.total_bytes + incoming > self.opts.max_bytes;
+            let too_old = now
+                .duration_since(oldest.modified)
+                .is_ok_and(|age| age > self.opts.max_age);
+            if !(too_big || too_old) {
+                break;
+            }
+            match fs::remove_file(&oldest.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(UplinkError::io(&oldest.path, e)),
+            }
+            self.total_bytes -= oldest.bytes;
+            self.segments.pop_front();
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+}
+
+/// One segment file.
+#[derive(Debug)]
+struct Segment {
+    first_seq: u64,
+    frames: u64,
+    bytes: u64,
+    /// The time of its last write (the file's mtime when it was opened).
+    modified: SystemTime,
+    path: PathBuf,
+}
+
+/// The result of reading one segment file front to back.
+#[derive(Debug)]
+struct Scan {
+    frames: u64,
+    records: u64,
+    /// Bytes of whole valid frames from the start: where a bad frame begins, or `file_len`.
+    valid_len: u64,
+    file_len: u64,
+    /// The first invalid frame: its offset and why.
+    bad: Option<(u64, &'static str)>,
+}
+
+/// Parses the frame at the start of `buf`: `Ok(None)` when `buf` ends before the frame does
+/// (need more), `Err(what)` when the bytes are not a valid frame, else the payload and the
+/// frame's total length.
+fn parse_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, &'static str> {
+    let Some(magic) = buf.get(..4) else {
+        return Ok(None);
+    };
+    if magic != MAGIC {
+        return Err("bad frame magic");
+    }
+    let Some(header) = buf.get(..HEADER) else {
+        return Ok(None);
+    };
+    let len_bytes = [header[4], header[5], header[6], header[7]];
+    let crc = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    let len = u32::from_le_bytes(len_bytes) as usize;
+    if len == 0 {
+        return Err("empty frame");
+    }
+    if len > MAX_FRAME_PAYLOAD {
+        return Err("frame length over the limit");
+    }
+    let Some(payload) = buf.get(HEADER..HEADER + len) else {
+        return Ok(None);
+    };
+    let mut h = crc32fast::Hasher::new();
+    h.update(&len_bytes);
+    h.update(payload);
+    if h.finalize() != crc {
+        return Err("frame crc mismatch");
+    }
+    if payload.last() != Some(&b'\n') {
+        return Err("frame payload does not end a line");
+    }
+    Ok(Some((payload, HEADER + len)))
+}
+
+/// Reads `path` frame by frame, handing each valid payload to `on_payload`, and stops at the
+/// first invalid or incomplete frame.
+fn scan_segment(
+    path: &Path,
+    mut on_payload: impl FnMut(&[u8]) -> Result<(), UplinkError>,
+) -> Result<Scan, UplinkError> {
+    let io_err = |e| UplinkError::io(path, e);
+    let mut file = File::open(path).map_err(io_err)?;
+    let file_len = file.metadata().map_err(io_err)?.len();
+    let mut scan = Scan {
+        frames: 0,
+        records: 0,
+        valid_len: 0,
+        file_len,
+        bad: None,
+    };
+    // 0 <= pos <= filled <= buf.len()
+    let mut buf = vec![0u8; READ_CHUNK];
+    let (mut pos, mut filled, mut eof) = (0, 0, false);
+    loop {
+        match parse_frame(&buf[pos..filled]) {
+            Ok(Some((payload, used))) => {
+                on_payload(payload)?;
+                scan.frames += 1;
+                scan.records += payload.iter().filter(|&&b| b == b'\n').count() as u64;
+                scan.valid_len += used as u64;
+                pos += used;
+            }
+            Ok(None) if eof => {
+                if pos < filled {
+                    scan.bad = Some((scan.valid_len, "torn frame at the end"));
+                }
+                return Ok(scan);
+            }
+            Ok(None) => {
+                buf.copy_within(pos..filled, 0);
+                filled -= pos;
+                pos = 0;
+                if filled == buf.len() {
+                    // A frame bigger than the buffer; parse_frame bounds it by
+                    // MAX_FRAME_PAYLOAD, so this growth is bounded too.
+                    buf.resize(buf.len() * 2, 0);
+                }
+                let n = read_some(&mut file, &mut buf[filled..]).map_err(io_err)?;
+                eof = n == 0;
+                filled += n;
+            }
+            Err(what) => {
+                scan.bad = Some((scan.valid_len, what));
+                return Ok(scan);
+            }
+        }
+    }
+}
+
+fn read_some(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match file.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+/// The segment files of `dir`, by sequence number. Files not named like a segment are ignored.
+fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, UplinkError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| UplinkError::io(dir, e))? {
+        let entry = entry.map_err(|e| UplinkError::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(seq) = name.to_str().and_then(segment_seq) else {
+            continue;
+        };
+        out.push((seq, entry.path()));
+    }
+    out.sort_unstable_by_key(|&(seq, _)| seq);
+    Ok(out)
+}
+
+/// `00000000000000000042.log` -> 42.
+fn segment_seq(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".log")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:020}.log"))
+}
+
+fn create_segment(opts: &LogOptions, seq: u64) -> Result<(Segment, File), UplinkError> {
+    let path = segment_path(&opts.dir, seq);
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| UplinkError::io(&path, e))?;
+    if opts.fsync == Fsync::Batch {
+        // Make the new name durable, or a power loss could keep its data and lose the file.
+        File::open(&opts.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| UplinkError::io(&opts.dir, e))?;
+    }
+    let seg = Segment {
+        first_seq: seq,
+        frames: 0,
+        bytes: 0,
+        modified: SystemTime::now(),
+        path,
+    };
+    Ok((seg, file))
+}
+
+/// Segment `path` must start where the previous one (`prev_seq`, `prev`) ended.
+fn check_sequence(prev_seq: u64, prev: &Scan, seq: u64, path: &Path) -> Result<(), UplinkError> {
+    if prev_seq + prev.frames == seq {
+        return Ok(());
+    }
+    Err(corrupt(
+        path,
+        0,
+        "sequence gap: the previous segment does not end where this one starts",
+    ))
+}
+
+fn corrupt(path: &Path, offset: u64, what: &'static str) -> UplinkError {
+    UplinkError::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+        what,
+    }
+}
+
+/// The first four bytes of every frame.
+const MAGIC: [u8; 4] = *b"rlu1";
+/// magic + len + crc.
+const HEADER: usize = 12;
+/// 16 MiB: far above a batch (`MAX_BATCH_BYTES` plus one record), and low enough that a
+/// garbage length in a torn header is refused instead of read up to 4 GiB.
+const MAX_FRAME_PAYLOAD: usize = 16 << 20;
+/// Recovery reads segments in chunks of this size.
+const READ_CHUNK: usize = 256 << 10;
+
+#[cfg(test)]
+mod tests;
