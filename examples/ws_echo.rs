@@ -1,15 +1,14 @@
-//! A blocking echo server over `ringlink::ws::Conn`, for the Autobahn fuzzing client.
+//! A blocking echo server over `ringlink::ws::Echo`, for the Autobahn fuzzing client: the `ws`
+//! module alone, without the drivers (`ringlink serve --echo` runs the same echo on them).
 //!
 //! `cargo run --release --example ws_echo -- [ADDR]` (default `127.0.0.1:9001`). One thread per
-//! connection, a plain read/write loop; every message is echoed with its own opcode. It prints
-//! `listening on <addr>` once bound (ADDR may use port 0). Not part of the product.
+//! connection, a plain read/write loop. It prints `listening on <addr>` once bound (ADDR may
+//! use port 0). Not part of the product.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 
-use ringlink::ws::encode::write_frame;
-use ringlink::ws::frame::Opcode;
-use ringlink::ws::{Conn, Event, Limits};
+use ringlink::ws::{Echo, Limits};
 
 fn main() -> std::io::Result<()> {
     let addr = std::env::args()
@@ -31,17 +30,17 @@ fn main() -> std::io::Result<()> {
 fn serve(mut stream: TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     // Autobahn sends messages up to 16 MiB in its 9.x cases.
-    let limits = Limits {
+    let mut echo = Echo::new(Limits {
         max_message_bytes: 20 << 20,
         ..Limits::default()
-    };
-    let mut conn = Conn::server(limits);
+    });
     let mut buf = vec![0; 4096];
     let mut filled = 0;
     let mut tx = Vec::new();
     loop {
-        if buf.len() < conn.wanted_bytes() {
-            buf.resize(conn.wanted_bytes(), 0);
+        let wanted = echo.wanted_bytes().max(filled + 1);
+        if buf.len() < wanted {
+            buf.resize(wanted, 0);
         }
         if filled == buf.len() {
             buf.resize(buf.len() * 2, 0);
@@ -51,42 +50,14 @@ fn serve(mut stream: TcpStream) -> std::io::Result<()> {
             return Ok(());
         }
         filled += n;
-        let mut start = 0;
-        let failed = loop {
-            let event = match conn.read(&mut buf[start..filled], &mut tx) {
-                Ok(event) => event,
-                Err(e) => break Some(e),
-            };
-            let consumed = match event {
-                Event::NeedMore => break None,
-                Event::Consumed(n)
-                | Event::Pong { consumed: n }
-                | Event::Closed { consumed: n, .. } => n,
-                Event::Message {
-                    consumed,
-                    binary,
-                    data,
-                } => {
-                    // A server frame needs no mask, so the free encoder can be used while `data`
-                    // still borrows the Conn.
-                    let opcode = if binary { Opcode::Binary } else { Opcode::Text };
-                    write_frame(&mut tx, opcode, true, None, data);
-                    consumed
-                }
-            };
-            start += consumed;
-        };
-        buf.copy_within(start..filled, 0);
-        filled -= start;
-        if !tx.is_empty() {
+        let consumed = echo.handle_input(&mut buf[..filled]);
+        buf.copy_within(consumed..filled, 0);
+        filled -= consumed;
+        if echo.poll_transmit(&mut tx) {
             stream.write_all(&tx)?;
             tx.clear();
         }
-        if let Some(e) = failed {
-            eprintln!("closing: {e}");
-            return Ok(());
-        }
-        if conn.is_closed() {
+        if echo.is_closed() {
             return Ok(());
         }
     }

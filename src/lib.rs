@@ -7,6 +7,10 @@
 //! - [`model`]: thing models (TSL): loading and value validation. Sans-IO.
 //! - [`registry`]: the known products and devices.
 //! - [`session`]: the per-connection state machine tying the above together. Sans-IO.
+//! - [`uplink`]: record encoding, the batcher (sans-IO), the local log and its writer thread.
+//! - [`shard`]: one thread per core running a driver (io_uring or epoll) over sessions; the
+//!   only place with sockets, and with the one crossing point between threads (`shard::mesh`).
+//! - [`api`]: the northbound HTTP API; [`shadow`] and [`metrics`] are what it shows.
 //!
 //! Invariants that hold crate-wide:
 //!
@@ -14,9 +18,13 @@
 //!   passed in as `now: Instant`, and bytes to send are returned to the caller.
 //! - Input from a peer never panics: it becomes an error value, a Link error code or a close.
 
+pub mod api;
+pub mod metrics;
 pub mod model;
 pub mod protocol;
 pub mod registry;
 pub mod session;
+pub mod shadow;
+pub mod shard;
 pub mod uplink;
 pub mod ws;

@@ -10,6 +10,7 @@
 //! and an imported Link IoT Edge driver config (`{config, deviceList}`, PROTOCOL.md section 12).
 
 mod load;
+mod owners;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 use crate::model::ThingModel;
 
 pub use load::DriverListener;
+pub use owners::{ConnRef, Owners};
 
 /// A registered device: an index into the registry, stable for the life of the process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -15,9 +15,11 @@ pub mod frame;
 pub mod handshake;
 
 mod conn;
+mod echo;
 mod error;
 
 pub use conn::{Conn, Event, Role};
+pub use echo::Echo;
 pub use error::{CloseCode, HandshakeError, ProtocolViolation, WsError};
 
 /// Size limits of one connection. Both bound what a peer can make us hold.

@@ -1,0 +1,404 @@
+//! The northbound HTTP API (PRODUCT.md): health, readiness, metrics, devices and shadows,
+//! downlinks, and a live stream of uplinks.
+//!
+//! Owns: one thread with a current-thread tokio runtime serving axum. It reads shared state
+//! (registry, ownership table, shadows, metrics) and reaches connections only through the mesh:
+//! a downlink is a message to the shard that owns the device, answered on a oneshot channel.
+//! Never: touches a connection or a session directly.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::model::Access;
+use crate::protocol::Code;
+use crate::registry::DeviceId;
+use crate::session::{Downlink, DownlinkRequest, Outcome};
+use crate::shard::core::Shared;
+use crate::shard::mesh::ShardMsg;
+use crate::shard::Server;
+
+/// The running API.
+pub struct Api {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Api {
+    /// Binds `listen` and serves on a thread of its own.
+    pub fn start(server: &Server, listen: SocketAddr) -> io::Result<Self> {
+        let std_listener = std::net::TcpListener::bind(listen)?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let state = Arc::clone(&server.shared);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name("ringlink-api".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            eprintln!("ringlink: API listener: {e}");
+                            return;
+                        }
+                    };
+                    let app = router(state);
+                    let served = axum::serve(listener, app).with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    });
+                    if let Err(e) = served.await {
+                        eprintln!("ringlink: API stopped: {e}");
+                    }
+                });
+            })?;
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops serving and waits for the thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn router(state: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/devices", get(devices))
+        .route("/v1/devices/{pk}/{dn}", get(device))
+        .route("/v1/devices/{pk}/{dn}/properties/get", post(get_properties))
+        .route("/v1/devices/{pk}/{dn}/properties/set", post(set_properties))
+        .route("/v1/devices/{pk}/{dn}/services/{id}", post(call_service))
+        .route("/v1/uplinks", get(uplinks))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    if s.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let writer = s.writer.stats();
+    let gauges = [
+        (
+            "ringlink_devices_online",
+            "Devices online now.",
+            s.owners.online() as f64,
+        ),
+        (
+            "ringlink_devices_registered",
+            "Devices in the registry.",
+            s.registry().len() as f64,
+        ),
+        (
+            "ringlink_uplink_log_bytes",
+            "Bytes in the local uplink log.",
+            writer.sink_bytes.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "ringlink_uplink_log_writes",
+            "Group commits written to the local log.",
+            writer.writes.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "ringlink_uplink_log_records",
+            "Records written to the local log.",
+            writer.records.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "ringlink_uplink_log_errors",
+            "Failed writes to the local log.",
+            writer.errors.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "ringlink_uplink_spool_bytes",
+            "Bytes spooled for an external sink (none is configured).",
+            0.0,
+        ),
+    ];
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(&gauges),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct DeviceFilter {
+    online: Option<bool>,
+}
+
+async fn devices(
+    State(s): State<Arc<Shared>>,
+    Query(filter): Query<DeviceFilter>,
+) -> Json<Vec<Value>> {
+    let registry = s.registry();
+    let list = registry
+        .ids()
+        .filter_map(|id| {
+            let online = s.owners.owner(id).is_some();
+            if filter.online.is_some_and(|want| want != online) {
+                return None;
+            }
+            let shadow = s.shadows.snapshot(id);
+            Some(json!({
+                "productKey": registry.product_key(id),
+                "deviceName": registry.device_name(id),
+                "online": online,
+                "peer": shadow.peer.map(|p| p.to_string()),
+                "since": shadow.since_ms,
+            }))
+        })
+        .collect();
+    Json(list)
+}
+
+async fn device(
+    State(s): State<Arc<Shared>>,
+    Path((pk, dn)): Path<(String, String)>,
+) -> Response {
+    let Some(id) = s.registry().lookup(&pk, &dn) else {
+        return error(Code::DeviceNotRegistered, "no such device");
+    };
+    let shadow = s.shadows.snapshot(id);
+    let mut properties = Map::new();
+    for (key, value, at) in shadow.properties() {
+        let key: String = serde_json::from_str(key).unwrap_or_default();
+        let value: Value = serde_json::from_str(value).unwrap_or(Value::Null);
+        properties.insert(key, json!({"value": value, "time": at}));
+    }
+    let events: Vec<Value> = shadow
+        .events()
+        .map(|e| {
+            let values: Value = serde_json::from_str(&e.values).unwrap_or(Value::Null);
+            json!({"identifier": &*e.identifier, "outputData": values, "time": e.at_ms})
+        })
+        .collect();
+    Json(json!({
+        "productKey": pk,
+        "deviceName": dn,
+        "online": s.owners.owner(id).is_some(),
+        "peer": shadow.peer.map(|p| p.to_string()),
+        "since": shadow.since_ms,
+        "properties": properties,
+        "events": events,
+    }))
+    .into_response()
+}
+
+async fn get_properties(
+    State(s): State<Arc<Shared>>,
+    Path((pk, dn)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(id) = s.registry().lookup(&pk, &dn) else {
+        return error(Code::DeviceNotRegistered, "no such device");
+    };
+    let mut list = match field(&body, "properties") {
+        Ok(Value::Array(list)) => list,
+        Ok(_) => return error(Code::InvalidParameter, "properties must be an array of identifiers"),
+        Err(r) => return r,
+    };
+    if list.is_empty() {
+        // No identifiers: every property that can be read.
+        list = s
+            .registry()
+            .model(id)
+            .properties()
+            .iter()
+            .filter(|p| p.access != Access::Write)
+            .map(|p| Value::from(&*p.identifier))
+            .collect();
+    }
+    let params = Value::Array(list).to_string().into_bytes();
+    downlink(&s, id, DownlinkRequest::GetProperty, params, "properties").await
+}
+
+async fn set_properties(
+    State(s): State<Arc<Shared>>,
+    Path((pk, dn)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(id) = s.registry().lookup(&pk, &dn) else {
+        return error(Code::DeviceNotRegistered, "no such device");
+    };
+    let params = match field(&body, "properties") {
+        Ok(v @ Value::Object(_)) => v.to_string().into_bytes(),
+        Ok(_) => return error(Code::InvalidParameter, "properties must be an object"),
+        Err(r) => return r,
+    };
+    downlink(&s, id, DownlinkRequest::SetProperty, params, "").await
+}
+
+async fn call_service(
+    State(s): State<Arc<Shared>>,
+    Path((pk, dn, service)): Path<(String, String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(id) = s.registry().lookup(&pk, &dn) else {
+        return error(Code::DeviceNotRegistered, "no such device");
+    };
+    let params = if body.iter().all(u8::is_ascii_whitespace) {
+        Vec::new()
+    } else {
+        match field(&body, "inputData") {
+            Ok(v @ Value::Object(_)) => v.to_string().into_bytes(),
+            Ok(Value::Null) => Vec::new(),
+            Ok(_) => return error(Code::ServiceInputIncorrect, "inputData must be an object"),
+            Err(r) => return r,
+        }
+    };
+    let request = DownlinkRequest::CallService(service.into());
+    downlink(&s, id, request, params, "outputData").await
+}
+
+/// Sends a downlink to the device's shard and waits for its outcome.
+async fn downlink(
+    s: &Shared,
+    device: DeviceId,
+    request: DownlinkRequest,
+    params: Vec<u8>,
+    data_field: &str,
+) -> Response {
+    let Some(conn) = s.owners.owner(device) else {
+        return error(Code::DeviceOffline, "device is offline");
+    };
+    let (reply, answer) = oneshot::channel();
+    let msg = ShardMsg::Downlink {
+        conn,
+        downlink: Downlink {
+            token: 0,
+            device,
+            request,
+            params,
+        },
+        started: Instant::now(),
+        reply,
+    };
+    if !s.mesh.send(conn.shard(), msg) {
+        return error(Code::ServiceUnreachable, "gateway is shutting down");
+    }
+    // The session always completes a downlink (reply, timeout or connection loss); the extra
+    // margin only covers a shard that stopped meanwhile.
+    let limit = s.ctx.config.downlink_timeout + Duration::from_secs(2);
+    let outcome = match tokio::time::timeout(limit, answer).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) | Err(_) => Outcome::failed(Code::ServiceUnreachable),
+    };
+    if !outcome.code.is_success() {
+        return error(outcome.code, outcome.code.message());
+    }
+    let mut body = Map::new();
+    body.insert("code".into(), Value::from(0));
+    if !data_field.is_empty() {
+        let data = outcome
+            .data
+            .as_deref()
+            .and_then(|d| serde_json::from_str(d).ok())
+            .unwrap_or_else(|| Value::Object(Map::new()));
+        body.insert(data_field.into(), data);
+    }
+    Json(Value::Object(body)).into_response()
+}
+
+async fn uplinks(
+    State(s): State<Arc<Shared>>,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    let rx = s.uplink_feed.subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(line) => return Some((Ok(SseEvent::default().data(&*line)), rx)),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let note = SseEvent::default()
+                        .event("lagged")
+                        .data(format!("{{\"skipped\":{n}}}"));
+                    return Some((Ok(note), rx));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// The member `name` of a JSON object body.
+fn field(body: &[u8], name: &str) -> Result<Value, Response> {
+    let mut v: Value = serde_json::from_slice(body)
+        .map_err(|e| error(Code::InvalidParameter, &format!("body is not JSON: {e}")))?;
+    match v.get_mut(name) {
+        Some(f) => Ok(f.take()),
+        None => Err(error(
+            Code::InvalidParameter,
+            &format!("body has no \"{name}\""),
+        )),
+    }
+}
+
+/// A Link error as an HTTP response: `{"code": .., "message": ..}` with a fitting status.
+fn error(code: Code, message: &str) -> Response {
+    let status = match code {
+        Code::DeviceNotRegistered => StatusCode::NOT_FOUND,
+        Code::DeviceOffline => StatusCode::CONFLICT,
+        Code::InvalidParameter
+        | Code::OutOfRange
+        | Code::PropertyNotExist
+        | Code::PropertyReadOnly
+        | Code::PropertyWriteOnly
+        | Code::ServiceNotExist
+        | Code::ServiceInputIncorrect
+        | Code::JsonFormat
+        | Code::ParameterType => StatusCode::BAD_REQUEST,
+        Code::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        Code::ServiceUnreachable | Code::Other(_) => StatusCode::BAD_GATEWAY,
+        Code::Unknown | Code::Success => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (
+        status,
+        Json(json!({"code": code.as_u32(), "message": message})),
+    )
+        .into_response()
+}

@@ -1,0 +1,252 @@
+//! Device shadows: the last reported value and time of each property, the last events, and
+//! where each device is online. Read by the API; written by shards as uplinks are batched.
+//!
+//! Owns: one small record per registered device behind its own mutex (writers are the shard
+//! that owns the device, readers the API, so contention is nil).
+//!
+//! A property report's values arrive as one compact JSON object written by ringlink itself
+//! (`{"a":1,"b":{"x":2}}`). The shadow keeps that text once, as an `Arc<str>`, and points each
+//! property at its value inside it: an update is one allocation and a scan, no JSON parse. A
+//! report stays alive while one of its values is still the latest.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::registry::DeviceId;
+
+/// How many events each shadow remembers.
+const EVENTS_KEPT: usize = 8;
+
+/// Every device's shadow, indexed by [`DeviceId`].
+#[derive(Debug)]
+pub struct Shadows {
+    devices: Box<[Mutex<Shadow>]>,
+}
+
+/// One device's shadow.
+#[derive(Debug, Default, Clone)]
+pub struct Shadow {
+    /// Peer address and epoch ms of the last online; kept after offline for "last seen".
+    pub peer: Option<SocketAddr>,
+    pub since_ms: u64,
+    pub online: bool,
+    properties: Vec<PropertyValue>,
+    events: VecDeque<EventRecord>,
+}
+
+#[derive(Debug, Clone)]
+struct PropertyValue {
+    report: Arc<str>,
+    key: Range<usize>,
+    value: Range<usize>,
+    at_ms: u64,
+}
+
+/// One remembered event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    pub identifier: Box<str>,
+    /// `{param: value}` JSON text.
+    pub values: Box<str>,
+    pub at_ms: u64,
+}
+
+impl Shadows {
+    pub fn new(devices: usize) -> Self {
+        Self {
+            devices: (0..devices).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    pub fn online(&self, device: DeviceId, peer: SocketAddr, at_ms: u64) {
+        let mut s = self.lock(device);
+        s.online = true;
+        s.peer = Some(peer);
+        s.since_ms = at_ms;
+    }
+
+    pub fn offline(&self, device: DeviceId, at_ms: u64) {
+        let mut s = self.lock(device);
+        s.online = false;
+        s.since_ms = at_ms;
+    }
+
+    /// Records a property report; `values` is ringlink's own compact JSON object.
+    pub fn properties(&self, device: DeviceId, values: &str, at_ms: u64) {
+        let report: Arc<str> = Arc::from(values);
+        let fields = top_level_fields(&report);
+        let mut s = self.lock(device);
+        for (key, value) in fields {
+            let k = &report[key.clone()];
+            match s.properties.iter_mut().find(|p| &p.report[p.key.clone()] == k) {
+                Some(p) => {
+                    *p = PropertyValue {
+                        report: Arc::clone(&report),
+                        key,
+                        value,
+                        at_ms,
+                    }
+                }
+                None => s.properties.push(PropertyValue {
+                    report: Arc::clone(&report),
+                    key,
+                    value,
+                    at_ms,
+                }),
+            }
+        }
+    }
+
+    pub fn event(&self, device: DeviceId, identifier: &str, values: &str, at_ms: u64) {
+        let mut s = self.lock(device);
+        if s.events.len() == EVENTS_KEPT {
+            s.events.pop_front();
+        }
+        s.events.push_back(EventRecord {
+            identifier: identifier.into(),
+            values: values.into(),
+            at_ms,
+        });
+    }
+
+    /// A copy of one device's shadow.
+    pub fn snapshot(&self, device: DeviceId) -> Shadow {
+        self.lock(device).clone()
+    }
+
+    fn lock(&self, device: DeviceId) -> MutexGuard<'_, Shadow> {
+        // A panic while holding a shadow lock leaves a consistent value (every update is a
+        // plain assignment), so a poisoned lock is still usable.
+        self.devices[device.index()]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Shadow {
+    /// `(key as JSON string literal, value as JSON text, epoch ms)` of every property reported.
+    pub fn properties(&self) -> impl Iterator<Item = (&str, &str, u64)> {
+        self.properties
+            .iter()
+            .map(|p| (&p.report[p.key.clone()], &p.report[p.value.clone()], p.at_ms))
+    }
+
+    pub fn events(&self) -> impl Iterator<Item = &EventRecord> {
+        self.events.iter()
+    }
+}
+
+/// The `(key, value)` ranges of a compact JSON object's top-level members. The key range
+/// includes its quotes. Input that is not a compact object yields what could be read.
+fn top_level_fields(text: &str) -> Vec<(Range<usize>, Range<usize>)> {
+    let b = text.as_bytes();
+    let mut fields = Vec::new();
+    if b.first() != Some(&b'{') {
+        return fields;
+    }
+    let mut i = 1;
+    while i < b.len() && b[i] == b'"' {
+        let key_start = i;
+        i = skip_string(b, i);
+        let key = key_start..i;
+        if b.get(i) != Some(&b':') {
+            break;
+        }
+        i += 1;
+        let value_start = i;
+        let mut depth = 0usize;
+        while i < b.len() {
+            match b[i] {
+                b'"' => {
+                    i = skip_string(b, i);
+                    continue;
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' if depth > 0 => depth -= 1,
+                b',' | b'}' if depth == 0 => break,
+                _ => {}
+            }
+            i += 1;
+        }
+        fields.push((key, value_start..i));
+        if b.get(i) != Some(&b',') {
+            break;
+        }
+        i += 1;
+    }
+    fields
+}
+
+/// The index just past the string literal starting at `b[start] == b'"'`.
+fn skip_string(b: &[u8], start: usize) -> usize {
+    let mut i = start + 1;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'"' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(s: &Shadow) -> Vec<(String, String, u64)> {
+        s.properties()
+            .map(|(k, v, t)| (k.to_owned(), v.to_owned(), t))
+            .collect()
+    }
+
+    #[test]
+    fn later_reports_overwrite_only_their_own_properties() {
+        let shadows = Shadows::new(2);
+        let d = crate::registry::tests::registry()
+            .ids()
+            .next()
+            .expect("a device");
+        shadows.properties(d, r#"{"power":1,"setpoint":21.0}"#, 10);
+        shadows.properties(d, r#"{"setpoint":19.5,"limits":{"lo":1,"hi":"a,}\"b"}}"#, 20);
+        assert_eq!(
+            props(&shadows.snapshot(d)),
+            vec![
+                ("\"power\"".into(), "1".into(), 10),
+                ("\"setpoint\"".into(), "19.5".into(), 20),
+                ("\"limits\"".into(), r#"{"lo":1,"hi":"a,}\"b"}"#.into(), 20),
+            ]
+        );
+    }
+
+    #[test]
+    fn fields_of_nested_and_escaped_values() {
+        let t = r#"{"a":[1,{"x":"]"}],"b\"q":"s,","c":2.5}"#;
+        let f: Vec<(&str, &str)> = top_level_fields(t)
+            .into_iter()
+            .map(|(k, v)| (&t[k], &t[v]))
+            .collect();
+        assert_eq!(
+            f,
+            vec![("\"a\"", r#"[1,{"x":"]"}]"#), ("\"b\\\"q\"", "\"s,\""), ("\"c\"", "2.5")]
+        );
+        assert!(top_level_fields("{}").is_empty());
+        assert!(top_level_fields("[1]").is_empty());
+    }
+
+    #[test]
+    fn events_keep_the_last_eight() {
+        let shadows = Shadows::new(1);
+        let d = crate::registry::tests::registry()
+            .ids()
+            .next()
+            .expect("a device");
+        for i in 0..10 {
+            shadows.event(d, "overheat", "{}", i);
+        }
+        let times: Vec<u64> = shadows.snapshot(d).events().map(|e| e.at_ms).collect();
+        assert_eq!(times, (2..10).collect::<Vec<_>>());
+    }
+}

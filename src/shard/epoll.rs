@@ -1,0 +1,227 @@
+//! The epoll driver: one tokio current-thread runtime per shard, for kernels or containers that
+//! refuse io_uring (and for comparison with the io_uring driver).
+//!
+//! Owns: the shard's tasks (accept, timers, mesh inbox, one task per connection) and the
+//! sockets. Reads are readiness-based into one receive buffer per shard: an idle connection
+//! keeps no read buffer at all, only the few bytes of a frame that arrived incomplete.
+//!
+//! Cancellation: tokio's readiness futures are cancel-safe, so a connection task can wait on
+//! "readable" and "something to send" at once with `select!`.
+
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+use std::time::Instant;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::{spawn_local, LocalSet};
+
+use crate::shard::core::ShardCore;
+use crate::shard::mesh::ShardMsg;
+use crate::shard::{accept_backoff, ShardRun};
+
+/// The driver's handle on one connection: how to wake its task.
+pub(crate) struct EpollConn {
+    wake: Rc<Notify>,
+}
+
+type Core = Rc<RefCell<ShardCore<EpollConn>>>;
+
+/// What the tasks of one shard share besides the core.
+struct Local {
+    core: Core,
+    /// Wakes the timer task when a deadline earlier than the one it sleeps for appears.
+    timer_kick: Notify,
+    /// Wakes the accept loop and connection tasks at drain.
+    draining: Notify,
+    /// The shard's receive buffer; never borrowed across an await.
+    read_buf: RefCell<Vec<u8>>,
+    /// Scratch list of ready slots.
+    ready: RefCell<Vec<usize>>,
+}
+
+impl Local {
+    /// Wakes every connection the core flagged, and the timer task.
+    fn after_core_call(&self) {
+        let mut ready = self.ready.borrow_mut();
+        let mut core = self.core.borrow_mut();
+        core.take_ready(&mut ready);
+        for slot in ready.drain(..) {
+            if let Some(c) = core.io(slot) {
+                c.wake.notify_one();
+            }
+        }
+        self.timer_kick.notify_one();
+    }
+}
+
+/// Runs one shard on the epoll driver until it has drained.
+pub(crate) fn run(run: ShardRun<EpollConn>) -> io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ShardRun {
+        core,
+        listener,
+        inbox,
+        read_buf_bytes,
+    } = run;
+    listener.set_nonblocking(true)?;
+    LocalSet::new().block_on(&rt, async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let local = Rc::new(Local {
+            core: Rc::new(RefCell::new(core)),
+            timer_kick: Notify::new(),
+            draining: Notify::new(),
+            read_buf: RefCell::new(vec![0; read_buf_bytes]),
+            ready: RefCell::new(Vec::new()),
+        });
+        spawn_local(timers(Rc::clone(&local)));
+        spawn_local(accept(Rc::clone(&local), listener));
+        inbox_loop(Rc::clone(&local), inbox).await;
+        Ok(())
+    })
+}
+
+async fn inbox_loop(local: Rc<Local>, mut inbox: mpsc::UnboundedReceiver<ShardMsg>) {
+    let mut draining = false;
+    loop {
+        let msg = if draining {
+            // Drained: wait for the last connections to close, within the grace period.
+            let empty = local.core.borrow().len() == 0;
+            if empty {
+                break;
+            }
+            tokio::select! {
+                m = inbox.recv() => m,
+                () = tokio::time::sleep(std::time::Duration::from_millis(20)) => continue,
+            }
+        } else {
+            inbox.recv().await
+        };
+        let Some(msg) = msg else { break };
+        let drain = matches!(msg, ShardMsg::Drain);
+        local.core.borrow_mut().on_message(msg, Instant::now());
+        local.after_core_call();
+        if drain {
+            draining = true;
+            local.draining.notify_waiters();
+        }
+    }
+    let mut core = local.core.borrow_mut();
+    core.flush_uplinks(Instant::now(), true);
+}
+
+async fn timers(local: Rc<Local>) {
+    loop {
+        let deadline = local.core.borrow().next_deadline();
+        match deadline {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {
+                        local.core.borrow_mut().on_timer(Instant::now());
+                        local.after_core_call();
+                    }
+                    () = local.timer_kick.notified() => {}
+                }
+            }
+            None => local.timer_kick.notified().await,
+        }
+    }
+}
+
+async fn accept(local: Rc<Local>, listener: tokio::net::TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = local.draining.notified() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let wake = Rc::new(Notify::new());
+                let io = EpollConn {
+                    wake: Rc::clone(&wake),
+                };
+                let slot = local.core.borrow_mut().accept(peer, Instant::now(), io);
+                if let Some(slot) = slot {
+                    spawn_local(connection(Rc::clone(&local), slot, stream, wake));
+                }
+                local.after_core_call();
+            }
+            Err(e) => {
+                let shared = std::sync::Arc::clone(&local.core.borrow().shared);
+                accept_backoff(&shared, &e).await;
+            }
+        }
+    }
+}
+
+async fn connection(local: Rc<Local>, slot: usize, stream: TcpStream, wake: Rc<Notify>) {
+    let mut stream = stream;
+    // Bytes of a frame that arrived incomplete; empty for an idle connection.
+    let mut leftover: Vec<u8> = Vec::new();
+    let mut out: Vec<u8> = Vec::new();
+    'conn: loop {
+        // Everything the session has to send, in as few writes as it was produced.
+        loop {
+            out.clear();
+            if !local.core.borrow_mut().transmit(slot, &mut out) {
+                break;
+            }
+            if stream.write_all(&out).await.is_err() {
+                break 'conn;
+            }
+        }
+        if out.capacity() > 64 * 1024 {
+            out = Vec::new();
+        }
+        if local.core.borrow().is_closed(slot) {
+            break;
+        }
+        tokio::select! {
+            r = stream.readable() => {
+                if r.is_err() || !read_once(&local, slot, &stream, &mut leftover) {
+                    break 'conn;
+                }
+            }
+            () = wake.notified() => {}
+        }
+    }
+    let _ = stream.shutdown().await;
+    local.core.borrow_mut().disconnect(slot, Instant::now());
+    local.after_core_call();
+}
+
+/// Reads what the socket has into the shard buffer and feeds it to the core; false at EOF or
+/// on a socket error.
+fn read_once(local: &Local, slot: usize, stream: &TcpStream, leftover: &mut Vec<u8>) -> bool {
+    let mut buf = local.read_buf.borrow_mut();
+    let start = leftover.len();
+    let wanted = local.core.borrow().wanted_bytes(slot);
+    if buf.len() < start + wanted.max(1) + 1 {
+        buf.resize(start + wanted.max(1) + 1, 0);
+    }
+    buf[..start].copy_from_slice(leftover);
+    let n = match stream.try_read(&mut buf[start..]) {
+        Ok(0) => return false,
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+        Err(_) => return false,
+    };
+    let len = start + n;
+    let consumed = local
+        .core
+        .borrow_mut()
+        .input(slot, &mut buf[..len], Instant::now());
+    leftover.clear();
+    leftover.extend_from_slice(&buf[consumed.min(len)..len]);
+    if leftover.is_empty() && leftover.capacity() > 4096 {
+        *leftover = Vec::new();
+    }
+    drop(buf);
+    local.after_core_call();
+    true
+}

@@ -1,0 +1,249 @@
+//! The io_uring driver: one tokio-uring runtime (one ring) per shard.
+//!
+//! Owns: the shard's tasks (accept, timers, mesh inbox, a reader per connection, a writer per
+//! connection while it has bytes to send) and the sockets.
+//!
+//! tokio-uring 0.5 rules this driver follows:
+//! - An op owns its buffer until it completes; a dropped op is not cancelled. So a read is
+//!   never raced against a timer or a notification with `select!`: each connection has one
+//!   reader that only reads, timers run on the shard's timer task, and writes on a writer task.
+//! - A socket with a read in flight is not closed by dropping it: to end a connection the
+//!   driver calls `shutdown`, the pending read completes with 0, and the reader cleans up.
+//! - Each connection reads into its own small buffer (1 KiB, grown for a large frame and given
+//!   back after it), since 0.5 has no provided-buffer rings.
+//! - The writer sends everything the session produced for one read in one `write_all`, and the
+//!   reader submits its next read right away, so both ops go to the kernel in one submission.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::Shutdown;
+use std::rc::Rc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, Notify};
+use tokio_uring::buf::BoundedBuf;
+use tokio_uring::net::TcpStream;
+
+use crate::shard::core::ShardCore;
+use crate::shard::mesh::ShardMsg;
+use crate::shard::{accept_backoff, ShardRun};
+
+/// Initial and resting size of a connection's read buffer.
+const READ_BUF: usize = 1024;
+
+/// The driver's handle on one connection.
+pub(crate) struct UringConn {
+    stream: Rc<TcpStream>,
+    /// A writer task is running for this connection.
+    writing: Cell<bool>,
+    /// `shutdown` was called (once is enough).
+    shut: Cell<bool>,
+}
+
+type Core = Rc<RefCell<ShardCore<UringConn>>>;
+
+struct Local {
+    core: Core,
+    timer_kick: Notify,
+    draining: Notify,
+    ready: RefCell<Vec<usize>>,
+}
+
+impl Local {
+    /// Starts a writer for every flagged connection with bytes to send, shuts down closed
+    /// ones, and wakes the timer task.
+    fn after_core_call(self: &Rc<Self>) {
+        let mut ready = self.ready.borrow_mut();
+        self.core.borrow_mut().take_ready(&mut ready);
+        for slot in ready.drain(..) {
+            self.kick_writer(slot);
+        }
+        self.timer_kick.notify_one();
+    }
+
+    fn kick_writer(self: &Rc<Self>, slot: usize) {
+        let core = self.core.borrow();
+        let Some(conn) = core.io(slot) else { return };
+        if conn.writing.get() {
+            return; // the running writer picks the new bytes up
+        }
+        conn.writing.set(true);
+        let stream = Rc::clone(&conn.stream);
+        drop(core);
+        tokio_uring::spawn(writer(Rc::clone(self), slot, stream));
+    }
+}
+
+/// Runs one shard on the io_uring driver until it has drained.
+pub(crate) fn run(run: ShardRun<UringConn>) -> io::Result<()> {
+    let ShardRun {
+        core,
+        listener,
+        inbox,
+        read_buf_bytes: _,
+    } = run;
+    listener.set_nonblocking(false)?;
+    tokio_uring::builder().entries(1024).start(async move {
+        let listener = tokio_uring::net::TcpListener::from_std(listener);
+        let local = Rc::new(Local {
+            core: Rc::new(RefCell::new(core)),
+            timer_kick: Notify::new(),
+            draining: Notify::new(),
+            ready: RefCell::new(Vec::new()),
+        });
+        tokio_uring::spawn(timers(Rc::clone(&local)));
+        let accept_task = tokio_uring::spawn(accept(Rc::clone(&local), listener));
+        inbox_loop(Rc::clone(&local), inbox).await;
+        accept_task.abort();
+        Ok(())
+    })
+}
+
+async fn inbox_loop(local: Rc<Local>, mut inbox: mpsc::UnboundedReceiver<ShardMsg>) {
+    let mut draining = false;
+    loop {
+        let msg = if draining {
+            if local.core.borrow().len() == 0 {
+                break;
+            }
+            tokio::select! {
+                m = inbox.recv() => m,
+                () = tokio::time::sleep(std::time::Duration::from_millis(20)) => continue,
+            }
+        } else {
+            inbox.recv().await
+        };
+        let Some(msg) = msg else { break };
+        let drain = matches!(msg, ShardMsg::Drain);
+        local.core.borrow_mut().on_message(msg, Instant::now());
+        local.after_core_call();
+        if drain {
+            draining = true;
+            local.draining.notify_waiters();
+        }
+    }
+    local
+        .core
+        .borrow_mut()
+        .flush_uplinks(Instant::now(), true);
+}
+
+async fn timers(local: Rc<Local>) {
+    loop {
+        let deadline = local.core.borrow().next_deadline();
+        match deadline {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {
+                        local.core.borrow_mut().on_timer(Instant::now());
+                        local.after_core_call();
+                    }
+                    () = local.timer_kick.notified() => {}
+                }
+            }
+            None => local.timer_kick.notified().await,
+        }
+    }
+}
+
+async fn accept(local: Rc<Local>, listener: tokio_uring::net::TcpListener) {
+    loop {
+        // An accept op left in flight at drain is harmless: the task is aborted and the
+        // listener closes with the runtime; a socket it still returns is dropped (closed).
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let stream = Rc::new(stream);
+                let io = UringConn {
+                    stream: Rc::clone(&stream),
+                    writing: Cell::new(false),
+                    shut: Cell::new(false),
+                };
+                let slot = local.core.borrow_mut().accept(peer, Instant::now(), io);
+                match slot {
+                    Some(slot) => {
+                        tokio_uring::spawn(reader(Rc::clone(&local), slot, stream));
+                    }
+                    None => {
+                        let _ = stream.shutdown(Shutdown::Both);
+                    }
+                }
+                local.after_core_call();
+            }
+            Err(e) => {
+                let shared = std::sync::Arc::clone(&local.core.borrow().shared);
+                accept_backoff(&shared, &e).await;
+            }
+        }
+    }
+}
+
+/// Reads until EOF, an error, or the session ends (then the writer shuts the socket down,
+/// which completes the read in flight).
+async fn reader(local: Rc<Local>, slot: usize, stream: Rc<TcpStream>) {
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
+    loop {
+        let wanted = local.core.borrow().wanted_bytes(slot).max(1);
+        if buf.capacity() - buf.len() < wanted {
+            buf.reserve(wanted);
+        }
+        let start = buf.len();
+        let (res, slice) = stream.read(buf.slice(start..)).await;
+        buf = slice.into_inner();
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let consumed = local
+            .core
+            .borrow_mut()
+            .input(slot, &mut buf[..], Instant::now());
+        buf.drain(..consumed.min(buf.len()));
+        if buf.is_empty() && buf.capacity() > 4 * READ_BUF {
+            buf = Vec::with_capacity(READ_BUF);
+        }
+        local.after_core_call();
+        if local.core.borrow().is_closed(slot) {
+            // The writer flushes the close frame, then shuts the socket down; keep reading
+            // until that makes the read return.
+            shutdown_when_idle(&local, slot);
+        }
+    }
+    local.core.borrow_mut().disconnect(slot, Instant::now());
+    let _ = stream.shutdown(Shutdown::Both);
+    local.after_core_call();
+}
+
+/// Sends everything the session has, then shuts a closed connection down.
+async fn writer(local: Rc<Local>, slot: usize, stream: Rc<TcpStream>) {
+    let mut out = Vec::new();
+    loop {
+        out.clear();
+        if !local.core.borrow_mut().transmit(slot, &mut out) {
+            break;
+        }
+        let (res, buf) = stream.write_all(out).await;
+        out = buf;
+        if res.is_err() {
+            let _ = stream.shutdown(Shutdown::Both);
+            break;
+        }
+    }
+    if let Some(conn) = local.core.borrow().io(slot) {
+        conn.writing.set(false);
+    }
+    shutdown_when_idle(&local, slot);
+}
+
+/// Shuts a closed connection's socket down once no writer is running, so its reader ends.
+fn shutdown_when_idle(local: &Rc<Local>, slot: usize) {
+    let core = local.core.borrow();
+    if !core.is_closed(slot) {
+        return;
+    }
+    if let Some(conn) = core.io(slot) {
+        if !conn.writing.get() && !conn.shut.replace(true) {
+            let _ = conn.stream.shutdown(Shutdown::Both);
+        }
+    }
+}
