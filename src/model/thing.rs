@@ -219,6 +219,9 @@ impl ThingModel {
                 .data_type
                 .check(value)
                 .map_err(|_| Code::ServiceInputIncorrect)?;
+            if value_len(&param.data_type, value) > MAX_VALUE_BYTES {
+                return Err(Code::ServiceInputIncorrect);
+            }
         }
         if service
             .input

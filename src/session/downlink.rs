@@ -71,8 +71,6 @@ const MAX_ID: u32 = 0x7fff_ffff;
 /// Downlinks one connection may have in flight; more are refused with 100000. Bounds the
 /// pending map, and keeps a free messageId always at hand.
 pub(super) const MAX_PENDING: usize = 4096;
-/// The official client truncates longer values (PROTOCOL.md section 4.2).
-const MAX_VALUE_BYTES: usize = 2047;
 
 impl Core {
     pub(super) fn send_downlink(&mut self, dl: Downlink, now: Instant, shard: &mut ShardState) {
@@ -255,11 +253,9 @@ fn encode_set(model: &ThingModel, values: Json<'_, '_>, out: &mut Vec<u8>) -> Re
     out.extend_from_slice(b",\"properties\":[");
     let mut failure = None;
     for (i, (id, v)) in values.iter().enumerate() {
-        let checked = model
-            .check_set(id, v)
-            .and_then(|p| write_item(out, i, id, &p.data_type, v, Code::OutOfRange));
-        if let Err(code) = checked {
-            failure = Some(first_check(failure, code));
+        match model.check_set(id, v) {
+            Ok(p) => write_item(out, i, id, &p.data_type, v),
+            Err(code) => failure = Some(first_check(failure, code)),
         }
     }
     out.push(b']');
@@ -289,7 +285,7 @@ fn encode_call(
                     .iter()
                     .find(|p| &*p.identifier == id)
                     .ok_or(Code::ServiceInputIncorrect)?;
-                write_item(out, i, id, &param.data_type, v, Code::ServiceInputIncorrect)?;
+                write_item(out, i, id, &param.data_type, v);
             }
         }
     }
@@ -297,16 +293,15 @@ fn encode_call(
     Ok(())
 }
 
-/// Writes `{"identifier":..,"type":..,"value":..}` (with a leading comma after the first) and
-/// checks that the value fits the client's 2047-byte limit, else `too_long`.
+/// Writes `{"identifier":..,"type":..,"value":..}` (with a leading comma after the first). The
+/// model has checked the value, including the client's 2047-byte limit.
 fn write_item(
     out: &mut Vec<u8>,
     index: usize,
     id: &str,
     data_type: &model::DataType,
     value: Json<'_, '_>,
-    too_long: Code,
-) -> Result<(), Code> {
+) {
     if index > 0 {
         out.push(b',');
     }
@@ -315,15 +310,8 @@ fn write_item(
     out.extend_from_slice(b",\"type\":\"");
     out.extend_from_slice(data_type.kind().name().as_bytes());
     out.extend_from_slice(b"\",\"value\":");
-    let start = out.len();
     data_type.write_value(value, ValueStyle::Wire, out);
-    // The limit is on the text itself, or on the JSON text of a struct or array.
-    let len = value.as_str().map_or(out.len() - start, str::len);
     out.push(b'}');
-    if len > MAX_VALUE_BYTES {
-        return Err(too_long);
-    }
-    Ok(())
 }
 
 /// The earlier of two failures in PROTOCOL.md's check order.

@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) max_connections: usize,
     /// Connections echo instead of speaking Link (`serve --echo`, for Autobahn).
     pub(crate) echo: bool,
+    /// Set for `wss://`.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) batch_max: usize,
     pub(crate) flush_delay: Duration,
 }
@@ -123,9 +125,20 @@ impl Machine {
     }
 }
 
+/// A TLS connection's state between the socket and the machine.
+struct Tls {
+    conn: rustls::ServerConnection,
+    /// Decrypted bytes the machine has not consumed yet (an incomplete frame).
+    plain: Vec<u8>,
+    /// A TLS error ended the connection (the alert is queued for sending).
+    failed: bool,
+}
+
 /// One connection of the shard.
 pub(crate) struct Conn<D> {
     machine: Machine,
+    /// Set for `wss://` connections.
+    tls: Option<Box<Tls>>,
     me: ConnRef,
     peer: SocketAddr,
     /// The deadline registered in `ShardCore::timers` for this connection.
@@ -210,8 +223,20 @@ impl<D> ShardCore<D> {
         } else {
             Machine::Link(Session::new(Arc::clone(&self.shared.ctx), peer.ip(), now))
         };
+        let tls = match &self.shared.tls {
+            Some(config) => match rustls::ServerConnection::new(Arc::clone(config)) {
+                Ok(conn) => Some(Box::new(Tls {
+                    conn,
+                    plain: Vec::new(),
+                    failed: false,
+                })),
+                Err(_) => return None,
+            },
+            None => None,
+        };
         entry.insert(Conn {
             machine,
+            tls,
             me,
             peer,
             timer: None,
@@ -222,32 +247,81 @@ impl<D> ShardCore<D> {
         Some(slot)
     }
 
-    /// Bytes read from `slot`'s socket (plaintext); returns how many were consumed.
+    /// Bytes read from `slot`'s socket; returns how many were consumed. The rest must be
+    /// presented again with more bytes appended (a TLS connection consumes everything).
     pub(crate) fn input(&mut self, slot: usize, input: &mut [u8], now: Instant) -> usize {
         let Some(conn) = self.conns.get_mut(slot) else {
             return input.len();
         };
-        let n = conn.machine.input(input, now, &mut self.state);
+        let n = match conn.tls.as_deref_mut() {
+            None => conn.machine.input(input, now, &mut self.state),
+            Some(tls) => {
+                if let Err(handshaking) = tls_input(tls, input) {
+                    tls.failed = true;
+                    if handshaking {
+                        self.shared
+                            .metrics
+                            .tls_handshake_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let consumed = conn.machine.input(&mut tls.plain, now, &mut self.state);
+                tls.plain.drain(..consumed.min(tls.plain.len()));
+                if tls.plain.is_empty() && tls.plain.capacity() > 4096 {
+                    tls.plain = Vec::new();
+                }
+                input.len()
+            }
+        };
         self.stats_dirty = true;
         self.after(slot, now);
         self.flush_if_due(now);
         n
     }
 
-    /// Moves `slot`'s pending bytes into `out`; false when there are none.
+    /// Moves `slot`'s pending bytes (encrypted for TLS) into `out`; false when there are none.
     pub(crate) fn transmit(&mut self, slot: usize, out: &mut Vec<u8>) -> bool {
-        self.conns
-            .get_mut(slot)
-            .is_some_and(|c| c.machine.transmit(out))
+        let Some(c) = self.conns.get_mut(slot) else {
+            return false;
+        };
+        let Some(tls) = c.tls.as_deref_mut() else {
+            return c.machine.transmit(out);
+        };
+        let mut plain = std::mem::take(&mut self.record_buf);
+        plain.clear();
+        if c.machine.transmit(&mut plain) && !tls.failed {
+            // rustls buffers what it cannot encrypt yet (before the handshake is done).
+            let _ = std::io::Write::write_all(&mut tls.conn.writer(), &plain);
+        }
+        self.record_buf = plain;
+        if c.machine.is_closed() && !tls.failed {
+            tls.conn.send_close_notify();
+        }
+        let start = out.len();
+        while tls.conn.wants_write() {
+            if tls.conn.write_tls(out).is_err() {
+                break;
+            }
+        }
+        out.len() > start
     }
 
     /// Whether the connection is over: the driver writes what is left, then closes.
     pub(crate) fn is_closed(&self, slot: usize) -> bool {
-        self.conns.get(slot).is_none_or(|c| c.machine.is_closed())
+        self.conns.get(slot).is_none_or(|c| {
+            c.machine.is_closed() || c.tls.as_ref().is_some_and(|t| t.failed)
+        })
     }
 
     pub(crate) fn wanted_bytes(&self, slot: usize) -> usize {
-        self.conns.get(slot).map_or(0, |c| c.machine.wanted_bytes())
+        self.conns.get(slot).map_or(0, |c| {
+            if c.tls.is_some() {
+                // rustls keeps partial records itself; the plaintext buffer grows as needed.
+                TLS_READ_BYTES
+            } else {
+                c.machine.wanted_bytes()
+            }
+        })
     }
 
     pub(crate) fn io(&self, slot: usize) -> Option<&D> {
@@ -594,6 +668,34 @@ impl<D> ShardCore<D> {
             .then_some(slot)
     }
 }
+
+/// Feeds ciphertext to rustls and moves every decrypted byte to `tls.plain`. On error the
+/// alert is queued for sending; the error says whether the handshake was still going on.
+fn tls_input(tls: &mut Tls, input: &[u8]) -> Result<(), bool> {
+    let mut rest = input;
+    while !rest.is_empty() {
+        let handshaking = tls.conn.is_handshaking();
+        match tls.conn.read_tls(&mut rest) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return Err(handshaking),
+        }
+        let state = tls.conn.process_new_packets().map_err(|_| handshaking)?;
+        let n = state.plaintext_bytes_to_read();
+        if n > 0 {
+            let start = tls.plain.len();
+            tls.plain.resize(start + n, 0);
+            let read = std::io::Read::read(&mut tls.conn.reader(), &mut tls.plain[start..])
+                .unwrap_or(0);
+            tls.plain.truncate(start + read);
+        }
+    }
+    Ok(())
+}
+
+/// Read size for TLS connections: decrypted data is buffered separately, so reads need not
+/// hold a whole frame.
+const TLS_READ_BYTES: usize = 4096;
 
 /// How often a shard copies its counters to the shared metrics, at most.
 const PUBLISH_EVERY: Duration = Duration::from_millis(250);

@@ -60,6 +60,8 @@ pub struct ServerOptions {
     /// Echo every message instead of speaking Link: a conformance endpoint for the Autobahn
     /// suite on the real drivers. Never for production.
     pub echo: bool,
+    /// TLS for `wss://`; `None` serves `ws://`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A running gateway (without its API; see [`crate::api`]).
@@ -116,6 +118,7 @@ impl Server {
             draining: Default::default(),
             max_connections: opts.max_connections,
             echo: opts.echo,
+            tls: opts.tls,
             batch_max: opts.batch_max,
             flush_delay: opts.flush_delay,
         });
