@@ -201,7 +201,8 @@ impl LocalLog {
     /// Appends one or more encoded batches as ONE write, one frame per batch (empty batches
     /// are skipped), then fsyncs per policy. Rolls to a new segment first when the write would
     /// take the active one past `segment_bytes`, then applies the caps (never to the active
-    /// segment). On error nothing was appended: a partial write is cut off again.
+    /// segment). On error nothing was appended: a partial write is cut off again, and a
+    /// segment the caps cannot delete fails the append before anything is written.
     pub fn append(&mut self, batches: &[&[u8]]) -> Result<(), UplinkError> {
         if self.broken {
             let path = &self.active().path;

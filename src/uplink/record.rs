@@ -263,6 +263,9 @@ mod tests {
             RecordBody::Online {
                 peer: "192.168.1.2:1".parse().expect("addr"),
             },
+            RecordBody::Online {
+                peer: "[fe80::1%7]:443".parse().expect("addr with scope id"),
+            },
             RecordBody::Offline,
             RecordBody::Property { values },
             RecordBody::Event {

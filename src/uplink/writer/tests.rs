@@ -104,6 +104,13 @@ fn bytes_of(ids: &[u32]) -> Vec<Vec<u8>> {
 }
 
 #[test]
+fn a_writer_is_shared_between_shards() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Writer<crate::session::AckToken>>();
+    send_sync::<WriterStats>();
+}
+
+#[test]
 fn queued_batches_share_one_group_commit() {
     let mut h = Harness::new(8, true, false);
     h.submit(0).expect("queued");
