@@ -49,8 +49,12 @@ if [ "${SKIP_FUZZ:-0}" != 1 ]; then
 fi
 
 if [ "${SKIP_AUTOBAHN:-0}" != 1 ]; then
-    step "Autobahn|Testsuite fuzzingclient (quick gate: no 9.*, 12.*, 13.*)"
+    step "Autobahn|Testsuite fuzzingclient on the ws module (quick gate: no 9.*, 12.*, 13.*)"
     tests/autobahn/run.sh
+    for io in uring epoll; do
+        step "Autobahn|Testsuite fuzzingclient on ringlink serve --echo --io $io"
+        tests/autobahn/run.sh --io "$io"
+    done
 fi
 
 step "all checks passed"

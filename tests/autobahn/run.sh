@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Runs the Autobahn|Testsuite fuzzing client against examples/ws_echo.rs and diffs the
-# outcome against tests/autobahn/expected-results.json.
+# Runs the Autobahn|Testsuite fuzzing client against an echo endpoint built on ringlink's `ws`
+# module and diffs the outcome against tests/autobahn/expected-results.json.
 #
-#   tests/autobahn/run.sh            quick gate: every case except 9.* (performance), 12.*, 13.*
+#   tests/autobahn/run.sh            quick gate against examples/ws_echo.rs (the ws module alone)
+#   tests/autobahn/run.sh --io uring the same against `ringlink serve --echo` on a real driver
+#   tests/autobahn/run.sh --io epoll (io_uring or epoll): one baseline for all three
+#                                    (quick gate: every case except 9.*, 12.*, 13.*)
 #   tests/autobahn/run.sh --full     also 9.* (slow: messages up to 16 MiB)
 #   AUTOBAHN_CASES='["1.*","5.*"]' tests/autobahn/run.sh   a custom case list (no diff)
 #   tests/autobahn/run.sh --update   rewrite expected-results.json from this run
@@ -18,12 +21,15 @@ work="$root/target/autobahn"
 venv="$root/target/autobahn-venv"
 full=0
 update=0
-for arg in "$@"; do
-    case "$arg" in
+io=""
+while [ $# -gt 0 ]; do
+    case "$1" in
         --full) full=1 ;;
         --update) update=1 ;;
-        *) echo "unknown argument: $arg" >&2; exit 2 ;;
+        --io) io="$2"; shift ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
+    shift
 done
 
 if [ ! -x "$venv/bin/wstest" ]; then
@@ -36,22 +42,30 @@ if [ ! -x "$venv/bin/wstest" ]; then
     "$venv/bin/pip" install -q autobahntestsuite==25.10.1
 fi
 
-cargo build --release --example ws_echo --manifest-path "$root/Cargo.toml"
 mkdir -p "$work"
 rm -rf "$work/reports"
-
-log="$work/ws_echo.log"
-"$root/target/release/examples/ws_echo" 127.0.0.1:0 >"$log" 2>&1 &
+log="$work/server.log"
+if [ -z "$io" ]; then
+    cargo build --release --example ws_echo --manifest-path "$root/Cargo.toml"
+    "$root/target/release/examples/ws_echo" 127.0.0.1:0 >"$log" 2>&1 &
+    name="ws_echo"
+else
+    cargo build --release --bin ringlink --manifest-path "$root/Cargo.toml"
+    # Autobahn's messages reach 16 MiB (9.*); the echo allows them.
+    RINGLINK_LIMITS_MAX_FRAME_BYTES=$((20 << 20)) "$root/target/release/ringlink" serve --echo \
+        --io "$io" --listen 127.0.0.1:0 --api 127.0.0.1:0 --data-dir "$work/data" >"$log" 2>&1 &
+    name="ringlink serve --echo --io $io"
+fi
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
 addr=""
 for _ in $(seq 1 100); do
-    addr="$(sed -n 's/^listening on //p' "$log")"
+    addr="$(sed -n 's/^listening on \([0-9.:]*\).*/\1/p; s/.*listening on ws:\/\/\([0-9.:]*\).*/\1/p' "$log" | head -n 1)"
     [ -n "$addr" ] && break
     sleep 0.1
 done
-[ -n "$addr" ] || { echo "ws_echo did not start:" >&2; cat "$log" >&2; exit 1; }
-echo "ws_echo listening on $addr"
+[ -n "$addr" ] || { echo "$name did not start:" >&2; cat "$log" >&2; exit 1; }
+echo "$name listening on $addr"
 
 custom="${AUTOBAHN_CASES:-}"
 python3 - "$here/fuzzingclient.json" "$work/spec.json" "$addr" "$full" "$custom" <<'PY'
