@@ -15,8 +15,7 @@ pub(super) fn thermostat() -> ThingModel {
 }
 
 pub(super) fn light() -> ThingModel {
-    ThingModel::from_slice(include_bytes!("../registry/demo/light.json"))
-        .expect("light.json loads")
+    ThingModel::from_slice(include_bytes!("../registry/demo/light.json")).expect("light.json loads")
 }
 
 pub(super) fn export() -> ThingModel {

@@ -9,6 +9,7 @@
 //! Sources: devices added one by one (inline config), a CSV of `productKey,deviceName[,clientIp]`,
 //! and an imported Link IoT Edge driver config (`{config, deviceList}`, PROTOCOL.md section 12).
 
+mod demo;
 mod load;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 
 use crate::model::ThingModel;
 
+pub use demo::demo_registry;
 pub use load::DriverListener;
 
 /// A registered device: an index into the registry, stable for the life of the process.
