@@ -11,6 +11,8 @@
 //! - [`shard`]: one thread per core running a driver (io_uring or epoll) over sessions; the
 //!   only place with sockets, and with the one crossing point between threads (`shard::mesh`).
 //! - [`api`]: the northbound HTTP API; [`shadow`] and [`metrics`] are what it shows.
+//! - [`config`]: the configuration: defaults, file, environment, flags, one validation.
+//! - [`tls`]: the rustls server configuration from certificate and key files.
 //!
 //! Invariants that hold crate-wide:
 //!
@@ -19,6 +21,7 @@
 //! - Input from a peer never panics: it becomes an error value, a Link error code or a close.
 
 pub mod api;
+pub mod config;
 pub mod metrics;
 pub mod model;
 pub mod protocol;
@@ -26,5 +29,6 @@ pub mod registry;
 pub mod session;
 pub mod shadow;
 pub mod shard;
+pub mod tls;
 pub mod uplink;
 pub mod ws;

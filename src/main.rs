@@ -1,1 +1,419 @@
-fn main() {}
+//! The `ringlink` command: `serve` (the default), `check`, and the `get`/`set`/`call` clients
+//! of the northbound API. Thin: parsing, loading through `ringlink::config`, printing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use ringlink::config::{self, Checked, Config, IoMode, Overrides};
+use ringlink::shard::ServerOptions;
+use ringlink::uplink::{self, LogOptions};
+use ringlink::registry::Registry;
+use serde_json::{Map, Value};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ringlink",
+    version,
+    about = "WebSocket device gateway for Link IoT Edge",
+    long_about = "WebSocket device gateway for Link IoT Edge.\n\n\
+        Devices and sub-gateways connect over ws:// or wss:// and speak the Link IoT Edge \
+        WebSocket device-access protocol. With no subcommand, ringlink serves (same as \
+        `ringlink serve`); with no --config, it serves the built-in demo registry on \
+        0.0.0.0:17682 with its HTTP API on 127.0.0.1:17690.\n\n\
+        Settings come from defaults, then the --config TOML file (see ringlink.example.toml), \
+        then RINGLINK_<SECTION>_<KEY> environment variables (e.g. RINGLINK_LISTENER_PORT=18000), \
+        then flags.",
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  \
+        ringlink                                   serve the demo registry\n  \
+        ringlink check --config ringlink.toml      validate a configuration, print a summary\n  \
+        ringlink serve --config ringlink.toml --listen 0.0.0.0:18000\n  \
+        ringlink get a1ThermoPK0 thermo-00001 temperature\n  \
+        ringlink set a1ThermoPK0 thermo-00001 setpoint=21.5\n  \
+        ringlink call a1ThermoPK0 thermo-00001 reboot delay=5"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Validate a configuration, its thing models, device lists and TLS files.
+    ///
+    /// Prints a summary and exits 0, or prints every error with its file and line (or JSON
+    /// path) and exits 1. Environment variables are applied as `serve` would apply them.
+    Check {
+        /// The TOML configuration file; without it, the defaults (demo registry) are checked.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Read properties of a device through the API (no PROP: all properties).
+    ///
+    /// Sends `{"properties":[...]}`; with no PROP the list is empty, which asks the server for
+    /// every readable property of the device's thing model.
+    Get {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Property identifiers to read.
+        #[arg(value_name = "PROP")]
+        properties: Vec<String>,
+    },
+    /// Write properties of a device through the API.
+    ///
+    /// Each VALUE is taken as JSON when it is valid JSON (21.5, true, [1,2], {"lo":1}, "text"),
+    /// else as a string: `mode=eco` sends "eco".
+    Set {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Properties to write.
+        #[arg(value_name = "KEY=VALUE", required = true)]
+        values: Vec<String>,
+    },
+    /// Call a service of a device through the API.
+    ///
+    /// Input parameters are KEY=VALUE pairs, VALUE parsed as for `set`.
+    Call {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// The service identifier.
+        service: String,
+        /// Input parameters.
+        #[arg(value_name = "KEY=VALUE")]
+        input: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The TOML configuration file (see ringlink.example.toml); relative paths inside it are
+    /// relative to its folder. Without it: the defaults and the built-in demo registry.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Device listener address, e.g. 0.0.0.0:17682 (port 0: any free port).
+    #[arg(long, value_name = "IP:PORT")]
+    listen: Option<SocketAddr>,
+    /// TLS certificate chain, PEM or DER whatever the extension (turns on wss://).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PKCS#8, PKCS#1 or SEC1), PEM or DER whatever the extension.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Shard threads; 0 = one per core.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// IO driver: auto (io_uring, else epoll), uring or epoll.
+    #[arg(long, value_name = "auto|uring|epoll")]
+    io: Option<IoMode>,
+    /// Northbound HTTP API address (default 127.0.0.1:17690).
+    #[arg(long, value_name = "IP:PORT")]
+    api: Option<SocketAddr>,
+    /// Folder for the local uplink log (default ./ringlink-data).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Echo every WebSocket message instead of speaking Link: a conformance endpoint for the
+    /// Autobahn test suite on the real drivers. Not for production.
+    #[arg(long, hide = true)]
+    echo: bool,
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            threads: self.threads,
+            io: self.io,
+            api: self.api,
+            data_dir: self.data_dir.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct DeviceArgs {
+    /// The northbound API of a running ringlink.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:17690")]
+    api: String,
+    /// The device's productKey.
+    #[arg(value_name = "PK")]
+    product_key: String,
+    /// The device's deviceName.
+    #[arg(value_name = "DN")]
+    device_name: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => run_serve(&cli.serve),
+        Some(Command::Serve(args)) => run_serve(&args),
+        Some(Command::Check { config }) => return run_check(config),
+        Some(Command::Get { device, properties }) => {
+            let body = serde_json::json!({ "properties": properties });
+            api_call(&device, "properties/get", &body)
+        }
+        Some(Command::Set { device, values }) => pairs(&values)
+            .and_then(|p| api_call(&device, "properties/set", &json_obj("properties", p))),
+        Some(Command::Call {
+            device,
+            service,
+            input,
+        }) => pairs(&input).and_then(|p| {
+            let path = format!("services/{}", segment(&service));
+            api_call(&device, &path, &json_obj("inputData", p))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringlink: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let Checked {
+        config,
+        registry,
+        tls,
+    } = Config::check(args.config.as_deref(), std::env::vars(), &args.overrides())
+        .context("configuration")?;
+    serve(config, registry, tls, args.echo)
+}
+
+/// Runs the gateway until SIGINT/SIGTERM, then drains (see `ringlink::shard::serve`).
+fn serve(
+    config: Config,
+    registry: Registry,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    echo: bool,
+) -> anyhow::Result<()> {
+    let devices = registry.len();
+    let tls_on = tls.is_some();
+    let threads = config.runtime.threads;
+    let uplink = &config.uplink;
+    let mut log = LogOptions::new(ringlink::shard::log_dir(&config.data_dir));
+    log.segment_bytes = uplink.segment_bytes;
+    log.max_bytes = uplink.max_bytes;
+    log.max_age = Duration::from_secs(uplink.max_age_s);
+    log.fsync = match uplink.fsync {
+        config::Fsync::Never => uplink::Fsync::Never,
+        config::Fsync::Batch => uplink::Fsync::Batch,
+    };
+    let opts = ServerOptions {
+        registry: Arc::new(registry),
+        session: config.session_config(),
+        listen: config.listener.addr(),
+        backlog: config.listener.backlog,
+        threads,
+        io: config.runtime.io,
+        max_connections: config.limits.max_connections as usize,
+        log,
+        batch_max: uplink.batch_max as usize,
+        flush_delay: Duration::from_micros(uplink.flush_us),
+        echo,
+        tls,
+    };
+    ringlink::shard::serve(opts, config.api.listen, |server, api| {
+        let scheme = if tls_on { "wss" } else { "ws" };
+        let mode = if echo { ", ECHO MODE (conformance testing only)" } else { "" };
+        println!(
+            "ringlink: listening on {scheme}://{} (tls {}), io {} ({}), {threads} threads, {devices} devices, api http://{}{mode}",
+            server.listen_addr,
+            if tls_on { "on" } else { "off" },
+            server.driver,
+            server.driver_reason,
+            api.addr,
+        );
+    })?;
+    println!("ringlink: drained, uplinks flushed, bye");
+    Ok(())
+}
+
+fn run_check(file: Option<PathBuf>) -> ExitCode {
+    let shown = file
+        .as_ref()
+        .map_or_else(|| "defaults".to_owned(), |f| f.display().to_string());
+    match Config::check(file.as_deref(), std::env::vars(), &Overrides::default()) {
+        Ok(checked) => {
+            print!("{}", summary(&shown, &checked));
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            let n = errors.0.len();
+            eprintln!("{shown}: {n} error{}", if n == 1 { "" } else { "s" });
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn summary(shown: &str, checked: &Checked) -> String {
+    use std::fmt::Write as _;
+    let Checked {
+        config: c,
+        registry: r,
+        ..
+    } = checked;
+    let mut out = format!("{shown}: OK\n");
+    let tls = match &c.listener.tls {
+        Some(t) => format!(
+            "TLS on (cert {}, key {})",
+            t.cert.display(),
+            t.key.display()
+        ),
+        None => "TLS off".to_owned(),
+    };
+    let w = &mut out;
+    // Writing to a String cannot fail.
+    let _ = writeln!(w, "listen      {} ({tls})", c.listener.addr());
+    let _ = writeln!(
+        w,
+        "runtime     io {}, {} threads",
+        c.runtime.io, c.runtime.threads
+    );
+    let _ = writeln!(w, "api         {}", c.api.listen);
+    let _ = writeln!(w, "data_dir    {}", c.data_dir.display());
+    let u = &c.uplink;
+    let _ = writeln!(
+        w,
+        "uplink      sink {}, batch_max {}, flush_us {}, fsync {}",
+        u.sink.as_str(),
+        u.batch_max,
+        u.flush_us,
+        u.fsync.as_str()
+    );
+    let l = &c.limits;
+    let _ = writeln!(
+        w,
+        "limits      max_connections {}, max_frame_bytes {}, auto_online_on_report {}",
+        l.max_connections, l.max_frame_bytes, l.auto_online_on_report
+    );
+    let source = if c.registry.is_some() {
+        "from [registry]"
+    } else {
+        "built-in demo"
+    };
+    let with_ip = r.ids().filter(|&id| r.device(id).client_ip.is_some()).count();
+    let _ = writeln!(
+        w,
+        "registry    {source}: {} products, {} devices ({with_ip} with clientIp)",
+        r.products().len(),
+        r.len()
+    );
+    let mut per_product = vec![0usize; r.products().len()];
+    for id in r.ids() {
+        let pk = r.product_key(id);
+        if let Some(i) = r.products().iter().position(|m| m.product_key() == pk) {
+            per_product[i] += 1;
+        }
+    }
+    for (m, devices) in r.products().iter().zip(per_product) {
+        let _ = writeln!(
+            w,
+            "  {:<16} {} properties, {} events, {} services, {devices} devices",
+            m.product_key(),
+            m.properties().len(),
+            m.events().len(),
+            m.services().len()
+        );
+    }
+    out
+}
+
+/// `k=v` pairs as a JSON object; `v` is JSON when it parses as JSON, else a string.
+fn pairs(args: &[String]) -> anyhow::Result<Map<String, Value>> {
+    let mut map = Map::new();
+    for arg in args {
+        let Some((k, v)) = arg.split_once('=') else {
+            anyhow::bail!("{arg:?}: expected KEY=VALUE");
+        };
+        if k.is_empty() {
+            anyhow::bail!("{arg:?}: the key is empty");
+        }
+        let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
+        map.insert(k.to_owned(), value);
+    }
+    Ok(map)
+}
+
+fn json_obj(key: &str, map: Map<String, Value>) -> Value {
+    let mut outer = Map::new();
+    outer.insert(key.to_owned(), Value::Object(map));
+    Value::Object(outer)
+}
+
+/// POSTs `body` to `/v1/devices/{pk}/{dn}/{path}` and prints the JSON answer; a non-2xx answer
+/// is an error showing the body's code and message.
+fn api_call(device: &DeviceArgs, path: &str, body: &Value) -> anyhow::Result<()> {
+    let url = format!(
+        "http://{}/v1/devices/{}/{}/{path}",
+        device.api,
+        segment(&device.product_key),
+        segment(&device.device_name)
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(API_TIMEOUT))
+        .build()
+        .into();
+    let mut response = agent
+        .post(&url)
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("reading the answer of POST {url}"))?;
+    let json = serde_json::from_str::<Value>(&text).ok();
+    if status.is_success() {
+        match json {
+            Some(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+            None => println!("{text}"),
+        }
+        return Ok(());
+    }
+    match json {
+        Some(v) if v.get("code").is_some() => {
+            let code = &v["code"];
+            let message = v.get("message").and_then(Value::as_str).unwrap_or("");
+            anyhow::bail!("HTTP {status}: code {code}: {message}")
+        }
+        _ => anyhow::bail!("HTTP {status}: {}", text.trim()),
+    }
+}
+
+/// Percent-encodes a URL path segment (productKeys and deviceNames may hold `@`, `.`, `-`).
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Longer than the server's downlink timeout (8 s default), so its 504 arrives first.
+const API_TIMEOUT: Duration = Duration::from_secs(30);

@@ -23,6 +23,26 @@ pub struct DriverListener {
     pub key: Option<PathBuf>,
 }
 
+impl DriverListener {
+    /// Reads only the listener settings of a driver config, without its device list: the
+    /// configuration loader needs them before any thing model is loaded. Errors as
+    /// [`RegistryBuilder::load_driver_config`] reports them.
+    pub fn from_driver_config(text: &str, file: &Path) -> Result<Self, RegistryError> {
+        let doc: Value = serde_json::from_str(text).map_err(|e| RegistryError {
+            file: file.to_owned(),
+            line: Some(e.line()),
+            json_path: None,
+            message: format!("not valid JSON: {e}"),
+        })?;
+        read_listener(doc.get("config")).map_err(|(path, message)| RegistryError {
+            file: file.to_owned(),
+            line: None,
+            json_path: Some(path),
+            message,
+        })
+    }
+}
+
 impl RegistryBuilder {
     /// Adds the devices of a CSV file: `productKey,deviceName[,clientIp]` per line. A first line
     /// that starts with `productKey` is a header; blank lines and lines starting with `#` are

@@ -9,6 +9,7 @@
 //! Sources: devices added one by one (inline config), a CSV of `productKey,deviceName[,clientIp]`,
 //! and an imported Link IoT Edge driver config (`{config, deviceList}`, PROTOCOL.md section 12).
 
+mod demo;
 mod load;
 mod owners;
 
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 
 use crate::model::ThingModel;
 
+pub use demo::demo_registry;
 pub use load::DriverListener;
 pub use owners::{ConnRef, Owners};
 

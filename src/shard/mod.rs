@@ -26,6 +26,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{broadcast, mpsc};
 
+use crate::config::IoMode;
 use crate::metrics::Metrics;
 use crate::registry::{Owners, Registry};
 use crate::session::{self, Context};
@@ -33,15 +34,6 @@ use crate::shadow::Shadows;
 use crate::shard::core::{ShardCore, Shared};
 use crate::shard::mesh::{AckRef, Mesh, ShardMsg};
 use crate::uplink::{LocalLog, LogOptions, UplinkError, Writer};
-
-/// Which IO driver the shards run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IoMode {
-    /// io_uring where the kernel allows it, else epoll.
-    Auto,
-    Uring,
-    Epoll,
-}
 
 /// Everything a server needs to start.
 #[derive(Debug, Clone)]

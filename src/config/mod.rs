@@ -1,0 +1,567 @@
+//! ringlink's configuration: every knob with its default and the reason for it.
+//!
+//! Owns: reading the TOML file, the `RINGLINK_<SECTION>_<KEY>` environment variables and the
+//! command-line overrides, in that order over the defaults, then one validation pass that turns
+//! them into a [`Config`] which is valid by construction: code that holds a `Config` never
+//! re-checks a range. Every error names where the bad value came from (`ringlink.toml:7`,
+//! `env RINGLINK_LISTENER_PORT`, `flag --listen`) and the key, and all errors are reported at
+//! once rather than the first only.
+//!
+//! Also owns turning `[registry]` into a [`Registry`] ([`Config::build_registry`]), again
+//! collecting every error of every thing model, CSV line and driver-config entry.
+//!
+//! Never: opens a socket or touches TLS key material (that is [`crate::tls`]).
+//!
+//! ```text
+//! defaults ──▶ TOML file ──▶ RINGLINK_* env ──▶ flags ──▶ validate() ──▶ Config
+//!   (driver config listener keys fill in what none of the three set)
+//! ```
+
+mod source;
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::model::{ModelError, ThingModel};
+use crate::registry::{demo_registry, Registry, RegistryError};
+use crate::tls::TlsError;
+use crate::{session, ws};
+
+pub use source::KNOBS;
+
+/// Everything `ringlink serve` needs, validated. Obtain it from [`Config::load`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listener: Listener,
+    pub runtime: Runtime,
+    pub limits: Limits,
+    pub api: Api,
+    /// Where the local uplink log and other state live (default `./ringlink-data`; flag
+    /// `--data-dir`, top-level key `data_dir`). Relative to the working directory when given on
+    /// the command line or in the environment, to the config file's folder when given there.
+    pub data_dir: PathBuf,
+    pub uplink: Uplink,
+    /// Where products and devices come from; `None` (no `[registry]` anywhere) means the
+    /// built-in demo registry.
+    pub registry: Option<RegistrySources>,
+    /// The configuration file this was loaded from, if any.
+    pub file: Option<PathBuf>,
+}
+
+/// `[listener]`: where devices connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// Address to listen on (default `0.0.0.0`: every IPv4 interface, because the official
+    /// client dials IPv4 literals only; PROTOCOL.md section 1).
+    pub ip: IpAddr,
+    /// TCP port (default 17682, the Link IoT Edge WebSocket driver's port). 0 asks the OS for
+    /// any free port; tests use that.
+    pub port: u16,
+    /// `wss://` when set: certificate chain and private key, PEM or DER whatever the extension.
+    pub tls: Option<TlsFiles>,
+    /// Accept queue length passed to `listen(2)` (default 1024, 1-65535). Large enough for a
+    /// reconnect storm of thousands of devices after a gateway restart; the kernel caps it at
+    /// `net.core.somaxconn` anyway.
+    pub backlog: u32,
+}
+
+impl Listener {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port)
+    }
+}
+
+/// `[listener] tls = { cert = "...", key = "..." }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[runtime]`: shards and the IO driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runtime {
+    /// Shard threads (config default 0 = one per core, resolved here with
+    /// `std::thread::available_parallelism`, so this is always at least 1; at most 1024).
+    pub threads: usize,
+    /// IO driver (default `auto`).
+    pub io: IoMode,
+}
+
+/// Which IO driver the shards use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// io_uring where the kernel allows it, else epoll (containers often refuse io_uring).
+    #[default]
+    Auto,
+    /// io_uring only: fail at start when the kernel refuses it.
+    Uring,
+    /// epoll only.
+    Epoll,
+}
+
+impl IoMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Uring => "uring",
+            Self::Epoll => "epoll",
+        }
+    }
+}
+
+impl FromStr for IoMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "uring" => Ok(Self::Uring),
+            "epoll" => Ok(Self::Epoll),
+            _ => Err(format!("expected auto, uring or epoll, got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for IoMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[limits]`: what one peer, or all of them, can make ringlink hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections at once (default 100000, 1-10000000). Beyond it new connections are
+    /// closed at accept: a flood of idle sockets must not exhaust file descriptors and memory
+    /// that the connected devices need.
+    pub max_connections: u32,
+    /// Largest WebSocket message, all fragments together (default 65536, 125-16777216). Device
+    /// JSON is small; a huge message is a peer trying to pin memory and gets close code 1009.
+    pub max_frame_bytes: u32,
+    /// Time from TCP accept to a completed upgrade (default 5000, 100-600000). Drops slowloris
+    /// peers that open sockets and never finish the handshake.
+    pub handshake_timeout_ms: u64,
+    /// How often ringlink pings each connection (default 30000, 1000-3600000). Finds dead
+    /// peers behind NATs that never send a FIN; too short wastes battery and bandwidth.
+    pub ping_interval_ms: u64,
+    /// A connection silent (no pong) for this long is closed and its devices go offline
+    /// (default 60000 = two missed pings; more than `ping_interval_ms`, at most 86400000).
+    /// Keeps half-open sockets from holding devices "online" forever.
+    pub pong_timeout_ms: u64,
+    /// A downlink without a reply by then completes with 100006 (default 8000, 100-600000).
+    /// Bounds how long an API caller waits and how many downlinks a mute device can pile up.
+    pub downlink_timeout_ms: u64,
+    /// Whether a report for a device that is online nowhere first brings it online on that
+    /// connection (default false). Off, such reports get 109001, so a device cannot skip the
+    /// `onlineDevice` checks (clientIp, takeover) by just reporting.
+    pub auto_online_on_report: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            max_frame_bytes: 65_536,
+            handshake_timeout_ms: 5_000,
+            ping_interval_ms: 30_000,
+            pong_timeout_ms: 60_000,
+            downlink_timeout_ms: 8_000,
+            auto_online_on_report: false,
+        }
+    }
+}
+
+/// `[api]`: the northbound HTTP API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Api {
+    /// Address of the API (default `127.0.0.1:17690`). Loopback because the API can drive every
+    /// device and has no authentication; expose it deliberately, behind something that has.
+    pub listen: SocketAddr,
+}
+
+/// `[uplink]`: how uplinks (online, offline, reports, events) leave for the edge core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uplink {
+    /// Where uplinks go (default `local`; `mqtt` and `nats` are not implemented yet).
+    pub sink: SinkKind,
+    /// Uplinks per batch (default 256, 1-65536). Bigger batches amortise each write; the cap
+    /// bounds the memory and latency of one batch.
+    pub batch_max: u32,
+    /// Longest a batch waits before it is flushed, in microseconds (default 1000, 0-1000000).
+    /// Devices wait for their acknowledgement until their batch is durable.
+    pub flush_us: u64,
+    /// When the local log calls fsync (default `never`: the OS flushes; `batch`: after every
+    /// batch, which survives power loss at the cost of throughput).
+    pub fsync: Fsync,
+    /// Size of one log segment in bytes (default 64 MiB, 1 MiB-4 GiB). Old data is dropped a
+    /// whole segment at a time.
+    pub segment_bytes: u64,
+    /// Cap on the whole local log in bytes (default 1 GiB; at least `segment_bytes`). Keeps a
+    /// long sink outage or a chatty fleet from filling the disk: the oldest segments go first.
+    pub max_bytes: u64,
+    /// Age cap of the local log in seconds (default 604800 = 7 days, 60-315360000).
+    pub max_age_s: u64,
+}
+
+impl Default for Uplink {
+    fn default() -> Self {
+        Self {
+            sink: SinkKind::Local,
+            batch_max: 256,
+            flush_us: 1_000,
+            fsync: Fsync::Never,
+            segment_bytes: 64 << 20,
+            max_bytes: 1 << 30,
+            max_age_s: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// Where uplinks go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    /// Append-only segmented log under `data_dir`, plus the in-memory shadow.
+    Local,
+    /// MQTT broker, Alink topics. Not implemented yet: refused by validation.
+    Mqtt,
+    /// NATS JetStream. Not implemented yet: refused by validation.
+    Nats,
+}
+
+impl SinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Mqtt => "mqtt",
+            Self::Nats => "nats",
+        }
+    }
+}
+
+/// When the local log calls fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    Never,
+    Batch,
+}
+
+impl Fsync {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Never => "never",
+            Self::Batch => "batch",
+        }
+    }
+}
+
+/// `[registry]`: thing models and device lists, paths already resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RegistrySources {
+    /// Thing models (TSL JSON), one product each.
+    pub products: Vec<PathBuf>,
+    /// A CSV of `productKey,deviceName[,clientIp]`.
+    pub devices: Option<PathBuf>,
+    /// A Link IoT Edge driver config `{config, deviceList}` (PROTOCOL.md section 12).
+    pub driver_config: Option<PathBuf>,
+    /// `[[registry.device]]` entries.
+    pub device: Vec<InlineDevice>,
+}
+
+/// One `[[registry.device]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InlineDevice {
+    pub product_key: String,
+    pub device_name: String,
+    pub client_ip: Option<IpAddr>,
+    /// Where it was written, for errors.
+    pub origin: Origin,
+}
+
+/// Command-line overrides, applied after the file and the environment. Relative paths are
+/// relative to the working directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--listen IP:PORT`: `listener.ip` and `listener.port`.
+    pub listen: Option<SocketAddr>,
+    /// `--tls-cert FILE`; needs `--tls-key` (or a key from the file or environment).
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key FILE`.
+    pub tls_key: Option<PathBuf>,
+    /// `--threads N`.
+    pub threads: Option<usize>,
+    /// `--io auto|uring|epoll`.
+    pub io: Option<IoMode>,
+    /// `--api IP:PORT`.
+    pub api: Option<SocketAddr>,
+    /// `--data-dir DIR`.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Origin {
+    /// A file: the ringlink config (with its 1-based line) or an imported driver config.
+    File { path: PathBuf, line: Option<usize> },
+    /// An environment variable, by name.
+    Env(String),
+    /// A command-line flag, e.g. `--listen`.
+    Flag(&'static str),
+    /// The built-in default.
+    Default,
+}
+
+impl Origin {
+    /// The folder that relative paths given here are relative to (`None`: the working
+    /// directory).
+    fn base(&self) -> Option<&Path> {
+        match self {
+            Self::File { path, .. } => path.parent(),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File { path, line: None } => write!(f, "{}", path.display()),
+            Self::File {
+                path,
+                line: Some(line),
+            } => write!(f, "{}:{line}", path.display()),
+            Self::Env(name) => write!(f, "env {name}"),
+            Self::Flag(name) => write!(f, "flag {name}"),
+            Self::Default => f.write_str("default"),
+        }
+    }
+}
+
+/// One configuration problem, with the place to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A bad or unknown setting, or a file that could not be read or parsed. Display:
+    /// `<origin>: <key>: <message>` (`ringlink.toml:7: limits.max_frame_bytes: must be ...`).
+    #[error("{origin}: {}{message}", key.as_deref().map(|k| format!("{k}: ")).unwrap_or_default())]
+    Setting {
+        origin: Origin,
+        key: Option<String>,
+        message: String,
+    },
+    /// A device list entry (CSV line or driver-config JSON path).
+    #[error("{0}")]
+    Registry(RegistryError),
+    /// A thing model that did not load (file and JSON path, or line and column).
+    #[error("{0}")]
+    Model(ModelError),
+    /// The TLS certificate or key file (named in the message).
+    #[error("{0}")]
+    Tls(TlsError),
+}
+
+impl ConfigError {
+    fn setting(origin: Origin, key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Setting {
+            origin,
+            key: Some(key.into()),
+            message: message.into(),
+        }
+    }
+}
+
+/// Every problem found, in file-then-line order; `Display` shows one per line.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Defaults, then `file` (if any), then `RINGLINK_<SECTION>_<KEY>` variables from `env`,
+    /// then `flags`; then one validation. Returns every error found, each with its place.
+    ///
+    /// `env` is usually `std::env::vars()`; variables not starting with `RINGLINK_` are ignored,
+    /// and so are `RINGLINK_*` variables outside the config sections (`RINGLINK_LOG`, ...).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<Self, ConfigErrors> {
+        let mut draft = source::Draft::default();
+        if let Some(file) = file {
+            draft.read_file(file);
+        }
+        draft.read_env(env);
+        draft.read_flags(flags);
+        draft.validate().map_err(|(errors, _)| ConfigErrors(errors))
+    }
+
+    /// Everything `ringlink check` and `ringlink serve` look at before serving: the
+    /// configuration as [`load`](Self::load) does, then the registry, then the TLS files.
+    /// Thing model and device list errors are reported even when a setting is bad too.
+    pub fn check(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<Checked, ConfigErrors> {
+        let mut draft = source::Draft::default();
+        if let Some(file) = file {
+            draft.read_file(file);
+        }
+        draft.read_env(env);
+        draft.read_flags(flags);
+        let (config, sources, mut errors) = match draft.validate() {
+            Ok(config) => {
+                let sources = config.registry.clone();
+                (Some(config), sources, Vec::new())
+            }
+            Err((errors, sources)) => (None, sources, errors),
+        };
+        let registry = build_registry(sources.as_ref())
+            .map_err(|e| errors.extend(e))
+            .ok();
+        let tls = match config.as_ref().and_then(|c| c.listener.tls.as_ref()) {
+            None => None,
+            Some(files) => crate::tls::server_config(&files.cert, &files.key)
+                .map_err(|e| errors.push(ConfigError::Tls(e)))
+                .ok(),
+        };
+        match (config, registry) {
+            (Some(config), Some(registry)) if errors.is_empty() => Ok(Checked {
+                config,
+                registry,
+                tls,
+            }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+
+    /// The per-connection settings every session shares.
+    pub fn session_config(&self) -> session::Config {
+        let l = &self.limits;
+        session::Config {
+            limits: ws::Limits {
+                max_message_bytes: l.max_frame_bytes as usize,
+                ..ws::Limits::default()
+            },
+            handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
+            ping_interval: Duration::from_millis(l.ping_interval_ms),
+            pong_timeout: Duration::from_millis(l.pong_timeout_ms),
+            downlink_timeout: Duration::from_millis(l.downlink_timeout_ms),
+            auto_online_on_report: l.auto_online_on_report,
+        }
+    }
+
+    /// Loads every thing model and device source of `[registry]` (or the demo registry when
+    /// there is none), collecting every error of every file.
+    pub fn build_registry(&self) -> Result<Registry, Vec<ConfigError>> {
+        build_registry(self.registry.as_ref())
+    }
+}
+
+/// A configuration with its registry and TLS setup: what `serve` runs with.
+#[derive(Debug)]
+pub struct Checked {
+    pub config: Config,
+    pub registry: Registry,
+    /// Present exactly when `config.listener.tls` is.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+fn build_registry(sources: Option<&RegistrySources>) -> Result<Registry, Vec<ConfigError>> {
+    let Some(sources) = sources else {
+        return Ok(demo_registry());
+    };
+    let mut errors = Vec::new();
+    let mut b = Registry::builder();
+    for path in &sources.products {
+        match ThingModel::load(path) {
+            Ok(model) => {
+                if let Err(message) = b.add_product(model) {
+                    errors.push(ConfigError::Setting {
+                        origin: Origin::File {
+                            path: path.clone(),
+                            line: None,
+                        },
+                        key: None,
+                        message,
+                    });
+                }
+            }
+            Err(e) => errors.push(ConfigError::Model(e)),
+        }
+    }
+    if let Some(path) = &sources.devices {
+        match read_text(path, "registry.devices") {
+            Ok(text) => {
+                if let Err(e) = b.load_csv(&text, path) {
+                    errors.extend(e.into_iter().map(ConfigError::Registry));
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if let Some(path) = &sources.driver_config {
+        match read_text(path, "registry.driver_config") {
+            Ok(text) => {
+                if let Err(e) = b.load_driver_config(&text, path) {
+                    errors.extend(e.into_iter().map(ConfigError::Registry));
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    for d in &sources.device {
+        if let Err(message) = b.add_device(&d.product_key, &d.device_name, d.client_ip) {
+            errors.push(ConfigError::setting(
+                d.origin.clone(),
+                "registry.device",
+                message,
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(b.build())
+    } else {
+        Err(errors)
+    }
+}
+
+/// Reads a file named by a setting; the error names the file.
+fn read_text(path: &Path, key: &str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::setting(
+            Origin::File {
+                path: path.to_owned(),
+                line: None,
+            },
+            key,
+            format!("cannot read: {e}"),
+        )
+    })
+}
+
+/// Defaults that are not a struct's `Default`.
+const DEFAULT_IP: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+const DEFAULT_PORT: u16 = 17_682;
+const DEFAULT_BACKLOG: u32 = 1024;
+const DEFAULT_API: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 17_690);
+const DEFAULT_DATA_DIR: &str = "./ringlink-data";
+
+#[cfg(test)]
+mod tests;
