@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use ringlink::config::{self, Checked, Config, IoMode, Overrides};
+use ringlink::registry::Registry;
 use ringlink::shard::ServerOptions;
 use ringlink::uplink::{self, LogOptions};
-use ringlink::registry::Registry;
 use serde_json::{Map, Value};
 
 #[global_allocator]
@@ -231,7 +231,11 @@ fn serve(
     };
     ringlink::shard::serve(opts, config.api.listen, |server, api| {
         let scheme = if tls_on { "wss" } else { "ws" };
-        let mode = if echo { ", ECHO MODE (conformance testing only)" } else { "" };
+        let mode = if echo {
+            ", ECHO MODE (conformance testing only)"
+        } else {
+            ""
+        };
         println!(
             "ringlink: listening on {scheme}://{} (tls {}), io {} ({}), {threads} threads, {devices} devices, api http://{}{mode}",
             server.listen_addr,
@@ -311,7 +315,10 @@ fn summary(shown: &str, checked: &Checked) -> String {
     } else {
         "built-in demo"
     };
-    let with_ip = r.ids().filter(|&id| r.device(id).client_ip.is_some()).count();
+    let with_ip = r
+        .ids()
+        .filter(|&id| r.device(id).client_ip.is_some())
+        .count();
     let _ = writeln!(
         w,
         "registry    {source}: {} products, {} devices ({with_ip} with clientIp)",

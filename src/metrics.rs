@@ -31,7 +31,11 @@ impl Histogram {
     }
 
     pub fn observe(&self, v: f64) {
-        let i = self.bounds.iter().position(|b| v <= *b).unwrap_or(self.bounds.len());
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         self.sum_micros
             .fetch_add((v * 1e6) as u64, Ordering::Relaxed);
@@ -46,7 +50,10 @@ impl Histogram {
                 .bounds
                 .get(i)
                 .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
         }
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let braces = if labels.is_empty() {
@@ -64,7 +71,9 @@ const LATENCY_BOUNDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 /// Uplink batch sizes in records.
-const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+const BATCH_BOUNDS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 const METHODS: [ServerMethod; 3] = [
     ServerMethod::GetProperty,
@@ -163,11 +172,36 @@ impl Metrics {
             "# HELP ringlink_connections_open WebSocket connections open now.\n# TYPE ringlink_connections_open gauge\nringlink_connections_open {}",
             self.connections_open.load(Ordering::Relaxed)
         );
-        counter(&mut out, "ringlink_connections_accepted_total", "TCP connections accepted.", &self.connections_accepted);
-        counter(&mut out, "ringlink_connections_rejected_total", "Connections refused at max_connections.", &self.connections_rejected);
-        counter(&mut out, "ringlink_accept_errors_total", "accept() failures (EMFILE, ENFILE, ...).", &self.accept_errors);
-        counter(&mut out, "ringlink_tls_handshake_errors_total", "TLS handshakes that failed.", &self.tls_handshake_errors);
-        counter(&mut out, "ringlink_uplink_failures_total", "Uplinks whose batch could not be written.", &self.uplinks_failed);
+        counter(
+            &mut out,
+            "ringlink_connections_accepted_total",
+            "TCP connections accepted.",
+            &self.connections_accepted,
+        );
+        counter(
+            &mut out,
+            "ringlink_connections_rejected_total",
+            "Connections refused at max_connections.",
+            &self.connections_rejected,
+        );
+        counter(
+            &mut out,
+            "ringlink_accept_errors_total",
+            "accept() failures (EMFILE, ENFILE, ...).",
+            &self.accept_errors,
+        );
+        counter(
+            &mut out,
+            "ringlink_tls_handshake_errors_total",
+            "TLS handshakes that failed.",
+            &self.tls_handshake_errors,
+        );
+        counter(
+            &mut out,
+            "ringlink_uplink_failures_total",
+            "Uplinks whose batch could not be written.",
+            &self.uplinks_failed,
+        );
         let _ = writeln!(out, "# HELP ringlink_uplinks_total Uplinks batched, by kind.\n# TYPE ringlink_uplinks_total counter");
         for (kind, v) in [
             ("property", &self.uplinks_property),
@@ -175,12 +209,20 @@ impl Metrics {
             ("online", &self.uplinks_online),
             ("offline", &self.uplinks_offline),
         ] {
-            let _ = writeln!(out, "ringlink_uplinks_total{{kind=\"{kind}\"}} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "ringlink_uplinks_total{{kind=\"{kind}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         let stats = self.stats();
         let _ = writeln!(out, "# HELP ringlink_requests_total Client requests answered, by method and code.\n# TYPE ringlink_requests_total counter");
         for (method, code, n) in stats.requests() {
-            let _ = writeln!(out, "ringlink_requests_total{{method=\"{method}\",code=\"{}\"}} {n}", code.as_u32());
+            let _ = writeln!(
+                out,
+                "ringlink_requests_total{{method=\"{method}\",code=\"{}\"}} {n}",
+                code.as_u32()
+            );
         }
         let _ = writeln!(out, "# HELP ringlink_replies_unmatched_total Client replies matching no pending downlink.\n# TYPE ringlink_replies_unmatched_total counter\nringlink_replies_unmatched_total {}", stats.replies_unmatched);
         let _ = writeln!(out, "# HELP ringlink_ws_errors_total Connections closed for breaking RFC 6455.\n# TYPE ringlink_ws_errors_total counter\nringlink_ws_errors_total {}", stats.ws_errors);
@@ -190,14 +232,20 @@ impl Metrics {
                 let n = self.downlinks[m * (Code::SENT.len() + 1) + c].load(Ordering::Relaxed);
                 if n > 0 {
                     let code = Code::SENT.get(c).map_or(100_000, |c| c.as_u32());
-                    let _ = writeln!(out, "ringlink_downlinks_total{{method=\"{}\",code=\"{code}\"}} {n}", method.as_str());
+                    let _ = writeln!(
+                        out,
+                        "ringlink_downlinks_total{{method=\"{}\",code=\"{code}\"}} {n}",
+                        method.as_str()
+                    );
                 }
             }
         }
         let _ = writeln!(out, "# HELP ringlink_downlink_latency_seconds Downlink request to completion.\n# TYPE ringlink_downlink_latency_seconds histogram");
-        self.downlink_latency.render(&mut out, "ringlink_downlink_latency_seconds", "");
+        self.downlink_latency
+            .render(&mut out, "ringlink_downlink_latency_seconds", "");
         let _ = writeln!(out, "# HELP ringlink_uplink_batch_records Records per uplink batch.\n# TYPE ringlink_uplink_batch_records histogram");
-        self.batch_sizes.render(&mut out, "ringlink_uplink_batch_records", "");
+        self.batch_sizes
+            .render(&mut out, "ringlink_uplink_batch_records", "");
         out
     }
 }

@@ -80,7 +80,11 @@ impl Shadows {
         let mut s = self.lock(device);
         for (key, value) in fields {
             let k = &report[key.clone()];
-            match s.properties.iter_mut().find(|p| &p.report[p.key.clone()] == k) {
+            match s
+                .properties
+                .iter_mut()
+                .find(|p| &p.report[p.key.clone()] == k)
+            {
                 Some(p) => {
                     *p = PropertyValue {
                         report: Arc::clone(&report),
@@ -128,9 +132,13 @@ impl Shadows {
 impl Shadow {
     /// `(key as JSON string literal, value as JSON text, epoch ms)` of every property reported.
     pub fn properties(&self) -> impl Iterator<Item = (&str, &str, u64)> {
-        self.properties
-            .iter()
-            .map(|p| (&p.report[p.key.clone()], &p.report[p.value.clone()], p.at_ms))
+        self.properties.iter().map(|p| {
+            (
+                &p.report[p.key.clone()],
+                &p.report[p.value.clone()],
+                p.at_ms,
+            )
+        })
     }
 
     pub fn events(&self) -> impl Iterator<Item = &EventRecord> {
@@ -210,7 +218,11 @@ mod tests {
             .next()
             .expect("a device");
         shadows.properties(d, r#"{"power":1,"setpoint":21.0}"#, 10);
-        shadows.properties(d, r#"{"setpoint":19.5,"limits":{"lo":1,"hi":"a,}\"b"}}"#, 20);
+        shadows.properties(
+            d,
+            r#"{"setpoint":19.5,"limits":{"lo":1,"hi":"a,}\"b"}}"#,
+            20,
+        );
         assert_eq!(
             props(&shadows.snapshot(d)),
             vec![
@@ -230,7 +242,11 @@ mod tests {
             .collect();
         assert_eq!(
             f,
-            vec![("\"a\"", r#"[1,{"x":"]"}]"#), ("\"b\\\"q\"", "\"s,\""), ("\"c\"", "2.5")]
+            vec![
+                ("\"a\"", r#"[1,{"x":"]"}]"#),
+                ("\"b\\\"q\"", "\"s,\""),
+                ("\"c\"", "2.5")
+            ]
         );
         assert!(top_level_fields("{}").is_empty());
         assert!(top_level_fields("[1]").is_empty());

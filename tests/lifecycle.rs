@@ -30,20 +30,38 @@ fn c30_c31_downlink_timeout_then_connection_loss() {
             let path = "/v1/devices/a1ThermoPK0/thermo-00010/properties/get";
             // The device never answers: 100006 / 504 after the timeout.
             let started = Instant::now();
-            let get = tokio::task::spawn_blocking(move || api.post(path, &json!({"properties":["power"]})));
+            let get = tokio::task::spawn_blocking(move || {
+                api.post(path, &json!({"properties":["power"]}))
+            });
             let req = c.recv().await;
             let (status, body) = get.await.expect("join");
-            assert_eq!((status, body["code"].as_u64()), (504, Some(100_006)), "{io}");
+            assert_eq!(
+                (status, body["code"].as_u64()),
+                (504, Some(100_006)),
+                "{io}"
+            );
             assert!(started.elapsed() >= Duration::from_millis(300));
             // A late reply is dropped (and counted).
-            c.send_text(format!("{}\0\0", json!({"code":0,"messageId":req["messageId"],"payload":{}}))).await;
-            gw.eventually("unmatched reply counted", || gw.metric("ringlink_replies_unmatched_total") >= 1.0);
+            c.send_text(format!(
+                "{}\0\0",
+                json!({"code":0,"messageId":req["messageId"],"payload":{}})
+            ))
+            .await;
+            gw.eventually("unmatched reply counted", || {
+                gw.metric("ringlink_replies_unmatched_total") >= 1.0
+            });
             // Connection lost with a downlink pending: 100008 / 502 at once, device offline.
-            let get = tokio::task::spawn_blocking(move || api.post(path, &json!({"properties":["power"]})));
+            let get = tokio::task::spawn_blocking(move || {
+                api.post(path, &json!({"properties":["power"]}))
+            });
             let _ = c.recv().await;
             drop(c);
             let (status, body) = get.await.expect("join");
-            assert_eq!((status, body["code"].as_u64()), (502, Some(100_008)), "{io}");
+            assert_eq!(
+                (status, body["code"].as_u64()),
+                (502, Some(100_008)),
+                "{io}"
+            );
             assert!(!gw.is_online(THERMO, "thermo-00010"));
         });
     }
@@ -52,8 +70,8 @@ fn c30_c31_downlink_timeout_then_connection_loss() {
 #[test]
 fn c37_silent_peer_is_closed_after_the_pong_timeout() {
     let env = [
-        ("RINGLINK_LIMITS_PING_INTERVAL_MS", "100"),
-        ("RINGLINK_LIMITS_PONG_TIMEOUT_MS", "400"),
+        ("RINGLINK_LIMITS_PING_INTERVAL_MS", "1000"),
+        ("RINGLINK_LIMITS_PONG_TIMEOUT_MS", "2500"),
     ];
     for io in DRIVERS {
         let gw = Gateway::start_with(io, &[], &env);
@@ -63,7 +81,7 @@ fn c37_silent_peer_is_closed_after_the_pong_timeout() {
             assert_eq!(lively.online(THERMO, "thermo-00011").await, 0);
             assert_eq!(silent.online(THERMO, "thermo-00012").await, 0);
             // `lively` reads (tungstenite answers pings while reading); `silent` does not.
-            let until = Instant::now() + Duration::from_millis(1200);
+            let until = Instant::now() + Duration::from_millis(3500);
             let mut pings = 0;
             while Instant::now() < until {
                 if let Ok(Some(Ok(Message::Ping(_)))) =
@@ -72,9 +90,15 @@ fn c37_silent_peer_is_closed_after_the_pong_timeout() {
                     pings += 1;
                 }
             }
-            assert!(pings >= 5, "pings every 100 ms, saw {pings}");
-            assert!(gw.is_online(THERMO, "thermo-00011"), "{io}: a ponging peer stays");
-            assert!(!gw.is_online(THERMO, "thermo-00012"), "{io}: a silent peer is dropped");
+            assert!(pings >= 3, "pings every second, saw {pings}");
+            assert!(
+                gw.is_online(THERMO, "thermo-00011"),
+                "{io}: a ponging peer stays"
+            );
+            assert!(
+                !gw.is_online(THERMO, "thermo-00012"),
+                "{io}: a silent peer is dropped"
+            );
         });
     }
 }
@@ -99,9 +123,10 @@ fn crash_loses_nothing_acknowledged() {
                     let mut sent = std::collections::HashMap::new();
                     for seq in 0u32.. {
                         let label = format!("c{conn}-{seq}");
-                        let id = c
-                            .request("reportProperty", THERMO, &dn, json!({"properties":[{"identifier":"label","type":"text","value":label}]}))
-                            .await;
+                        let report = json!({"properties":[{"identifier":"label","type":"text","value":label}]});
+                        let Some(id) = c.try_request("reportProperty", THERMO, &dn, report).await else {
+                            return acked; // the server is gone
+                        };
                         sent.insert(id, label);
                         if seq % 8 == 7 {
                             for _ in 0..8 {
@@ -127,7 +152,11 @@ fn crash_loses_nothing_acknowledged() {
             acked
         });
         let _ = gw.wait_exit();
-        assert!(acked.len() > 100, "{io}: the load ran ({} acked)", acked.len());
+        assert!(
+            acked.len() > 100,
+            "{io}: the load ran ({} acked)",
+            acked.len()
+        );
         let records = LocalLog::read_dir(&log_dir).expect("log reads after a crash");
         let logged: HashSet<String> = records
             .iter()
@@ -135,7 +164,10 @@ fn crash_loses_nothing_acknowledged() {
             .filter_map(|r| r.values.as_ref()?.get("label")?.as_str().map(str::to_owned))
             .collect();
         let missing: Vec<&String> = acked.iter().filter(|l| !logged.contains(*l)).collect();
-        assert!(missing.is_empty(), "{io}: acknowledged but not in the log: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "{io}: acknowledged but not in the log: {missing:?}"
+        );
     }
 }
 

@@ -34,9 +34,14 @@ fn generate() -> Cert {
     }
 }
 
-fn client_config(cert: &Cert, versions: &[&'static rustls::SupportedProtocolVersion]) -> ClientConfig {
+fn client_config(
+    cert: &Cert,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> ClientConfig {
     let mut roots = RootCertStore::empty();
-    roots.add(cert.der.clone()).expect("trust the test certificate");
+    roots
+        .add(cert.der.clone())
+        .expect("trust the test certificate");
     ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(versions)
         .expect("versions")
@@ -51,7 +56,9 @@ async fn connect_tls(gw: &Gateway, config: ClientConfig) -> (Client, rustls::Pro
         "Sec-WebSocket-Protocol",
         "alibaba-iot-linkedge-protocol".parse().expect("header"),
     );
-    let tcp = tokio::net::TcpStream::connect(gw.ws).await.expect("connect");
+    let tcp = tokio::net::TcpStream::connect(gw.ws)
+        .await
+        .expect("connect");
     let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
         req,
         tcp,
@@ -82,7 +89,12 @@ fn c39_tls_1_2_and_1_3_with_pem_and_der_files() {
     let der = (dir.join("der-server.cer"), dir.join("der-server.pvk"));
     std::fs::write(&der.0, cert.der.as_ref()).expect("write");
     std::fs::write(&der.1, &cert.key_der).expect("write");
-    for (io, files) in [(DRIVERS[0], &pem), (DRIVERS[1], &der), (DRIVERS[0], &der), (DRIVERS[1], &pem)] {
+    for (io, files) in [
+        (DRIVERS[0], &pem),
+        (DRIVERS[1], &der),
+        (DRIVERS[0], &der),
+        (DRIVERS[1], &pem),
+    ] {
         let gw = Gateway::start_with(
             io,
             &[
@@ -96,8 +108,14 @@ fn c39_tls_1_2_and_1_3_with_pem_and_der_files() {
         assert!(gw.start_line.contains("wss://"), "{}", gw.start_line);
         rt.block_on(async {
             for (versions, expected) in [
-                (&[&rustls::version::TLS12][..], rustls::ProtocolVersion::TLSv1_2),
-                (&[&rustls::version::TLS13][..], rustls::ProtocolVersion::TLSv1_3),
+                (
+                    &[&rustls::version::TLS12][..],
+                    rustls::ProtocolVersion::TLSv1_2,
+                ),
+                (
+                    &[&rustls::version::TLS13][..],
+                    rustls::ProtocolVersion::TLSv1_3,
+                ),
             ] {
                 let (mut c, version) = connect_tls(&gw, client_config(&cert, versions)).await;
                 assert_eq!(version, expected, "{io}");
@@ -121,7 +139,10 @@ fn c39_tls_1_2_and_1_3_with_pem_and_der_files() {
         .expect("write");
         let mut answer = Vec::new();
         let _ = std::io::Read::read_to_end(&mut plain, &mut answer);
-        assert!(!answer.starts_with(b"HTTP/1.1 101"), "{io}: no plaintext upgrade on TLS");
+        assert!(
+            !answer.starts_with(b"HTTP/1.1 101"),
+            "{io}: no plaintext upgrade on TLS"
+        );
         gw.eventually("the failed TLS handshake is counted", || {
             gw.metric("ringlink_tls_handshake_errors_total") >= before + 1.0
         });

@@ -196,10 +196,7 @@ async fn devices(
     Json(list)
 }
 
-async fn device(
-    State(s): State<Arc<Shared>>,
-    Path((pk, dn)): Path<(String, String)>,
-) -> Response {
+async fn device(State(s): State<Arc<Shared>>, Path((pk, dn)): Path<(String, String)>) -> Response {
     let Some(id) = s.registry().lookup(&pk, &dn) else {
         return error(Code::DeviceNotRegistered, "no such device");
     };
@@ -239,8 +236,13 @@ async fn get_properties(
     };
     let mut list = match field(&body, "properties") {
         Ok(Value::Array(list)) => list,
-        Ok(_) => return error(Code::InvalidParameter, "properties must be an array of identifiers"),
-        Err(r) => return r,
+        Ok(_) => {
+            return error(
+                Code::InvalidParameter,
+                "properties must be an array of identifiers",
+            )
+        }
+        Err(r) => return *r,
     };
     if list.is_empty() {
         // No identifiers: every property that can be read.
@@ -268,7 +270,7 @@ async fn set_properties(
     let params = match field(&body, "properties") {
         Ok(v @ Value::Object(_)) => v.to_string().into_bytes(),
         Ok(_) => return error(Code::InvalidParameter, "properties must be an object"),
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     downlink(&s, id, DownlinkRequest::SetProperty, params, "").await
 }
@@ -288,7 +290,7 @@ async fn call_service(
             Ok(v @ Value::Object(_)) => v.to_string().into_bytes(),
             Ok(Value::Null) => Vec::new(),
             Ok(_) => return error(Code::ServiceInputIncorrect, "inputData must be an object"),
-            Err(r) => return r,
+            Err(r) => return *r,
         }
     };
     let request = DownlinkRequest::CallService(service.into());
@@ -349,32 +351,33 @@ async fn uplinks(
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let rx = s.uplink_feed.subscribe();
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(line) => return Some((Ok(SseEvent::default().data(&*line)), rx)),
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let note = SseEvent::default()
-                        .event("lagged")
-                        .data(format!("{{\"skipped\":{n}}}"));
-                    return Some((Ok(note), rx));
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
-        }
+        let event = match rx.recv().await {
+            Ok(line) => SseEvent::default().data(&*line),
+            // A slow reader skipped records: say how many rather than stall the shards.
+            Err(broadcast::error::RecvError::Lagged(n)) => SseEvent::default()
+                .event("lagged")
+                .data(format!("{{\"skipped\":{n}}}")),
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(event), rx))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-/// The member `name` of a JSON object body.
-fn field(body: &[u8], name: &str) -> Result<Value, Response> {
-    let mut v: Value = serde_json::from_slice(body)
-        .map_err(|e| error(Code::InvalidParameter, &format!("body is not JSON: {e}")))?;
+/// The member `name` of a JSON object body; the error is a 400 with code 100001.
+fn field(body: &[u8], name: &str) -> Result<Value, Box<Response>> {
+    let mut v: Value = serde_json::from_slice(body).map_err(|e| {
+        Box::new(error(
+            Code::InvalidParameter,
+            &format!("body is not JSON: {e}"),
+        ))
+    })?;
     match v.get_mut(name) {
         Some(f) => Ok(f.take()),
-        None => Err(error(
+        None => Err(Box::new(error(
             Code::InvalidParameter,
             &format!("body has no \"{name}\""),
-        )),
+        ))),
     }
 }
 

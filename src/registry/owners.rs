@@ -112,7 +112,10 @@ mod tests {
     #[test]
     fn conn_ref_packs_and_unpacks() {
         let c = ConnRef::new(7, ConnRef::MAX_SLOT, u32::MAX);
-        assert_eq!((c.shard(), c.slot(), c.generation()), (7, ConnRef::MAX_SLOT, u32::MAX));
+        assert_eq!(
+            (c.shard(), c.slot(), c.generation()),
+            (7, ConnRef::MAX_SLOT, u32::MAX)
+        );
         let c = ConnRef::new(0, 0, 1);
         assert_eq!((c.shard(), c.slot(), c.generation()), (0, 0, 1));
     }
@@ -128,7 +131,10 @@ mod tests {
         assert_eq!(owners.online(), 1);
         assert_eq!(owners.claim(d, b), Some(a), "takeover names the old owner");
         assert_eq!(owners.online(), 1);
-        assert!(!owners.release(d, a), "the old owner cannot release it any more");
+        assert!(
+            !owners.release(d, a),
+            "the old owner cannot release it any more"
+        );
         assert_eq!(owners.owner(d), Some(b));
         assert!(owners.release(d, b));
         assert_eq!(owners.owner(d), None);

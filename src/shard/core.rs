@@ -25,9 +25,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::metrics::Metrics;
 use crate::protocol::Code;
 use crate::registry::{ConnRef, DeviceId, Owners, Registry};
-use crate::session::{
-    Context, Event, Outcome, Presence, Session, ShardState, UplinkKind,
-};
+use crate::session::{Context, Event, Outcome, Presence, Session, ShardState, UplinkKind};
 use crate::shadow::Shadows;
 use crate::shard::mesh::{AckRef, Mesh, ShardMsg};
 use crate::uplink::{self, Batch, Batcher, Record, RecordBody, Writer};
@@ -69,6 +67,9 @@ impl Presence for OwnersPresence {
 }
 
 /// What runs on a connection: the Link protocol, or (for conformance testing) an echo.
+// Link is every production connection; boxing it would cost an allocation and an indirection
+// on the hot path to save memory only in the test-only echo mode.
+#[allow(clippy::large_enum_variant)]
 enum Machine {
     Link(Session),
     Echo(ws::Echo),
@@ -308,9 +309,9 @@ impl<D> ShardCore<D> {
 
     /// Whether the connection is over: the driver writes what is left, then closes.
     pub(crate) fn is_closed(&self, slot: usize) -> bool {
-        self.conns.get(slot).is_none_or(|c| {
-            c.machine.is_closed() || c.tls.as_ref().is_some_and(|t| t.failed)
-        })
+        self.conns
+            .get(slot)
+            .is_none_or(|c| c.machine.is_closed() || c.tls.as_ref().is_some_and(|t| t.failed))
     }
 
     pub(crate) fn wanted_bytes(&self, slot: usize) -> usize {
@@ -362,9 +363,10 @@ impl<D> ShardCore<D> {
         let conn = self.timers.first().map(|t| t.0);
         let batch = self.batcher.poll_timeout();
         let retry = (!self.backlog.is_empty()).then(|| Instant::now() + Duration::from_millis(1));
-        let publish = self
-            .stats_dirty
-            .then(|| self.last_publish.map_or_else(Instant::now, |t| t + PUBLISH_EVERY));
+        let publish = self.stats_dirty.then(|| {
+            self.last_publish
+                .map_or_else(Instant::now, |t| t + PUBLISH_EVERY)
+        });
         [conn, batch, retry, publish].into_iter().flatten().min()
     }
 
@@ -401,7 +403,10 @@ impl<D> ShardCore<D> {
     pub(crate) fn on_message(&mut self, msg: ShardMsg, now: Instant) {
         match msg {
             ShardMsg::TakenOver { conn, device } => {
-                if let Some(s) = self.live_slot(conn).and_then(|k| self.conns[k].machine.link()) {
+                if let Some(s) = self
+                    .live_slot(conn)
+                    .and_then(|k| self.conns[k].machine.link())
+                {
                     s.handle_taken_over(device);
                 }
             }
@@ -588,11 +593,17 @@ impl<D> ShardCore<D> {
                     }
                 }
                 Event::Uplink { uplink, ack } => {
-                    let ack = Some(AckRef { conn: me, token: ack });
+                    let ack = Some(AckRef {
+                        conn: me,
+                        token: ack,
+                    });
                     let device = uplink.device;
                     match &uplink.kind {
                         UplinkKind::Property => {
-                            self.shared.metrics.uplinks_property.fetch_add(1, Ordering::Relaxed);
+                            self.shared
+                                .metrics
+                                .uplinks_property
+                                .fetch_add(1, Ordering::Relaxed);
                             self.shared.shadows.properties(device, &uplink.values, wall);
                             let body = RecordBody::Property {
                                 values: &uplink.values,
@@ -600,7 +611,10 @@ impl<D> ShardCore<D> {
                             self.push_record(device, wall, body, ack, now);
                         }
                         UplinkKind::Event(id) => {
-                            self.shared.metrics.uplinks_event.fetch_add(1, Ordering::Relaxed);
+                            self.shared
+                                .metrics
+                                .uplinks_event
+                                .fetch_add(1, Ordering::Relaxed);
                             self.shared.shadows.event(device, id, &uplink.values, wall);
                             let body = RecordBody::Event {
                                 identifier: id,
@@ -685,8 +699,8 @@ fn tls_input(tls: &mut Tls, input: &[u8]) -> Result<(), bool> {
         if n > 0 {
             let start = tls.plain.len();
             tls.plain.resize(start + n, 0);
-            let read = std::io::Read::read(&mut tls.conn.reader(), &mut tls.plain[start..])
-                .unwrap_or(0);
+            let read =
+                std::io::Read::read(&mut tls.conn.reader(), &mut tls.plain[start..]).unwrap_or(0);
             tls.plain.truncate(start + read);
         }
     }

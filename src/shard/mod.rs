@@ -224,7 +224,8 @@ fn bind_listeners(
     let mut addr = addr;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let listener = bind_one(addr, backlog).map_err(|source| StartError::Listen { addr, source })?;
+        let listener =
+            bind_one(addr, backlog).map_err(|source| StartError::Listen { addr, source })?;
         if addr.port() == 0 {
             addr = listener
                 .local_addr()
@@ -288,7 +289,12 @@ pub fn serve(
         .build()
         .map_err(ServeError::Signal)?;
     let (mut term, mut int) = rt
-        .block_on(async { Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)) })
+        .block_on(async {
+            Ok((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })
         .map_err(ServeError::Signal)?;
     let server = Server::start(opts)?;
     let api = crate::api::Api::start(&server, api_listen).map_err(|source| ServeError::Api {

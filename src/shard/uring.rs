@@ -122,10 +122,7 @@ async fn inbox_loop(local: Rc<Local>, mut inbox: mpsc::UnboundedReceiver<ShardMs
             local.draining.notify_waiters();
         }
     }
-    local
-        .core
-        .borrow_mut()
-        .flush_uplinks(Instant::now(), true);
+    local.core.borrow_mut().flush_uplinks(Instant::now(), true);
 }
 
 async fn timers(local: Rc<Local>) {

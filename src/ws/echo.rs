@@ -27,17 +27,16 @@ impl Echo {
     pub fn handle_input(&mut self, input: &mut [u8]) -> usize {
         let mut consumed = 0;
         while !self.is_closed() {
-            let event = match self.conn.read(&mut input[consumed..], &mut self.tx) {
-                Ok(event) => event,
-                Err(_) => {
-                    // The close frame or HTTP error is already in `tx`.
-                    self.failed = true;
-                    break;
-                }
+            let Ok(event) = self.conn.read(&mut input[consumed..], &mut self.tx) else {
+                // The close frame or HTTP error is already in `tx`.
+                self.failed = true;
+                break;
             };
             consumed += match event {
                 Event::NeedMore => break,
-                Event::Consumed(n) | Event::Pong { consumed: n } | Event::Closed { consumed: n, .. } => n,
+                Event::Consumed(n)
+                | Event::Pong { consumed: n }
+                | Event::Closed { consumed: n, .. } => n,
                 Event::Message {
                     consumed,
                     binary,
@@ -96,15 +95,27 @@ mod tests {
         assert_eq!(echo.handle_input(&mut input), input.len());
         let mut out = Vec::new();
         assert!(echo.poll_transmit(&mut out));
-        let head_end = out.windows(4).position(|w| w == b"\r\n\r\n").expect("101 head") + 4;
+        let head_end = out
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("101 head")
+            + 4;
         let mut frames = out.split_off(head_end);
         let mut control = Vec::new();
         let mut got = Vec::new();
-        while let Ok(Event::Message { consumed, binary, data }) = client.read(&mut frames, &mut control) {
+        while let Ok(Event::Message {
+            consumed,
+            binary,
+            data,
+        }) = client.read(&mut frames, &mut control)
+        {
             got.push((binary, data.to_vec()));
             frames.drain(..consumed);
         }
         assert!(hs > 0);
-        assert_eq!(got, vec![(false, "héllo".as_bytes().to_vec()), (true, vec![0, 1, 2])]);
+        assert_eq!(
+            got,
+            vec![(false, "héllo".as_bytes().to_vec()), (true, vec![0, 1, 2])]
+        );
     }
 }

@@ -34,10 +34,8 @@ pub struct Gateway {
 pub fn temp_dir(name: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "{name}-{}-{n}",
-        std::process::id()
-    ));
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create temp dir");
     dir
@@ -60,13 +58,21 @@ impl Gateway {
     pub fn start_with(io: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let data_dir = temp_dir(&format!("gw-{io}"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringlink"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--io", io])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--io",
+            io,
+        ])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -236,7 +242,10 @@ impl ApiClient {
             .and_then(|c| c.parse().ok())
             .ok_or_else(|| std::io::Error::other(format!("bad HTTP response: {text:?}")))?;
         let (head, payload) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let payload = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let payload = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
             dechunk(payload)
         } else {
             payload.to_owned()
@@ -257,7 +266,9 @@ fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     while let Some((size, tail)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || tail.len() < n {
             break;
         }
@@ -291,10 +302,11 @@ impl Client {
         }
         let stream = socket.connect(addr).await.expect("connect");
         let url = format!("ws://{}//", addr.ip());
-        let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            url.as_str(),
-        )
-        .expect("request");
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                url.as_str(),
+            )
+            .expect("request");
         req.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             "alibaba-iot-linkedge-protocol".parse().expect("header"),
@@ -318,7 +330,10 @@ impl Client {
     }
 
     pub async fn send_binary(&mut self, bytes: Vec<u8>) {
-        self.ws.send(Message::Binary(bytes.into())).await.expect("send");
+        self.ws
+            .send(Message::Binary(bytes.into()))
+            .await
+            .expect("send");
     }
 
     /// The next JSON message (text frames only; answers pings on the way), within 10 s.
@@ -331,7 +346,9 @@ impl Client {
     pub async fn try_recv(&mut self, within: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??;
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??;
             match msg.ok()? {
                 Message::Text(t) => {
                     assert!(!t.ends_with('\0'), "ringlink never sends a trailing NUL");
@@ -346,6 +363,19 @@ impl Client {
 
     /// Sends a request with a fresh id (and the official client's trailing NUL); returns the id.
     pub async fn request(&mut self, method: &str, pk: &str, dn: &str, extra: Value) -> u32 {
+        self.try_request(method, pk, dn, extra)
+            .await
+            .expect("send request")
+    }
+
+    /// Like [`Client::request`], but None when the connection is gone.
+    pub async fn try_request(
+        &mut self,
+        method: &str,
+        pk: &str,
+        dn: &str,
+        extra: Value,
+    ) -> Option<u32> {
         self.next_id += 1;
         let id = self.next_id;
         let mut payload = json!({"productKey": pk, "deviceName": dn});
@@ -353,15 +383,20 @@ impl Client {
             p.extend(e);
         }
         let msg = json!({"version": "1.0", "messageId": id, "method": method, "payload": payload});
-        self.send_text(format!("{msg}\0")).await;
-        id
+        let text = format!("{msg}\0");
+        self.ws.send(Message::Text(text.into())).await.ok()?;
+        Some(id)
     }
 
     /// Sends a request and returns the code of its reply (checking the echoed id).
     pub async fn call(&mut self, method: &str, pk: &str, dn: &str, extra: Value) -> u64 {
         let id = self.request(method, pk, dn, extra).await;
         let reply = self.recv().await;
-        assert_eq!(reply["messageId"], json!(id), "reply to the right request: {reply}");
+        assert_eq!(
+            reply["messageId"],
+            json!(id),
+            "reply to the right request: {reply}"
+        );
         reply["code"].as_u64().expect("numeric code")
     }
 
