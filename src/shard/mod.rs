@@ -82,6 +82,9 @@ pub enum StartError {
 
 impl Server {
     pub fn start(opts: ServerOptions) -> Result<Self, StartError> {
+        if let Err(e) = raise_fd_limit() {
+            eprintln!("ringlink: cannot raise the open-files limit: {e}");
+        }
         let threads = opts.threads.max(1).min(usize::from(u8::MAX));
         let (driver, driver_reason) = pick_driver(opts.io)?;
         let listeners = bind_listeners(opts.listen, threads, opts.backlog)?;
@@ -196,6 +199,29 @@ pub(crate) struct ShardRun<D> {
     pub(crate) inbox: mpsc::UnboundedReceiver<ShardMsg>,
     /// Receive buffer size: the largest frame plus its header.
     pub(crate) read_buf_bytes: usize,
+}
+
+/// Raises the soft limit on open files to the hard limit: every device connection is a socket,
+/// and many systems start processes at a soft limit of 1024.
+// The one libc call ringlink makes directly; no safe wrapper in the dependencies offers it.
+#[allow(unsafe_code)]
+fn raise_fd_limit() -> io::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `lim`, which we own and which lives across the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit only reads `lim`, which we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Chooses the driver; with `Auto`, probes io_uring by creating a small ring.
