@@ -266,7 +266,10 @@ fn summary(shown: &str, checked: &Checked) -> String {
     } else {
         "built-in demo"
     };
-    let with_ip = r.ids().filter(|&id| r.device(id).client_ip.is_some()).count();
+    let with_ip = r
+        .ids()
+        .filter(|&id| r.device(id).client_ip.is_some())
+        .count();
     let _ = writeln!(
         w,
         "registry    {source}: {} products, {} devices ({with_ip} with clientIp)",
