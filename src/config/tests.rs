@@ -517,3 +517,58 @@ fn a_missing_config_file_is_an_error() {
         .to_string()
         .starts_with("/nonexistent/ringlink.toml: cannot read:"));
 }
+
+#[test]
+fn the_example_file_uncommented_gives_the_defaults() {
+    let example = include_str!("../../ringlink.example.toml");
+    let (settings, registry) = example
+        .split_once("# Without a [registry]")
+        .expect("example has a registry part");
+    // Every `# key = value` line becomes a setting, except tls (it would turn TLS on).
+    let is_setting = |l: &str| {
+        l.strip_prefix("# ").is_some_and(|rest| {
+            let key = rest.split(" = ").next().unwrap_or("");
+            rest.contains(" = ") && !key.contains(' ') && key != "tls"
+        })
+    };
+    let uncommented: String = settings
+        .lines()
+        .map(|l| if is_setting(l) { &l[2..] } else { l })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let set = uncommented
+        .lines()
+        .filter(|l| l.contains(" = ") && !l.starts_with('#'))
+        .count();
+    assert_eq!(
+        set,
+        KNOBS.len() - 5,
+        "every knob but tls.*, registry.* is set"
+    );
+    let (_dir, c) = load(&uncommented, &[], &Overrides::default());
+    let mut c = c.expect("the example is valid");
+    let mut d = Config::load(None, Vec::new(), &Overrides::default()).expect("defaults");
+    c.file = None;
+    // data_dir given in a file is relative to the file's folder.
+    assert!(c.data_dir.ends_with("ringlink-data"), "{:?}", c.data_dir);
+    c.data_dir = d.data_dir.clone();
+    d.file = None;
+    assert_eq!(c, d);
+
+    // The registry part, uncommented, names products and an inline device.
+    let registry: String = registry
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .filter(|l| l.starts_with('[') || l.contains(" = "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (_dir, c) = load(&registry, &[], &Overrides::default());
+    let c = c.expect("valid");
+    let r = c.registry.expect("registry");
+    assert_eq!(r.products.len(), 2);
+    assert_eq!(r.device.len(), 1);
+    assert_eq!(
+        r.device[0].client_ip,
+        Some("192.168.1.50".parse().expect("ip"))
+    );
+}
