@@ -205,3 +205,118 @@ fn the_example_config_is_valid_and_matches_the_defaults() {
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// A one-shot HTTP server on 127.0.0.1:0 that answers `status` with `body` and hands back the
+/// request it got (head and body).
+fn fake_api(status: &'static str, body: &'static str) -> (String, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let handle = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        let mut reader = BufReader::new(stream);
+        let mut head = String::new();
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("request line");
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().expect("content-length");
+            }
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let mut request_body = vec![0; length];
+        reader.read_exact(&mut request_body).expect("request body");
+        let answer = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        reader
+            .get_mut()
+            .write_all(answer.as_bytes())
+            .expect("answer");
+        format!("{head}\n{}", String::from_utf8_lossy(&request_body))
+    });
+    (addr, handle)
+}
+
+#[test]
+fn set_sends_typed_values_and_prints_the_answer() {
+    let (addr, server) = fake_api("200 OK", r#"{"code":0}"#);
+    let out = ringlink(
+        &[
+            "set",
+            "--api",
+            &addr,
+            "a1ThermoPK0",
+            "thermo 01",
+            "setpoint=21.5",
+            "on=true",
+            "mode=eco",
+            "range={\"lo\":1}",
+            "list=[1,2]",
+            "quoted=\"21\"",
+        ],
+        &[],
+    );
+    let request = server.join().expect("fake api");
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        request.starts_with("POST /v1/devices/a1ThermoPK0/thermo%2001/properties/set HTTP/1.1"),
+        "{request}"
+    );
+    let body = request.split_once("\n\n").expect("body").1;
+    let sent: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+    assert_eq!(
+        sent,
+        serde_json::json!({"properties": {"setpoint": 21.5, "on": true, "mode": "eco",
+            "range": {"lo": 1}, "list": [1, 2], "quoted": "21"}})
+    );
+    assert!(stdout.contains("\"code\": 0"), "{stdout}");
+}
+
+#[test]
+fn get_with_no_property_asks_for_all_and_errors_show_code_and_message() {
+    let (addr, server) = fake_api(
+        "409 Conflict",
+        r#"{"code":109001,"message":"device is offline"}"#,
+    );
+    let out = ringlink(&["get", "--api", &addr, "a1ThermoPK0", "thermo-01"], &[]);
+    let request = server.join().expect("fake api");
+    assert!(request.starts_with("POST /v1/devices/a1ThermoPK0/thermo-01/properties/get "));
+    assert!(request.ends_with("\n{\"properties\":[]}"), "{request}");
+    assert_eq!(out.status.code(), Some(1));
+    let (_, stderr) = text(&out);
+    assert!(
+        stderr.contains("HTTP 409 Conflict: code 109001: device is offline"),
+        "{stderr}"
+    );
+
+    let (addr, server) = fake_api("200 OK", r#"{"code":0,"outputData":{"ok":1}}"#);
+    let out = ringlink(
+        &[
+            "call",
+            "--api",
+            &addr,
+            "a1ThermoPK0",
+            "thermo-01",
+            "reboot",
+            "delay=5",
+        ],
+        &[],
+    );
+    let request = server.join().expect("fake api");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(request.starts_with("POST /v1/devices/a1ThermoPK0/thermo-01/services/reboot "));
+    assert!(
+        request.ends_with("\n{\"inputData\":{\"delay\":5}}"),
+        "{request}"
+    );
+    assert!(text(&out).0.contains("\"outputData\""));
+}
