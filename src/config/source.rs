@@ -475,12 +475,14 @@ impl Draft {
             );
         }
 
+        let before = self.errors.len();
         let products = self.paths("registry.products");
+        let products_bad = self.errors.len() > before;
         let devices = self.path("registry.devices");
         let registry = match self.registry.take() {
             None => None,
             Some(origin) => {
-                if products.is_empty() {
+                if products.is_empty() && !products_bad {
                     let origin = match self.values.get("registry.products") {
                         Some((_, o)) => o.clone(),
                         None => origin,
