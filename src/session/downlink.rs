@@ -80,7 +80,7 @@ impl Core {
             request,
             mut params,
         } = dl;
-        if self.ended.is_some() || !self.owned.contains(&device) {
+        if self.ended.is_some() || !self.owned.contains(device) {
             return self.downlink_failed(token, Code::DeviceOffline);
         }
         if self.pending.len() >= MAX_PENDING {

@@ -28,10 +28,11 @@
 //! uplink's [`AckToken`], so that nothing acknowledged to a device can be lost. Replies still
 //! leave in the order the requests arrived: one that is ready waits behind one held back.
 
+mod devices;
 mod downlink;
 mod stats;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +47,7 @@ use crate::ws;
 pub use downlink::{Downlink, DownlinkRequest, Outcome};
 pub use stats::Stats;
 
+use devices::Devices;
 use downlink::Pending;
 
 /// Connection-level settings, shared by every session of the process.
@@ -189,7 +191,7 @@ struct Core {
     ctx: Arc<Context>,
     peer: IpAddr,
     tx: Vec<u8>,
-    owned: HashSet<DeviceId>,
+    owned: Devices,
     pending: HashMap<u32, Pending>,
     /// Downlink deadlines in insertion order. Every downlink has the same timeout, so this is
     /// sorted by deadline; entries whose downlink has finished are skipped when popped.
@@ -220,7 +222,7 @@ impl Session {
                 ctx,
                 peer,
                 tx: Vec::new(),
-                owned: HashSet::new(),
+                owned: Devices::default(),
                 pending: HashMap::new(),
                 deadlines: VecDeque::new(),
                 next_id: 0,
@@ -313,7 +315,7 @@ impl Session {
     /// The router moved `device` to another connection: this one no longer owns it. Nothing is
     /// emitted; downlinks already pending for it here finish or time out here.
     pub fn handle_taken_over(&mut self, device: DeviceId) {
-        self.core.owned.remove(&device);
+        self.core.owned.remove(device);
     }
 
     /// The uplink (or online/offline) behind `token` is durable (`Code::Success`) or could not
@@ -343,22 +345,33 @@ impl Session {
 
     /// The next thing the driver must act on.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.core.events.pop_front()
+        let event = self.core.events.pop_front();
+        if self.core.events.is_empty() {
+            // An idle connection keeps no queue memory (see `poll_transmit`).
+            self.core.events = VecDeque::new();
+        }
+        event
     }
 
-    /// Moves the bytes to send into `out` (a swap when `out` is empty, so no copy); returns
-    /// whether there was anything.
+    /// Moves the bytes to send into `out`; returns whether there were any. When `out` has no
+    /// buffer of its own the session's buffer is handed over, so no bytes are copied. Either
+    /// way the session keeps no buffer afterwards: an idle connection holds no transmit memory.
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool {
         if self.core.tx.is_empty() {
             return false;
         }
-        if out.is_empty() {
-            std::mem::swap(out, &mut self.core.tx);
+        if out.capacity() == 0 {
+            *out = std::mem::take(&mut self.core.tx);
         } else {
             out.extend_from_slice(&self.core.tx);
-            self.core.tx.clear();
+            self.core.tx = Vec::new();
         }
         true
+    }
+
+    /// Whether [`poll_transmit`](Self::poll_transmit) has bytes to give.
+    pub fn has_transmit(&self) -> bool {
+        !self.core.tx.is_empty()
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called next, if ever.
@@ -397,7 +410,7 @@ impl Session {
 
     /// The devices online on this connection.
     pub fn devices(&self) -> impl Iterator<Item = DeviceId> + '_ {
-        self.core.owned.iter().copied()
+        self.core.owned.iter()
     }
 
     pub fn peer(&self) -> IpAddr {
@@ -471,7 +484,7 @@ impl Core {
                 None
             }
             Method::OfflineDevice => {
-                if !self.owned.remove(&device) {
+                if !self.owned.remove(device) {
                     return Some(Code::Success); // not online here: idempotent
                 }
                 let ack = Some(self.hold_reply(req.id));
@@ -479,7 +492,7 @@ impl Core {
                 None
             }
             Method::ReportProperty | Method::ReportEvent => {
-                if !self.owned.contains(&device) {
+                if !self.owned.contains(device) {
                     let auto = self.ctx.config.auto_online_on_report
                         && registry.allows_peer(device, self.peer)
                         && !presence.is_online(device);
@@ -544,6 +557,9 @@ impl Core {
             self.held_front += 1;
             self.write_reply(id, code);
         }
+        if self.held.is_empty() {
+            self.held = VecDeque::new();
+        }
     }
 
     fn write_reply(&mut self, id: u32, code: Code) {
@@ -564,8 +580,7 @@ impl Core {
             return;
         }
         self.ended = Some(reason);
-        let mut owned: Vec<DeviceId> = self.owned.drain().collect();
-        owned.sort_unstable();
+        let owned = self.owned.take_sorted();
         self.events.extend(
             owned
                 .into_iter()

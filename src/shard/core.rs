@@ -97,6 +97,13 @@ impl Machine {
         }
     }
 
+    fn has_transmit(&self) -> bool {
+        match self {
+            Self::Link(s) => s.has_transmit(),
+            Self::Echo(e) => e.has_transmit(),
+        }
+    }
+
     fn wanted_bytes(&self) -> usize {
         match self {
             Self::Link(s) => s.wanted_bytes(),
@@ -161,7 +168,9 @@ pub(crate) struct ShardCore<D> {
     pub(crate) id: u8,
     pub(crate) shared: Arc<Shared>,
     state: ShardState,
-    conns: Slab<Conn<D>>,
+    /// Boxed: a slab doubles its capacity, and a few hundred bytes per empty slot would add
+    /// up to more than the connections themselves at tens of thousands of sockets.
+    conns: Slab<Box<Conn<D>>>,
     generation: u32,
     batcher: Batcher<AckRef>,
     /// Batches the writer's queue refused; retried first.
@@ -235,7 +244,7 @@ impl<D> ShardCore<D> {
             },
             None => None,
         };
-        entry.insert(Conn {
+        entry.insert(Box::new(Conn {
             machine,
             tls,
             me,
@@ -243,7 +252,7 @@ impl<D> ShardCore<D> {
             timer: None,
             flagged: false,
             io,
-        });
+        }));
         self.after(slot, now);
         Some(slot)
     }
@@ -515,7 +524,8 @@ impl<D> ShardCore<D> {
         }
     }
 
-    /// After any call into a session: apply its events, re-arm its timer, flag it ready.
+    /// After any call into a session: apply its events, re-arm its timer, and flag it for the
+    /// driver when it has bytes to send or has just closed.
     fn after(&mut self, slot: usize, now: Instant) {
         if !self.conns.contains(slot) {
             return;
@@ -532,7 +542,12 @@ impl<D> ShardCore<D> {
             }
             c.timer = next;
         }
-        if !c.flagged {
+        let tls_out = c
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.conn.wants_write() || t.failed);
+        let act = c.machine.has_transmit() || c.machine.is_closed() || tls_out;
+        if act && !c.flagged {
             c.flagged = true;
             self.ready.push(slot);
         }

@@ -163,20 +163,18 @@ async fn connection(local: Rc<Local>, slot: usize, stream: TcpStream, wake: Rc<N
     let mut stream = stream;
     // Bytes of a frame that arrived incomplete; empty for an idle connection.
     let mut leftover: Vec<u8> = Vec::new();
-    let mut out: Vec<u8> = Vec::new();
     'conn: loop {
-        // Everything the session has to send, in as few writes as it was produced.
+        // Everything the session has to send, in as few writes as it was produced. The buffer
+        // is the session's own, handed over, and freed after the write: an idle connection
+        // holds none.
         loop {
-            out.clear();
+            let mut out = Vec::new();
             if !local.core.borrow_mut().transmit(slot, &mut out) {
                 break;
             }
             if stream.write_all(&out).await.is_err() {
                 break 'conn;
             }
-        }
-        if out.capacity() > 64 * 1024 {
-            out = Vec::new();
         }
         if local.core.borrow().is_closed(slot) {
             break;

@@ -213,14 +213,13 @@ async fn reader(local: Rc<Local>, slot: usize, stream: Rc<TcpStream>) {
 
 /// Sends everything the session has, then shuts a closed connection down.
 async fn writer(local: Rc<Local>, slot: usize, stream: Rc<TcpStream>) {
-    let mut out = Vec::new();
     loop {
-        out.clear();
+        // The session's own buffer, handed over and freed after the write.
+        let mut out = Vec::new();
         if !local.core.borrow_mut().transmit(slot, &mut out) {
             break;
         }
-        let (res, buf) = stream.write_all(out).await;
-        out = buf;
+        let (res, _) = stream.write_all(out).await;
         if res.is_err() {
             let _ = stream.shutdown(Shutdown::Both);
             break;

@@ -62,6 +62,10 @@ impl Echo {
         true
     }
 
+    pub fn has_transmit(&self) -> bool {
+        !self.tx.is_empty()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.failed || self.conn.is_closed()
     }

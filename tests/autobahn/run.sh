@@ -51,8 +51,8 @@ if [ -z "$io" ]; then
     name="ws_echo"
 else
     cargo build --release --bin ringlink --manifest-path "$root/Cargo.toml"
-    # Autobahn's messages reach 16 MiB (9.*); the echo allows them.
-    RINGLINK_LIMITS_MAX_FRAME_BYTES=$((20 << 20)) "$root/target/release/ringlink" serve --echo \
+    # Autobahn's messages reach 16 MiB (9.*), the most the config allows.
+    RINGLINK_LIMITS_MAX_FRAME_BYTES=$((16 << 20)) "$root/target/release/ringlink" serve --echo \
         --io "$io" --listen 127.0.0.1:0 --api 127.0.0.1:0 --data-dir "$work/data" >"$log" 2>&1 &
     name="ringlink serve --echo --io $io"
 fi
