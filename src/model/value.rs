@@ -370,40 +370,10 @@ fn put_alink_float<O: Out>(x: f64, out: &mut O) {
     }
 }
 
-/// A JSON string literal. The input is already unescaped (tape strings are); `"`, `\` and the
-/// control characters are escaped, everything else (also non-ASCII) is copied.
+/// A JSON string literal. The input is already unescaped (tape strings are).
 fn put_str<O: Out>(s: &str, out: &mut O) {
-    out.put(b"\"");
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0x00..=0x1f => &[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 0xf)],
-            ],
-            _ => continue,
-        };
-        out.put(&bytes[start..i]);
-        out.put(escape);
-        start = i + 1;
-    }
-    out.put(&bytes[start..]);
-    out.put(b"\"");
+    crate::protocol::json::escape_str(s, |bytes| out.put(bytes));
 }
-
-const HEX: [u8; 16] = *b"0123456789abcdef";
 
 #[cfg(test)]
 mod tests {

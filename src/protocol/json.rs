@@ -5,32 +5,46 @@
 /// Appends `s` as a JSON string literal (RFC 8259 section 7), escaping `"`, `\` and controls.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.reserve(s.len() + 2);
-    out.push(b'"');
+    escape_str(s, |bytes| out.extend_from_slice(bytes));
+}
+
+/// Writes `s` as a JSON string literal through `put`: quotes, `"` and `\` escaped, control
+/// characters as their short escapes or `\u00XX`, everything else (also non-ASCII) as is. The
+/// one escaper of the crate; `put` lets callers write or merely count.
+pub fn escape_str(s: &str, mut put: impl FnMut(&[u8])) {
+    put(b"\"");
     let bytes = s.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
+        let short: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
             b'\n' => b"\\n",
             b'\r' => b"\\r",
             b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
             0x00..=0x1f => {
-                out.extend_from_slice(&bytes[start..i]);
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xf)]);
+                put(&bytes[start..i]);
+                put(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 0xf)],
+                ]);
                 start = i + 1;
                 continue;
             }
             _ => continue,
         };
-        out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(escape);
+        put(&bytes[start..i]);
+        put(short);
         start = i + 1;
     }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
+    put(&bytes[start..]);
+    put(b"\"");
 }
 
 /// Appends an integer in decimal.

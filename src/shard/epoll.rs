@@ -15,12 +15,11 @@ use std::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::task::{spawn_local, LocalSet};
 
 use crate::shard::core::ShardCore;
-use crate::shard::mesh::ShardMsg;
-use crate::shard::{accept_backoff, ShardRun};
+use crate::shard::{accept_backoff, inbox_loop, timers, ShardLocal, ShardRun};
 
 /// The driver's handle on one connection: how to wake its task.
 pub(crate) struct EpollConn {
@@ -42,9 +41,21 @@ struct Local {
     ready: RefCell<Vec<usize>>,
 }
 
-impl Local {
+impl ShardLocal<EpollConn> for Local {
+    fn core(&self) -> &RefCell<ShardCore<EpollConn>> {
+        &self.core
+    }
+
+    fn timer_kick(&self) -> &Notify {
+        &self.timer_kick
+    }
+
+    fn draining(&self) -> &Notify {
+        &self.draining
+    }
+
     /// Wakes every connection the core flagged, and the timer task.
-    fn after_core_call(&self) {
+    fn after_core_call(self: &Rc<Self>) {
         let mut ready = self.ready.borrow_mut();
         let mut core = self.core.borrow_mut();
         core.take_ready(&mut ready);
@@ -83,53 +94,6 @@ pub(crate) fn run(run: ShardRun<EpollConn>) -> io::Result<()> {
         inbox_loop(Rc::clone(&local), inbox).await;
         Ok(())
     })
-}
-
-async fn inbox_loop(local: Rc<Local>, mut inbox: mpsc::UnboundedReceiver<ShardMsg>) {
-    let mut draining = false;
-    loop {
-        let msg = if draining {
-            // Drained: wait for the last connections to close, within the grace period.
-            let empty = local.core.borrow().len() == 0;
-            if empty {
-                break;
-            }
-            tokio::select! {
-                m = inbox.recv() => m,
-                () = tokio::time::sleep(std::time::Duration::from_millis(20)) => continue,
-            }
-        } else {
-            inbox.recv().await
-        };
-        let Some(msg) = msg else { break };
-        let drain = matches!(msg, ShardMsg::Drain);
-        local.core.borrow_mut().on_message(msg, Instant::now());
-        local.after_core_call();
-        if drain {
-            draining = true;
-            local.draining.notify_waiters();
-        }
-    }
-    let mut core = local.core.borrow_mut();
-    core.flush_uplinks(Instant::now(), true);
-}
-
-async fn timers(local: Rc<Local>) {
-    loop {
-        let deadline = local.core.borrow().next_deadline();
-        match deadline {
-            Some(at) => {
-                tokio::select! {
-                    () = tokio::time::sleep_until(at.into()) => {
-                        local.core.borrow_mut().on_timer(Instant::now());
-                        local.after_core_call();
-                    }
-                    () = local.timer_kick.notified() => {}
-                }
-            }
-            None => local.timer_kick.notified().await,
-        }
-    }
 }
 
 async fn accept(local: Rc<Local>, listener: tokio::net::TcpListener) {
@@ -195,7 +159,7 @@ async fn connection(local: Rc<Local>, slot: usize, stream: TcpStream, wake: Rc<N
 
 /// Reads what the socket has into the shard buffer and feeds it to the core; false at EOF or
 /// on a socket error.
-fn read_once(local: &Local, slot: usize, stream: &TcpStream, leftover: &mut Vec<u8>) -> bool {
+fn read_once(local: &Rc<Local>, slot: usize, stream: &TcpStream, leftover: &mut Vec<u8>) -> bool {
     let mut buf = local.read_buf.borrow_mut();
     let start = leftover.len();
     let wanted = local.core.borrow().wanted_bytes(slot);

@@ -15,16 +15,18 @@ mod epoll;
 pub(crate) mod mesh;
 mod uring;
 
+use std::cell::RefCell;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, Notify};
 
 use crate::config::IoMode;
 use crate::metrics::Metrics;
@@ -199,6 +201,70 @@ pub(crate) struct ShardRun<D> {
     pub(crate) inbox: mpsc::UnboundedReceiver<ShardMsg>,
     /// Receive buffer size: the largest frame plus its header.
     pub(crate) read_buf_bytes: usize,
+}
+
+/// What the shard-wide tasks need from a driver's per-shard state.
+pub(crate) trait ShardLocal<D>: 'static {
+    fn core(&self) -> &RefCell<ShardCore<D>>;
+    /// Wakes the timer task when a deadline earlier than the one it sleeps for appears.
+    fn timer_kick(&self) -> &Notify;
+    /// Wakes the accept loop (and anything else that stops) at drain.
+    fn draining(&self) -> &Notify;
+    /// After any call into the core: act on the connections it flagged, kick the timers.
+    fn after_core_call(self: &Rc<Self>);
+}
+
+/// The shard's inbox: messages from other threads, until drained and every connection closed.
+pub(crate) async fn inbox_loop<D, L: ShardLocal<D>>(
+    local: Rc<L>,
+    mut inbox: mpsc::UnboundedReceiver<ShardMsg>,
+) {
+    let mut draining = false;
+    loop {
+        let msg = if draining {
+            // Drained: wait for the last connections to flush their close frames and go.
+            if local.core().borrow().len() == 0 {
+                break;
+            }
+            tokio::select! {
+                m = inbox.recv() => m,
+                () = tokio::time::sleep(Duration::from_millis(20)) => continue,
+            }
+        } else {
+            inbox.recv().await
+        };
+        let Some(msg) = msg else { break };
+        let drain = matches!(msg, ShardMsg::Drain);
+        local.core().borrow_mut().on_message(msg, Instant::now());
+        local.after_core_call();
+        if drain {
+            draining = true;
+            local.draining().notify_waiters();
+        }
+    }
+    local
+        .core()
+        .borrow_mut()
+        .flush_uplinks(Instant::now(), true);
+}
+
+/// The shard's timers: every connection's deadline and the uplink batch deadline.
+pub(crate) async fn timers<D, L: ShardLocal<D>>(local: Rc<L>) {
+    loop {
+        let deadline = local.core().borrow().next_deadline();
+        match deadline {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {
+                        local.core().borrow_mut().on_timer(Instant::now());
+                        local.after_core_call();
+                    }
+                    () = local.timer_kick().notified() => {}
+                }
+            }
+            None => local.timer_kick().notified().await,
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: every device connection is a socket,

@@ -20,13 +20,12 @@ use std::net::Shutdown;
 use std::rc::Rc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use crate::shard::core::ShardCore;
-use crate::shard::mesh::ShardMsg;
-use crate::shard::{accept_backoff, ShardRun};
+use crate::shard::{accept_backoff, inbox_loop, timers, ShardLocal, ShardRun};
 
 /// Initial and resting size of a connection's read buffer.
 const READ_BUF: usize = 1024;
@@ -49,7 +48,19 @@ struct Local {
     ready: RefCell<Vec<usize>>,
 }
 
-impl Local {
+impl ShardLocal<UringConn> for Local {
+    fn core(&self) -> &RefCell<ShardCore<UringConn>> {
+        &self.core
+    }
+
+    fn timer_kick(&self) -> &Notify {
+        &self.timer_kick
+    }
+
+    fn draining(&self) -> &Notify {
+        &self.draining
+    }
+
     /// Starts a writer for every flagged connection with bytes to send, shuts down closed
     /// ones, and wakes the timer task.
     fn after_core_call(self: &Rc<Self>) {
@@ -60,7 +71,9 @@ impl Local {
         }
         self.timer_kick.notify_one();
     }
+}
 
+impl Local {
     fn kick_writer(self: &Rc<Self>, slot: usize) {
         let core = self.core.borrow();
         let Some(conn) = core.io(slot) else { return };
@@ -97,50 +110,6 @@ pub(crate) fn run(run: ShardRun<UringConn>) -> io::Result<()> {
         accept_task.abort();
         Ok(())
     })
-}
-
-async fn inbox_loop(local: Rc<Local>, mut inbox: mpsc::UnboundedReceiver<ShardMsg>) {
-    let mut draining = false;
-    loop {
-        let msg = if draining {
-            if local.core.borrow().len() == 0 {
-                break;
-            }
-            tokio::select! {
-                m = inbox.recv() => m,
-                () = tokio::time::sleep(std::time::Duration::from_millis(20)) => continue,
-            }
-        } else {
-            inbox.recv().await
-        };
-        let Some(msg) = msg else { break };
-        let drain = matches!(msg, ShardMsg::Drain);
-        local.core.borrow_mut().on_message(msg, Instant::now());
-        local.after_core_call();
-        if drain {
-            draining = true;
-            local.draining.notify_waiters();
-        }
-    }
-    local.core.borrow_mut().flush_uplinks(Instant::now(), true);
-}
-
-async fn timers(local: Rc<Local>) {
-    loop {
-        let deadline = local.core.borrow().next_deadline();
-        match deadline {
-            Some(at) => {
-                tokio::select! {
-                    () = tokio::time::sleep_until(at.into()) => {
-                        local.core.borrow_mut().on_timer(Instant::now());
-                        local.after_core_call();
-                    }
-                    () = local.timer_kick.notified() => {}
-                }
-            }
-            None => local.timer_kick.notified().await,
-        }
-    }
 }
 
 async fn accept(local: Rc<Local>, listener: tokio_uring::net::TcpListener) {
