@@ -56,8 +56,27 @@ impl Gateway {
 
     /// Starts with extra flags and environment variables.
     pub fn start_with(io: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_full(io, args, env, None)
+    }
+
+    /// Starts with the process's open-files limit (soft and hard) set to `fd_limit`.
+    pub fn start_with_fd_limit(io: &str, fd_limit: u32) -> Self {
+        Self::start_full(io, &[], &[], Some(fd_limit))
+    }
+
+    fn start_full(io: &str, args: &[&str], env: &[(&str, &str)], fd_limit: Option<u32>) -> Self {
         let data_dir = temp_dir(&format!("gw-{io}"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringlink"));
+        let bin = env!("CARGO_BIN_EXE_ringlink");
+        let mut cmd = match fd_limit {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.args([
             "serve",
             "--listen",
