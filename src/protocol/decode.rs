@@ -159,18 +159,25 @@ impl<'t, 'i> Item<'t, 'i> {
     /// Reads an Item: an object with a string `identifier`, a `type` given as a name or as a
     /// numeric code 0-8, and a `value`. Anything else is not a well-formed Item (100001).
     pub fn parse(v: Json<'t, 'i>) -> Option<Self> {
-        let obj = v.as_object()?;
-        let identifier = obj.get("identifier")?.into_string()?;
-        let ty = obj.get("type")?;
+        // One pass over the members: a tape lookup by key is a linear scan.
+        let (mut identifier, mut ty, mut value) = (None, None, None);
+        for (key, member) in v.as_object()?.iter() {
+            match key {
+                "identifier" => identifier = member.into_string(),
+                "type" => ty = Some(member),
+                "value" => value = Some(member),
+                _ => {}
+            }
+        }
+        let ty = ty?;
         let kind = match ty.as_str() {
             Some(name) => DataKind::from_name(name)?,
             None => DataKind::from_code(ty.as_u64()?)?,
         };
-        let value = obj.get("value")?;
         Some(Self {
-            identifier,
+            identifier: identifier?,
             kind,
-            value,
+            value: value?,
         })
     }
 }
@@ -191,30 +198,47 @@ fn classify<'t, 'i>(doc: Json<'t, 'i>) -> Result<Inbound<'t, 'i>, Reject> {
     let obj = doc
         .as_object()
         .ok_or(Reject::new(0, Code::InvalidParameter))?;
+    // One pass over the members (a tape lookup by key is a linear scan); the checks below
+    // still apply in the order of PROTOCOL.md.
+    let (mut code, mut id, mut method, mut payload) = (None, None, None, None);
+    for (key, value) in obj.iter() {
+        match key {
+            "code" => code = Some(value),
+            "messageId" => id = Some(value),
+            "method" => method = Some(value),
+            "payload" => payload = Some(value),
+            _ => {}
+        }
+    }
     // 3. Has `code` -> it is a reply.
-    if let Some(code) = obj.get("code") {
-        let id = message_id(obj.get("messageId")).ok_or(Reject::new(0, Code::InvalidParameter))?;
+    if let Some(code) = code {
+        let id = message_id(id).ok_or(Reject::new(0, Code::InvalidParameter))?;
         let code = code
             .as_u64()
             .and_then(|c| u32::try_from(c).ok())
             .map_or(Code::Unknown, Code::from_u32);
-        let payload = obj.get("payload").filter(Json::is_object);
+        let payload = payload.filter(Json::is_object);
         return Ok(Inbound::Reply(Reply { id, code, payload }));
     }
     // 4. messageId missing, not an integer, or outside 0..4294967295 -> 100001, messageId 0.
-    let id = message_id(obj.get("messageId")).ok_or(Reject::new(0, Code::InvalidParameter))?;
+    let id = message_id(id).ok_or(Reject::new(0, Code::InvalidParameter))?;
     let invalid = Reject::new(id, Code::InvalidParameter);
     // 5. `method` not a string or `payload` not an object -> 100001, echo the id.
-    let method = obj
-        .get("method")
-        .and_then(|m| m.into_string())
-        .ok_or(invalid)?;
-    let payload = obj.get("payload").filter(Json::is_object).ok_or(invalid)?;
+    let method = method.and_then(|m| m.into_string()).ok_or(invalid)?;
+    let payload = payload.filter(Json::is_object).ok_or(invalid)?;
     // 6. Not one of the four client methods -> 100001.
     let method = Method::from_str(method).ok_or(invalid)?;
     // 7. productKey / deviceName missing, empty or not strings -> 100001.
-    let product_key = non_empty_str(payload.get("productKey")).ok_or(invalid)?;
-    let device_name = non_empty_str(payload.get("deviceName")).ok_or(invalid)?;
+    let (mut product_key, mut device_name) = (None, None);
+    for (key, value) in payload.as_object().ok_or(invalid)?.iter() {
+        match key {
+            "productKey" => product_key = Some(value),
+            "deviceName" => device_name = Some(value),
+            _ => {}
+        }
+    }
+    let product_key = non_empty_str(product_key).ok_or(invalid)?;
+    let device_name = non_empty_str(device_name).ok_or(invalid)?;
     Ok(Inbound::Request(Request {
         id,
         method,

@@ -13,7 +13,7 @@ mod demo;
 mod load;
 mod owners;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -57,13 +57,15 @@ pub struct Registry {
     products: Vec<ThingModel>,
     devices: Vec<Device>,
     /// By productKey; then by deviceName. Two `&str` lookups, no allocation.
-    index: HashMap<Box<str>, ProductEntry>,
+    /// FxHash: the keys come from the configuration and peers only look them up, so there is
+    /// no way for a peer to fill a bucket.
+    index: FxHashMap<Box<str>, ProductEntry>,
 }
 
 #[derive(Debug)]
 struct ProductEntry {
     id: ProductId,
-    devices: HashMap<Box<str>, DeviceId>,
+    devices: FxHashMap<Box<str>, DeviceId>,
 }
 
 impl Registry {
@@ -141,7 +143,7 @@ impl Default for RegistryBuilder {
         Self(Registry {
             products: Vec::new(),
             devices: Vec::new(),
-            index: HashMap::new(),
+            index: FxHashMap::default(),
         })
     }
 }
@@ -159,7 +161,7 @@ impl RegistryBuilder {
             .map_err(|_| "more than 65535 products".to_owned())?;
         let entry = ProductEntry {
             id,
-            devices: HashMap::new(),
+            devices: FxHashMap::default(),
         };
         r.index.insert(key.into(), entry);
         r.products.push(model);
