@@ -248,12 +248,14 @@ fn parent(profile: &Profile, mut rss: Option<&mut RssSampler>) -> anyhow::Result
     Ok(total)
 }
 
-/// Samples the server's VmRSS each second; remembers the first sample and the peak.
+/// Samples the server's VmRSS each second: the first sample, the peak, and the RSS while the
+/// most connections were open (the last sample at that count).
 struct RssSampler {
     pid: u32,
     before: Option<u64>,
     peak: u64,
-    connections_at_peak: u64,
+    held: u64,
+    max_connected: u64,
 }
 
 impl RssSampler {
@@ -262,7 +264,8 @@ impl RssSampler {
             pid,
             before: None,
             peak: 0,
-            connections_at_peak: 0,
+            held: 0,
+            max_connected: 0,
         };
         s.before = s.read();
         s
@@ -276,9 +279,10 @@ impl RssSampler {
 
     fn sample(&mut self, connected: u64) {
         if let Some(kib) = self.read() {
-            if kib > self.peak {
-                self.peak = kib;
-                self.connections_at_peak = connected;
+            self.peak = self.peak.max(kib);
+            if connected > 0 && connected >= self.max_connected {
+                self.max_connected = connected;
+                self.held = kib;
             }
         }
     }
@@ -288,9 +292,10 @@ impl RssSampler {
         Some(ServerRss {
             before_kib: before,
             peak_kib: self.peak,
-            connections_at_peak: self.connections_at_peak,
-            per_connection_kib: if self.connections_at_peak > 0 {
-                self.peak.saturating_sub(before) as f64 / self.connections_at_peak as f64
+            held_kib: self.held,
+            connections_held: self.max_connected,
+            per_connection_kib: if self.max_connected > 0 {
+                self.held.saturating_sub(before) as f64 / self.max_connected as f64
             } else {
                 0.0
             },

@@ -241,9 +241,11 @@ pub struct CrossCheck {
 pub struct ServerRss {
     pub before_kib: u64,
     pub peak_kib: u64,
-    /// Connections open when the peak was sampled.
-    pub connections_at_peak: u64,
-    /// `(peak - before) / connections_at_peak`.
+    /// RSS at the last sample with the most connections open.
+    pub held_kib: u64,
+    /// The most connections open at a sample.
+    pub connections_held: u64,
+    /// `(held - before) / connections_held`.
     pub per_connection_kib: f64,
 }
 
@@ -438,8 +440,8 @@ impl Summary {
         if let Some(r) = &self.server_rss {
             let _ = writeln!(
                 o,
-                "server RSS: {} KiB before, {} KiB peak with {} connections: {:.1} KiB per connection",
-                r.before_kib, r.peak_kib, r.connections_at_peak, r.per_connection_kib
+                "server RSS: {} KiB before, {} KiB with {} connections open ({:.1} KiB per connection), {} KiB peak",
+                r.before_kib, r.held_kib, r.connections_held, r.per_connection_kib, r.peak_kib
             );
         }
         for c in &self.thresholds {
