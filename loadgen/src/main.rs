@@ -1,5 +1,309 @@
-//! loadgen: drives a Link IoT Edge WebSocket server with device traffic (issue 4).
+//! loadgen: drives a Link IoT Edge WebSocket server (ringlink or any other) with simulated
+//! devices and sub-gateways, and measures it. See `profiles/` and the README.
+//!
+//! Process layout: the process started by the user owns the run. With `procs = 1` it runs
+//! the connections itself; with more it re-executes itself once per slice (environment
+//! variable `LOADGEN_SLICE=i/n`), reads each child's progress and final stats (one JSON line
+//! each, histograms in HdrHistogram V2 + base64) from its stdout, and merges them. Either way
+//! the owner scrapes the server's `/metrics` before and after for the cross-check.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("loadgen is not built yet: see issue 4")
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+
+use loadgen::http;
+use loadgen::profile::{Overrides, Profile};
+use loadgen::run::{self, Progress, Slice};
+use loadgen::stats::{CrossCheck, ServerRss, Stats, Summary};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadgen",
+    about = "Load generator for ringlink and any Link IoT Edge WebSocket server",
+    long_about = "Load generator for ringlink and any Link IoT Edge WebSocket server.\n\n\
+        Runs the load profile PROFILE.toml (see profiles/): connects simulated devices and \
+        sub-gateways, onlines their devices, reports on an open-loop schedule, answers the \
+        server's getProperty/setProperty/callService, sends downlinks through the API, and \
+        prints a progress line each second and a final table. Exits 1 when a threshold of the \
+        profile is missed, 2 on a setup error.",
+    after_help = "Examples:\n  \
+        loadgen profiles/smoke.toml --api 127.0.0.1:17690\n  \
+        loadgen profiles/direct-10k.toml --procs 2 --json out.json"
+)]
+struct Cli {
+    /// The load profile (TOML).
+    profile: PathBuf,
+    /// Server to load, ws://IP:PORT or wss://IP:PORT (overrides the profile's `target`).
+    #[arg(long, value_name = "URL")]
+    target: Option<String>,
+    /// The server's API IP:PORT, for downlinks and the /metrics cross-check.
+    #[arg(long, value_name = "IP:PORT")]
+    api: Option<String>,
+    /// Write the final numbers as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Processes to spread connections over (overrides the profile's `procs`).
+    #[arg(long, value_name = "N")]
+    procs: Option<usize>,
+    /// Run length in seconds (overrides the profile's `duration_s`).
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<f64>,
+    /// The server's pid: sample its RSS each second (like the profile's `server_pid_file`).
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
 }
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<bool> {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        target: cli.target.clone(),
+        api: cli.api.clone(),
+        procs: cli.procs,
+        duration_s: cli.duration,
+    };
+    let profile = Arc::new(Profile::load(&cli.profile, &overrides)?);
+    if let Ok(slice) = std::env::var(SLICE_ENV) {
+        child(profile, Slice::parse(&slice)?)?;
+        return Ok(true);
+    }
+
+    let api: Option<SocketAddr> = profile.api.as_deref().map(str::parse).transpose()?;
+    let before = api.and_then(|a| match http::scrape_reports_answered(a) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            eprintln!("loadgen: no cross-check, /metrics unreadable: {e:#}");
+            None
+        }
+    });
+    let pid = match (cli.server_pid, &profile.server_pid_file) {
+        (Some(pid), _) => Some(pid),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("{}", file.display()))?
+                .trim()
+                .parse()
+                .with_context(|| format!("{}: not a pid", file.display()))?,
+        ),
+        (None, None) => None,
+    };
+    let mut rss = pid.map(RssSampler::new);
+    eprintln!(
+        "loadgen {}: {} connections, {} devices -> {}, {} s, {} proc(s)",
+        profile.name,
+        profile.connections,
+        profile.total_devices(),
+        profile.target,
+        profile.duration_s,
+        profile.procs
+    );
+
+    let mut stats = if profile.procs == 1 {
+        let mut prev = Progress::default();
+        run::run(profile.clone(), Slice::WHOLE, |p| {
+            println!("{}", p.line(&prev, profile.connections));
+            if let Some(r) = &mut rss {
+                r.sample(p.connected);
+            }
+            prev = p;
+        })?
+    } else {
+        parent(&profile, rss.as_mut())?
+    };
+
+    let cross_check = match (api, before) {
+        (Some(a), Some(before)) => {
+            let after = http::scrape_reports_answered(a)?;
+            let server = after.saturating_sub(before);
+            let loadgen = stats.counters.reports_ok();
+            Some(CrossCheck {
+                server,
+                loadgen,
+                equal: server == loadgen,
+            })
+        }
+        _ => None,
+    };
+    let summary = Summary::new(
+        &profile,
+        &mut stats,
+        cross_check,
+        rss.and_then(RssSampler::result),
+    );
+    print!("{}", summary.table());
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("{}", path.display()))?;
+    }
+    Ok(summary.pass)
+}
+
+/// A child: runs its slice, reports progress and the final stats on stdout.
+fn child(profile: Arc<Profile>, slice: Slice) -> anyhow::Result<()> {
+    let stats = run::run(profile, slice, |p| {
+        if let Ok(line) = serde_json::to_string(&p) {
+            println!("{PROGRESS_PREFIX}{line}");
+        }
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{RESULT_PREFIX}{}", stats.to_wire()?)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Starts one child per slice, shows their summed progress, merges their stats.
+fn parent(profile: &Profile, mut rss: Option<&mut RssSampler>) -> anyhow::Result<Stats> {
+    let n = profile.procs;
+    let exe = std::env::current_exe().context("locating loadgen's own executable")?;
+    let progress = Arc::new(Mutex::new(vec![Progress::default(); n]));
+    let results = Arc::new(Mutex::new(vec![None::<String>; n]));
+    let mut children = Vec::new();
+    let mut readers = Vec::new();
+    for i in 0..n {
+        let mut child = Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env(SLICE_ENV, format!("{i}/{n}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting child {i}"))?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let progress = progress.clone();
+        let results = results.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(json) = line.strip_prefix(PROGRESS_PREFIX) {
+                    if let (Ok(p), Ok(mut all)) =
+                        (serde_json::from_str::<Progress>(json), progress.lock())
+                    {
+                        all[i] = p;
+                    }
+                } else if let Some(wire) = line.strip_prefix(RESULT_PREFIX) {
+                    if let Ok(mut all) = results.lock() {
+                        all[i] = Some(wire.to_owned());
+                    }
+                } else {
+                    println!("[{i}] {line}");
+                }
+            }
+        }));
+        children.push(child);
+    }
+    let mut prev = Progress::default();
+    let mut running = true;
+    while running {
+        std::thread::sleep(Duration::from_secs(1));
+        running = false;
+        for c in &mut children {
+            if c.try_wait()?.is_none() {
+                running = true;
+            }
+        }
+        let now = match progress.lock() {
+            Ok(all) => Progress::sum(&all),
+            Err(_) => prev,
+        };
+        println!("{}", now.line(&prev, profile.connections));
+        if let Some(r) = rss.as_deref_mut() {
+            r.sample(now.connected);
+        }
+        prev = now;
+    }
+    for r in readers {
+        let _ = r.join();
+    }
+    let mut total = Stats::new();
+    for (i, c) in children.iter_mut().enumerate() {
+        let status = c.wait()?;
+        if !status.success() {
+            bail!("child {i} failed: {status}");
+        }
+    }
+    let results = results
+        .lock()
+        .map_err(|_| anyhow::anyhow!("results lock poisoned"))?;
+    for (i, r) in results.iter().enumerate() {
+        let wire = r
+            .as_deref()
+            .with_context(|| format!("child {i} sent no result"))?;
+        total.merge(&Stats::from_wire(wire).with_context(|| format!("child {i}"))?);
+    }
+    Ok(total)
+}
+
+/// Samples the server's VmRSS each second: the first sample, the peak, and the RSS while the
+/// most connections were open (the last sample at that count).
+struct RssSampler {
+    pid: u32,
+    before: Option<u64>,
+    peak: u64,
+    held: u64,
+    max_connected: u64,
+}
+
+impl RssSampler {
+    fn new(pid: u32) -> Self {
+        let mut s = Self {
+            pid,
+            before: None,
+            peak: 0,
+            held: 0,
+            max_connected: 0,
+        };
+        s.before = s.read();
+        s
+    }
+
+    fn read(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    fn sample(&mut self, connected: u64) {
+        if let Some(kib) = self.read() {
+            self.peak = self.peak.max(kib);
+            if connected > 0 && connected >= self.max_connected {
+                self.max_connected = connected;
+                self.held = kib;
+            }
+        }
+    }
+
+    fn result(self) -> Option<ServerRss> {
+        let before = self.before?;
+        Some(ServerRss {
+            before_kib: before,
+            peak_kib: self.peak,
+            held_kib: self.held,
+            connections_held: self.max_connected,
+            per_connection_kib: if self.max_connected > 0 {
+                self.held.saturating_sub(before) as f64 / self.max_connected as f64
+            } else {
+                0.0
+            },
+        })
+    }
+}
+
+/// Set in children: which slice of the connections they run.
+const SLICE_ENV: &str = "LOADGEN_SLICE";
+const PROGRESS_PREFIX: &str = "LOADGEN-PROGRESS ";
+const RESULT_PREFIX: &str = "LOADGEN-RESULT ";

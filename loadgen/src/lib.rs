@@ -1,0 +1,23 @@
+//! loadgen as a library: the pieces behind the `loadgen` command, public so that tests (and
+//! other tools) can drive them.
+//!
+//! - [`profile`]: the TOML load profile, defaults and validation.
+//! - [`model`]: just enough of a thing model to make up valid values.
+//! - [`device`]: the device simulator (reports, answers to get/set/call). Sans-IO.
+//! - [`schedule`]: open-loop intended send times. Sans-IO.
+//! - [`conn`]: one client connection's life over tokio (TCP, TLS, WebSocket, Link).
+//! - [`downlink`]: downlinks through the server's HTTP API; [`http`] is its small client.
+//! - [`run`]: one process's share of a run: threads, ramp, churn, progress.
+//! - [`stats`]: histograms, counters, merging across processes, the summary and thresholds.
+//! - [`tls`]: the client TLS configuration (trust one file, no host name check).
+
+pub mod conn;
+pub mod device;
+pub mod downlink;
+pub mod http;
+pub mod model;
+pub mod profile;
+pub mod run;
+pub mod schedule;
+pub mod stats;
+pub mod tls;

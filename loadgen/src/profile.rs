@@ -1,0 +1,520 @@
+//! The load profile: a TOML file that says what load to generate and what counts as a pass.
+//!
+//! Every key has a default (see [`Profile::default`]); a file holds only what differs. Loading
+//! is defaults -> file -> command-line overrides -> [`Profile::validate`], so everything after
+//! `load` works with a checked profile. Relative paths in the file are relative to its folder.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use serde::Deserialize;
+
+/// One load profile. Rates are per second; times are in seconds unless the name says `_ms`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Profile {
+    /// A label for the output (default: the file name without extension).
+    pub name: String,
+    /// The WebSocket server, `ws://IP:PORT` or `wss://IP:PORT` (default `ws://127.0.0.1:17682`).
+    /// `wss://` implies `tls = true`.
+    pub target: String,
+    /// The server's northbound API `HOST:PORT`, for downlinks, the `/metrics` cross-check and
+    /// nothing else (default: none, so no downlinks and no cross-check).
+    pub api: Option<String>,
+    /// WebSocket connections (default 100).
+    pub connections: u32,
+    /// Devices onlined on each connection: 1 = direct devices, more = sub-gateways (default 1).
+    pub devices_per_connection: u32,
+    /// The first `subgateways` connections carry `subgateway_devices` devices each instead
+    /// (default 0: none), so one profile can mix direct devices and sub-gateways.
+    pub subgateways: u32,
+    /// Devices per sub-gateway connection (default 10).
+    pub subgateway_devices: u32,
+    /// Where device names come from; connections take consecutive, disjoint parts of this
+    /// range (see [`Profile::devices_of`]), so they never collide.
+    pub devices: DeviceRange,
+    /// A thing model (TSL JSON) for the product; default: the built-in demo model of
+    /// `devices.product_key` (thermostat or light).
+    pub tsl: Option<PathBuf>,
+    /// New connections per second while ramping up (default 500; 0 = all at once).
+    pub ramp_per_second: f64,
+    /// Reports per second per device, open loop (default 1; 0 = no reports).
+    pub report_rate_per_device: f64,
+    /// Spread of report intervals: each interval is `mean * (1 +- jitter)`, uniform (default
+    /// 0.5, range 0..=1). The mean rate is exact whatever the jitter.
+    pub jitter: f64,
+    /// Fraction of reports that are `reportEvent` rather than `reportProperty` (default 0.1).
+    pub event_ratio: f64,
+    /// Properties in one `reportProperty` (default 3, at most the model's property count).
+    pub properties_per_report: u32,
+    /// Downlinks per second through the API, round robin over online devices (default 0).
+    pub downlinks_per_second: f64,
+    /// Relative weights of getProperty, setProperty and callService downlinks.
+    pub downlink_mix: DownlinkMix,
+    /// Connections closed and reopened per second (churn; default 0).
+    pub reconnects_per_second: f64,
+    /// How long the run lasts, ramp included (default 30).
+    pub duration_s: f64,
+    /// Threads per process, each a current-thread runtime (default 0 = one per core, divided
+    /// among `procs`).
+    pub threads: usize,
+    /// Processes to spread the connections over (default 1); `--procs` overrides. One
+    /// process may have 20 000 open files here, so 10 000+ sockets want 2 or more.
+    pub procs: usize,
+    /// Speak TLS (`wss://`) (default false).
+    pub tls: bool,
+    /// The certificate (or CA) file the client trusts when `tls` is on, PEM or DER. Host names
+    /// are not checked, like the official client.
+    pub ca_file: Option<PathBuf>,
+    /// Local addresses to bind connections to, round robin (default: none, the OS picks).
+    /// Use 127.0.0.2, 127.0.0.3, ... to get past one address's ephemeral port range.
+    pub source_addrs: Vec<IpAddr>,
+    /// A request with no reply after this long counts as a `timeout` error (default 10000).
+    pub request_timeout_ms: u64,
+    /// A file holding the server's pid; when given, the server's RSS is sampled each second.
+    pub server_pid_file: Option<PathBuf>,
+    /// Pass/fail limits; a missed one makes loadgen exit 1.
+    pub thresholds: Thresholds,
+}
+
+/// A range of device names: `{prefix}{index:0width$}` for `index` in `first..first + count`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceRange {
+    /// Default `a1ThermoPK0` (the demo thermostats).
+    pub product_key: String,
+    /// Default `thermo-`.
+    pub prefix: String,
+    /// Zero-padded width of the index (default 5).
+    pub width: usize,
+    /// First index (default 0).
+    pub first: u64,
+    /// Devices available (default 20 000).
+    pub count: u64,
+}
+
+/// Downlink weights; only their ratios matter.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownlinkMix {
+    pub get: f64,
+    pub set: f64,
+    pub call: f64,
+}
+
+/// Pass/fail limits. `None` = not checked.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Thresholds {
+    /// Report latency p99 (corrected for coordinated omission) at most this (ms).
+    pub p99_ms: Option<f64>,
+    /// Downlink (HTTP API round trip) p99 at most this (ms).
+    pub downlink_p99_ms: Option<f64>,
+    /// Errors of all kinds at most this many (default 0).
+    pub max_errors: Option<u64>,
+    /// Answered reports per second at least this many.
+    pub min_throughput: Option<f64>,
+}
+
+/// What the command line may override.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub target: Option<String>,
+    pub api: Option<String>,
+    pub procs: Option<usize>,
+    pub duration_s: Option<f64>,
+}
+
+impl Profile {
+    /// Reads `path`, applies `overrides`, validates.
+    pub fn load(path: &Path, overrides: &Overrides) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        let mut p = Self::parse(&text).with_context(|| format!("{}", path.display()))?;
+        if p.name.is_empty() {
+            p.name = path.file_stem().map_or_else(
+                || "profile".to_owned(),
+                |s| s.to_string_lossy().into_owned(),
+            );
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for file in [&mut p.tsl, &mut p.ca_file, &mut p.server_pid_file]
+            .into_iter()
+            .flatten()
+        {
+            if file.is_relative() {
+                *file = dir.join(&*file);
+            }
+        }
+        p.apply(overrides);
+        p.validate()
+            .with_context(|| format!("{}: invalid profile", path.display()))
+    }
+
+    /// Parses profile TOML (no validation, no path resolution).
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        Ok(toml::from_str(text)?)
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(t) = &o.target {
+            self.target.clone_from(t);
+        }
+        if let Some(a) = &o.api {
+            self.api = Some(a.clone());
+        }
+        if let Some(n) = o.procs {
+            self.procs = n;
+        }
+        if let Some(d) = o.duration_s {
+            self.duration_s = d;
+        }
+    }
+
+    /// Checks every field; returns the profile with `tls` set from a `wss://` target.
+    pub fn validate(mut self) -> anyhow::Result<Self> {
+        let (tls, _) = parse_target(&self.target)?;
+        self.tls |= tls;
+        if self.connections == 0 {
+            bail!("connections must be at least 1");
+        }
+        if self.devices_per_connection == 0 {
+            bail!("devices_per_connection must be at least 1");
+        }
+        if self.subgateways > self.connections {
+            bail!(
+                "subgateways ({}) is more than connections",
+                self.subgateways
+            );
+        }
+        if self.subgateways > 0 && self.subgateway_devices == 0 {
+            bail!("subgateway_devices must be at least 1");
+        }
+        let needed = self.total_devices();
+        if needed > self.devices.count {
+            bail!(
+                "the connections carry {needed} devices but devices.count is {}",
+                self.devices.count
+            );
+        }
+        if self.devices.product_key.is_empty() {
+            bail!("devices.product_key is empty");
+        }
+        for (name, v) in [
+            ("ramp_per_second", self.ramp_per_second),
+            ("report_rate_per_device", self.report_rate_per_device),
+            ("downlinks_per_second", self.downlinks_per_second),
+            ("reconnects_per_second", self.reconnects_per_second),
+            ("downlink_mix.get", self.downlink_mix.get),
+            ("downlink_mix.set", self.downlink_mix.set),
+            ("downlink_mix.call", self.downlink_mix.call),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{name} must be a finite number >= 0, not {v}");
+            }
+        }
+        for (name, v) in [("jitter", self.jitter), ("event_ratio", self.event_ratio)] {
+            if !(0.0..=1.0).contains(&v) {
+                bail!("{name} must be between 0 and 1, not {v}");
+            }
+        }
+        if !(self.duration_s.is_finite() && self.duration_s > 0.0) {
+            bail!("duration_s must be > 0, not {}", self.duration_s);
+        }
+        if self.procs == 0 {
+            bail!("procs must be at least 1");
+        }
+        if self.procs > self.connections as usize {
+            bail!(
+                "procs ({}) is more than connections ({})",
+                self.procs,
+                self.connections
+            );
+        }
+        if self.properties_per_report == 0 {
+            bail!("properties_per_report must be at least 1");
+        }
+        if self.request_timeout_ms == 0 {
+            bail!("request_timeout_ms must be at least 1");
+        }
+        if self.downlinks_per_second > 0.0 {
+            let m = self.downlink_mix;
+            if m.get + m.set + m.call <= 0.0 {
+                bail!("downlinks_per_second > 0 needs a downlink_mix with a positive weight");
+            }
+            if self.api.is_none() {
+                bail!("downlinks_per_second > 0 needs the server's api (profile `api` or --api)");
+            }
+        }
+        if let Some(api) = &self.api {
+            api.parse::<SocketAddr>()
+                .with_context(|| format!("api {api:?} is not IP:PORT"))?;
+        }
+        if self.tls && self.ca_file.is_none() {
+            bail!("tls needs ca_file (the server's certificate or its CA, PEM or DER)");
+        }
+        if let Some(p) = self.thresholds.p99_ms.filter(|v| v.is_nan() || *v <= 0.0) {
+            bail!("thresholds.p99_ms must be > 0, not {p}");
+        }
+        Ok(self)
+    }
+
+    /// The server address and whether it is `wss://`.
+    pub fn target_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(parse_target(&self.target)?.1)
+    }
+
+    /// Connection `conn`'s devices: (index of its first device in the range, how many).
+    pub fn devices_of(&self, conn: u64) -> (u64, u64) {
+        let g = u64::from(self.subgateways);
+        let dg = u64::from(self.subgateway_devices);
+        let d = u64::from(self.devices_per_connection);
+        if conn < g {
+            (conn * dg, dg)
+        } else {
+            (g * dg + (conn - g) * d, d)
+        }
+    }
+
+    /// Devices carried by all connections together.
+    pub fn total_devices(&self) -> u64 {
+        self.devices_of(u64::from(self.connections)).0
+    }
+
+    /// The name of device `index` of the range (0-based within the range).
+    pub fn device_name(&self, index: u64) -> String {
+        let d = &self.devices;
+        format!("{}{:0w$}", d.prefix, d.first + index, w = d.width)
+    }
+
+    /// Threads per process: `threads`, or the cores shared among `procs`.
+    pub fn threads_per_proc(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        (cores / self.procs).max(1)
+    }
+
+    /// The run length.
+    pub fn duration(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.duration_s)
+    }
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            target: "ws://127.0.0.1:17682".to_owned(),
+            api: None,
+            connections: 100,
+            devices_per_connection: 1,
+            subgateways: 0,
+            subgateway_devices: 10,
+            devices: DeviceRange::default(),
+            tsl: None,
+            ramp_per_second: 500.0,
+            report_rate_per_device: 1.0,
+            jitter: 0.5,
+            event_ratio: 0.1,
+            properties_per_report: 3,
+            downlinks_per_second: 0.0,
+            downlink_mix: DownlinkMix::default(),
+            reconnects_per_second: 0.0,
+            duration_s: 30.0,
+            threads: 0,
+            procs: 1,
+            tls: false,
+            ca_file: None,
+            source_addrs: Vec::new(),
+            request_timeout_ms: 10_000,
+            server_pid_file: None,
+            thresholds: Thresholds::default(),
+        }
+    }
+}
+
+impl Default for DeviceRange {
+    fn default() -> Self {
+        Self {
+            product_key: "a1ThermoPK0".to_owned(),
+            prefix: "thermo-".to_owned(),
+            width: 5,
+            first: 0,
+            count: 20_000,
+        }
+    }
+}
+
+impl Default for DownlinkMix {
+    fn default() -> Self {
+        Self {
+            get: 1.0,
+            set: 1.0,
+            call: 1.0,
+        }
+    }
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            p99_ms: None,
+            downlink_p99_ms: None,
+            max_errors: Some(0),
+            min_throughput: None,
+        }
+    }
+}
+
+/// `ws://IP:PORT` or `wss://IP:PORT` -> (tls, address). The official client dials IPv4
+/// literals only; loadgen takes any IP literal.
+fn parse_target(target: &str) -> anyhow::Result<(bool, SocketAddr)> {
+    let (tls, rest) = if let Some(r) = target.strip_prefix("ws://") {
+        (false, r)
+    } else if let Some(r) = target.strip_prefix("wss://") {
+        (true, r)
+    } else {
+        bail!("target {target:?} must start with ws:// or wss://");
+    };
+    let hostport = rest.trim_end_matches('/');
+    let addr = hostport
+        .parse::<SocketAddr>()
+        .with_context(|| format!("target {target:?}: expected ws://IP:PORT"))?;
+    Ok((tls, addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> anyhow::Result<Profile> {
+        Profile::parse(text)?.validate()
+    }
+
+    fn err(text: &str) -> String {
+        match check(text) {
+            Ok(p) => panic!("accepted: {p:?}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn empty_profile_is_all_defaults() {
+        let p = check("").expect("defaults are valid");
+        assert_eq!(p.target, "ws://127.0.0.1:17682");
+        assert_eq!(p.connections, 100);
+        assert_eq!(p.devices_per_connection, 1);
+        assert_eq!(p.devices, DeviceRange::default());
+        assert_eq!(p.report_rate_per_device, 1.0);
+        assert_eq!(p.thresholds.max_errors, Some(0));
+        assert_eq!(p.thresholds.p99_ms, None);
+        assert!(!p.tls);
+        assert_eq!(p.procs, 1);
+        assert_eq!(p.device_name(7), "thermo-00007");
+        assert!(p.threads_per_proc() >= 1);
+    }
+
+    #[test]
+    fn file_values_override_defaults() {
+        let p = check(
+            r#"
+            connections = 10
+            devices_per_connection = 100
+            source_addrs = ["127.0.0.2", "127.0.0.3"]
+            [devices]
+            product_key = "a1LightPK00"
+            prefix = "lamp-"
+            count = 10000
+            [thresholds]
+            p99_ms = 50
+            max_errors = 3
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(p.connections, 10);
+        assert_eq!(p.devices.prefix, "lamp-");
+        assert_eq!(p.devices.width, 5, "unset nested keys keep their default");
+        assert_eq!(p.source_addrs.len(), 2);
+        assert_eq!(p.thresholds.p99_ms, Some(50.0));
+        assert_eq!(p.thresholds.max_errors, Some(3));
+        assert_eq!(p.device_name(42), "lamp-00042");
+    }
+
+    #[test]
+    fn subgateways_and_direct_devices_get_disjoint_ranges() {
+        let p = check("connections = 5\nsubgateways = 2\nsubgateway_devices = 10").expect("ok");
+        let ranges: Vec<_> = (0..5).map(|c| p.devices_of(c)).collect();
+        assert_eq!(ranges, [(0, 10), (10, 10), (20, 1), (21, 1), (22, 1)]);
+        assert_eq!(p.total_devices(), 23);
+        let p = check("connections = 3\ndevices_per_connection = 4").expect("ok");
+        assert_eq!(p.devices_of(2), (8, 4));
+        assert_eq!(p.total_devices(), 12);
+    }
+
+    #[test]
+    fn wss_target_turns_tls_on() {
+        let p = check("target = \"wss://127.0.0.1:1\"\nca_file = \"x.cer\"").expect("valid");
+        assert!(p.tls);
+        assert_eq!(p.target_addr().expect("addr").port(), 1);
+    }
+
+    #[test]
+    fn validation_errors_name_the_field() {
+        assert!(err("conections = 1").contains("unknown field"));
+        assert!(err("connections = 0").contains("connections"));
+        assert!(err("devices_per_connection = 0").contains("devices_per_connection"));
+        assert!(err("connections = 300\ndevices_per_connection = 100").contains("devices.count"));
+        assert!(err("connections = 2\nsubgateways = 3").contains("subgateways"));
+        assert!(err("subgateways = 1\nsubgateway_devices = 0").contains("subgateway_devices"));
+        assert!(err("jitter = 1.5").contains("jitter"));
+        assert!(err("event_ratio = -0.1").contains("event_ratio"));
+        assert!(err("duration_s = 0").contains("duration_s"));
+        assert!(err("report_rate_per_device = -1").contains("report_rate_per_device"));
+        assert!(err("target = \"http://127.0.0.1:1\"").contains("ws://"));
+        assert!(err("target = \"ws://localhost:1\"").contains("IP:PORT"));
+        assert!(err("tls = true").contains("ca_file"));
+        assert!(err("downlinks_per_second = 5").contains("api"));
+        assert!(err("procs = 0").contains("procs"));
+        assert!(err("connections = 2\nprocs = 3").contains("procs"));
+        assert!(err("api = \"nope\"").contains("IP:PORT"));
+        assert!(
+            err("api = \"127.0.0.1:1\"\ndownlinks_per_second = 1\n[downlink_mix]\nget = 0\nset = 0\ncall = 0")
+                .contains("downlink_mix")
+        );
+    }
+
+    #[test]
+    fn overrides_beat_the_file() {
+        let mut p = Profile::parse("procs = 1").expect("parse");
+        p.apply(&Overrides {
+            target: Some("ws://127.0.0.1:9".to_owned()),
+            api: Some("127.0.0.1:10".to_owned()),
+            procs: Some(2),
+            duration_s: Some(3.0),
+        });
+        let p = p.validate().expect("valid");
+        assert_eq!(p.procs, 2);
+        assert_eq!(p.api.as_deref(), Some("127.0.0.1:10"));
+        assert_eq!(p.duration_s, 3.0);
+    }
+
+    #[test]
+    fn every_shipped_profile_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("profiles/ exists") {
+            let path = entry.expect("dir entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let o = Overrides {
+                    api: Some("127.0.0.1:17690".to_owned()),
+                    ..Overrides::default()
+                };
+                Profile::load(&path, &o).unwrap_or_else(|e| panic!("{e:#}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 8, "{n} profiles");
+    }
+}
