@@ -4,7 +4,7 @@
 #
 #   tests/run.sh            everything (about 10 minutes on 2 cores, most of it compiling)
 #   FUZZ_SECONDS=N          seconds per fuzz target (default 20)
-#   SKIP_FUZZ=1 / SKIP_AUTOBAHN=1   leave those steps out (local iteration only)
+#   SKIP_FUZZ=1 / SKIP_AUTOBAHN=1 / SKIP_LOAD=1   leave those steps out (local iteration only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -54,6 +54,37 @@ if [ "${SKIP_AUTOBAHN:-0}" != 1 ]; then
     for io in uring epoll; do
         step "Autobahn|Testsuite fuzzingclient on ringlink serve --echo --io $io"
         tests/autobahn/run.sh --io "$io"
+    done
+fi
+
+if [ "${SKIP_LOAD:-0}" != 1 ]; then
+    # CI latency profiling: the smoke profile against the release server on each driver; the
+    # tables are the CI's latency report. Thresholds are generous for a noisy 2-core machine
+    # but a single error or lost report fails the run.
+    cargo build --release --workspace --bins
+    for io in uring epoll; do
+        step "loadgen profiles/smoke.toml against ringlink --io $io"
+        data="$root/target/smoke-$io"
+        rm -rf "$data"
+        log="$root/target/smoke-$io.log"
+        target/release/ringlink serve --io "$io" --listen 127.0.0.1:0 --api 127.0.0.1:0 \
+            --data-dir "$data" >"$log" 2>&1 &
+        server=$!
+        line=""
+        for _ in $(seq 1 100); do
+            line="$(grep -m1 'listening on' "$log" || true)"
+            [ -n "$line" ] && break
+            sleep 0.1
+        done
+        [ -n "$line" ] || { echo "ringlink did not start:" >&2; cat "$log" >&2; kill "$server"; exit 1; }
+        ws="$(echo "$line" | sed -n 's/.*listening on \(ws:\/\/[0-9.:]*\).*/\1/p')"
+        api="$(echo "$line" | sed -n 's/.*api http:\/\/\([0-9.:]*\).*/\1/p')"
+        status=0
+        target/release/loadgen profiles/smoke.toml --target "$ws" --api "$api" \
+            --json "$root/target/smoke-$io.json" || status=$?
+        kill -TERM "$server"
+        wait "$server" || { echo "ringlink --io $io did not exit cleanly" >&2; exit 1; }
+        [ "$status" = 0 ] || { echo "smoke profile failed on --io $io (exit $status)" >&2; exit 1; }
     done
 fi
 
