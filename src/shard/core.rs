@@ -175,6 +175,10 @@ pub(crate) struct ShardCore<D> {
     batcher: Batcher<AckRef>,
     /// Batches the writer's queue refused; retried first.
     backlog: Vec<Batch<AckRef>>,
+    /// Batches handed to the writer and not committed yet. With none in flight a record is
+    /// written at once; while one is, records gather into the next batch (group commit), so
+    /// batching costs latency only when there is load to batch.
+    inflight: usize,
     waiters: HashMap<u64, Waiter>,
     next_token: u64,
     timers: BTreeSet<(Instant, usize)>,
@@ -199,6 +203,7 @@ impl<D> ShardCore<D> {
             conns: Slab::new(),
             generation: 0,
             backlog: Vec::new(),
+            inflight: 0,
             waiters: HashMap::new(),
             next_token: 0,
             timers: BTreeSet::new(),
@@ -475,6 +480,11 @@ impl<D> ShardCore<D> {
                     }
                 }
                 self.batcher.recycle(batch);
+                self.inflight = self.inflight.saturating_sub(1);
+                if self.inflight == 0 && !self.batcher.is_empty() {
+                    // What gathered while the writer was busy goes now, as one batch.
+                    self.flush_uplinks(now, true);
+                }
             }
             ShardMsg::Drain => self.drain(now),
         }
@@ -512,8 +522,9 @@ impl<D> ShardCore<D> {
                 // The shard is gone only at shutdown, after its last batch: nothing to ack.
                 let _ = inbox.send(ShardMsg::Committed { batch, result });
             });
-            if let Err(batch) = self.shared.writer.submit(batch, done) {
-                self.backlog.push(batch);
+            match self.shared.writer.submit(batch, done) {
+                Ok(()) => self.inflight += 1,
+                Err(batch) => self.backlog.push(batch),
             }
         }
     }
@@ -678,6 +689,8 @@ impl<D> ShardCore<D> {
         });
         if full {
             self.flush_uplinks(now, false);
+        } else if self.inflight == 0 {
+            self.flush_uplinks(now, true);
         }
     }
 
