@@ -1,0 +1,140 @@
+//! The client side of the ceiling in `benches/compare.sh`: sends the bytes of a real masked
+//! reportProperty frame to a TCP echo on an open-loop schedule and counts a message done when
+//! as many bytes came back. No WebSocket or JSON work on either side, so against
+//! `examples/raw_echo.rs` it measures what the kernel and loopback allow for the same bytes.
+//!
+//! `raw_client --target IP:PORT --connections N --rate MSGS_PER_S_PER_CONNECTION --duration S`
+//! prints one JSON line: `{"msgs_per_s":..,"p50_ms":..,"p99_ms":..,"sent":..,"done":..}`.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    target: SocketAddr,
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Messages per second per connection (open loop).
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+}
+
+/// One masked report frame, as loadgen sends them.
+fn frame() -> Vec<u8> {
+    let report = "{\"version\":\"1.0\",\"messageId\":4711,\"method\":\"reportProperty\",\"payload\":{\"productKey\":\"a1ThermoPK0\",\"deviceName\":\"thermo-00042\",\"properties\":[{\"identifier\":\"power\",\"type\":\"bool\",\"value\":1},{\"identifier\":\"setpoint\",\"type\":\"float\",\"value\":21.5}]}}\0";
+    let mut out = Vec::new();
+    ringlink::ws::Conn::client(ringlink::ws::Limits::default())
+        .send_text(&mut out, report.as_bytes());
+    out
+}
+
+struct Shared {
+    /// Intended send times of the messages not echoed yet, per connection.
+    hist: RefCell<Histogram<u64>>,
+    done: RefCell<u64>,
+    sent: RefCell<u64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    let shared = Rc::new(Shared {
+        hist: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+        done: RefCell::new(0),
+        sent: RefCell::new(0),
+    });
+    let frame = Rc::new(frame());
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(args.duration);
+    local.block_on(&rt, async {
+        let mut tasks = Vec::new();
+        for _ in 0..args.connections {
+            let stream = TcpStream::connect(args.target)
+                .await
+                .context("connect to the echo")?;
+            stream.set_nodelay(true)?;
+            let (mut rd, mut wr) = stream.into_split();
+            let queue = Rc::new(RefCell::new(VecDeque::<Instant>::new()));
+            let interval = Duration::from_secs_f64(1.0 / args.rate);
+            let (f, q, s) = (Rc::clone(&frame), Rc::clone(&queue), Rc::clone(&shared));
+            tasks.push(tokio::task::spawn_local(async move {
+                let mut next = Instant::now();
+                while next < deadline {
+                    tokio::time::sleep_until(next.into()).await;
+                    // Open loop: send everything that is due, each at its intended time.
+                    let now = Instant::now();
+                    let mut burst = Vec::new();
+                    while next <= now && next < deadline {
+                        burst.extend_from_slice(&f);
+                        q.borrow_mut().push_back(next);
+                        next += interval;
+                    }
+                    *s.sent.borrow_mut() += (burst.len() / f.len()) as u64;
+                    if wr.write_all(&burst).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+            let (len, q, s) = (frame.len(), queue, Rc::clone(&shared));
+            tasks.push(tokio::task::spawn_local(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut pending = 0usize;
+                loop {
+                    let n = match tokio::time::timeout_at(
+                        (deadline + Duration::from_secs(2)).into(),
+                        rd.read(&mut buf),
+                    )
+                    .await
+                    {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => return,
+                    };
+                    pending += n;
+                    let now = Instant::now();
+                    while pending >= len {
+                        pending -= len;
+                        if let Some(intended) = q.borrow_mut().pop_front() {
+                            // Only what came back within the run counts, for throughput too.
+                            if now <= deadline {
+                                let us = now.saturating_duration_since(intended).as_micros() as u64;
+                                let _ = s.hist.borrow_mut().record(us.max(1));
+                                *s.done.borrow_mut() += 1;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        anyhow::Ok(())
+    })?;
+    let elapsed = args.duration as f64;
+    let hist = shared.hist.borrow();
+    let done = *shared.done.borrow();
+    println!(
+        "{{\"msgs_per_s\":{:.0},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"sent\":{},\"done\":{}}}",
+        done as f64 / elapsed,
+        hist.value_at_quantile(0.5) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+        *shared.sent.borrow(),
+        done
+    );
+    Ok(())
+}
