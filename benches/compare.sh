@@ -32,7 +32,7 @@ start_server() { # $1 = uring|epoll|raw ; sets server, ws, api
         line="$(grep -m1 'listening on' "$log" || true)"; [ -n "$line" ] && break; sleep 0.1
     done
     [ -n "$line" ] || { cat "$log" >&2; exit 1; }
-    ws="$(echo "$line" | grep -o '[0-9.]*:[0-9]*' | head -n 1)"
+    ws="$(echo "$line" | grep -oE '[0-9]+(\.[0-9]+){3}:[0-9]+' | head -n 1)"
     api="$(echo "$line" | sed -n 's/.*api http:\/\/\([0-9.:]*\).*/\1/p')"
 }
 
