@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # Side-by-side comparison in one run: the server pinned to core 0, the client to core 1,
-# interleaved A B C A B C so drift in the machine hits every contender alike.
+# contenders interleaved A B C A B C so that drift in the machine hits each alike.
 #
-#   A  ringlink serve --io uring --threads 1    (loadgen: profiles/compare-*.toml)
-#   B  ringlink serve --io epoll --threads 1    (loadgen: the same profiles)
-#   C  examples/raw_echo (io_uring echo of the same bytes; client: raw_client) - the ceiling:
-#      what the kernel and loopback allow with no WebSocket or JSON work on either side.
+#   A  ringlink serve --io uring --threads 1      (client: loadgen, profiles/compare-*.toml)
+#   B  ringlink serve --io epoll --threads 1      (client: loadgen, the same profiles)
+#   C  examples/raw_echo: an io_uring TCP echo of the same bytes (client: raw_client), the
+#      ceiling: what the kernel and loopback allow with no WebSocket or JSON work.
 #
-# Prints msgs/s at saturation and p50/p99 at 10,000 msgs/s for each, and the ratios.
-#   benches/compare.sh [ROUNDS]     (default 2)
+# Shapes:
+#   saturate   64 connections offering 768,000 reports/s: many frames per read
+#   10k-sat    10,000 connections offering 60,000/s: one frame per read
+#   moderate   100 connections, 10,000 reports/s, precise pacing: latency
+#   10k-half   10,000 connections at half of the 10k-sat rate ringlink reached in this run
+#   idle       10,000 connections, no reports: server memory per connection
+# For every run the server's CPU time (utime + stime of all its threads, from /proc) is read
+# before and after: "per server core" = reports answered / server CPU seconds, which holds
+# whether or not the client kept the server busy all the time.
+#
+#   benches/compare.sh [ROUNDS]     (default 2; medians over rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-2}
@@ -36,53 +45,72 @@ start_server() { # $1 = uring|epoll|raw ; sets server, ws, api
     api="$(echo "$line" | sed -n 's/.*api http:\/\/\([0-9.:]*\).*/\1/p')"
 }
 
-run() { # $1 = contender, $2 = saturate|moderate, $3 = round
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# $1 = contender, $2 = shape, $3 = round, $4 = reports/s per connection (10k shapes)
+run() {
     start_server "$1"
-    local json="$out/$1-$2-$3.json"
+    local base="$out/$1-$2-$3" t0 t1
+    t0=$(cpu_ticks "$server")
     if [ "$1" = raw ]; then
-        local rate=3000 conns=64
-        [ "$2" = moderate ] && rate=100 conns=100
-        taskset -c 1 target/release/raw_client --target "$ws" --connections "$conns" \
-            --rate "$rate" --duration 10 >"$json"
+        local args
+        case "$2" in
+            saturate) args="--connections 64 --rate 12000" ;;
+            moderate) args="--connections 100 --rate 100 --spin" ;;
+            10k-*) args="--connections 10000 --rate $4 --spin --duration 15" ;;
+            idle) args="" ;;
+        esac
+        if [ -n "$args" ]; then
+            # shellcheck disable=SC2086
+            taskset -c 1 target/release/raw_client --target "$ws" $args >"$base.json"
+        fi
     else
-        taskset -c 1 target/release/loadgen "profiles/compare-$2.toml" --target "ws://$ws" \
-            --api "$api" --json "$json" >"$out/$1-$2-$3.log" 2>&1 ||
-            { echo "loadgen failed ($1 $2):" >&2; tail -20 "$out/$1-$2-$3.log" >&2; }
+        local profile="profiles/compare-$2.toml" extra=()
+        case "$2" in
+            10k-*) profile="$base.toml"
+                sed "s/^report_rate_per_device = .*/report_rate_per_device = $4/" \
+                    profiles/compare-10k.toml >"$profile" ;;
+            idle) profile="$base.toml"
+                sed -e "s/^report_rate_per_device = .*/report_rate_per_device = 0/" \
+                    -e "s/^duration_s = .*/duration_s = 8/" -e "s/^warmup_s = .*//" \
+                    profiles/compare-10k.toml >"$profile"
+                extra=(--server-pid "$server") ;;
+        esac
+        taskset -c 1 target/release/loadgen "$profile" --target "ws://$ws" --api "$api" \
+            --json "$base.json" "${extra[@]}" >"$base.log" 2>&1 ||
+            { echo "loadgen failed ($1 $2):" >&2; tail -20 "$base.log" >&2; }
     fi
+    t1=$(cpu_ticks "$server")
+    echo "$t0 $t1 $(getconf CLK_TCK)" >"$base.cpu"
     kill -TERM "$server"; wait "$server" 2>/dev/null || true
 }
 
 for r in $(seq 1 "$rounds"); do
-    for kind in saturate moderate; do
+    for shape in saturate 10k-sat; do
         for c in uring epoll raw; do
-            echo "round $r: $c $kind"
-            run "$c" "$kind" "$r"
+            echo "round $r: $c $shape"
+            run "$c" "$shape" "$r" 6
+        done
+    done
+done
+# Half of what the slower ringlink driver answered per second with 10,000 connections.
+half=$(python3 - "$out" "$rounds" <<'PY'
+import json, sys, statistics
+out, rounds = sys.argv[1], int(sys.argv[2])
+sat = [statistics.median(json.load(open(f"{out}/{c}-10k-sat-{r}.json"))["throughput_msgs_per_s"]
+                         for r in range(1, rounds + 1)) for c in ("uring", "epoll")]
+print(f"{min(sat) / 2 / 10000:.3f}")
+PY
+)
+echo "10k-half: $half reports/s per connection"
+for r in $(seq 1 "$rounds"); do
+    for shape in moderate 10k-half idle; do
+        for c in uring epoll raw; do
+            [ "$c" = raw ] && [ "$shape" = idle ] && continue
+            echo "round $r: $c $shape"
+            run "$c" "$shape" "$r" "$half"
         done
     done
 done
 
-python3 - "$out" "$rounds" <<'PY'
-import json, sys, glob, statistics
-out, rounds = sys.argv[1], int(sys.argv[2])
-def load(c, kind):
-    vals = []
-    for r in range(1, rounds + 1):
-        d = json.load(open(f"{out}/{c}-{kind}-{r}.json"))
-        if c == "raw":
-            vals.append((d["msgs_per_s"], d["p50_ms"], d["p99_ms"], 0))
-        else:
-            lat = d["latency_ms"]["report"]
-            vals.append((d["throughput_msgs_per_s"], lat["p50"], lat["p99"], d["error_total"]))
-    return vals
-rows = {}
-for c in ["uring", "epoll", "raw"]:
-    sat, mod = load(c, "saturate"), load(c, "moderate")
-    rows[c] = (statistics.median(v[0] for v in sat), statistics.median(v[1] for v in mod),
-               statistics.median(v[2] for v in mod), sum(v[3] for v in sat + mod))
-print("\n| contender | msgs/s at saturation (1 server core) | vs epoll | vs raw echo | p50 / p99 ms at 10,000 msgs/s | errors |")
-print("| --- | --- | --- | --- | --- | --- |")
-names = {"uring": "ringlink --io uring", "epoll": "ringlink --io epoll", "raw": "raw io_uring echo (ceiling)"}
-for c in ["uring", "epoll", "raw"]:
-    t, p50, p99, e = rows[c]
-    print(f"| {names[c]} | {t:,.0f} | {t / rows['epoll'][0]:.2f}x | {t / rows['raw'][0]:.2f}x | {p50:.2f} / {p99:.2f} | {e} |")
-PY
+python3 benches/compare_table.py "$out" "$rounds"

@@ -91,6 +91,8 @@ pub struct Metrics {
     /// accept() failures (EMFILE, ENFILE, ...): the listener backs off and keeps going.
     pub accept_errors: AtomicU64,
     pub tls_handshake_errors: AtomicU64,
+    /// Times a connection stopped being read because its replies or uplinks were backed up.
+    pub reads_paused: AtomicU64,
     pub uplinks_property: AtomicU64,
     pub uplinks_event: AtomicU64,
     pub uplinks_online: AtomicU64,
@@ -112,6 +114,7 @@ impl Metrics {
             connections_rejected: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
             tls_handshake_errors: AtomicU64::new(0),
+            reads_paused: AtomicU64::new(0),
             uplinks_property: AtomicU64::new(0),
             uplinks_event: AtomicU64::new(0),
             uplinks_online: AtomicU64::new(0),
@@ -195,6 +198,12 @@ impl Metrics {
             "ringlink_tls_handshake_errors_total",
             "TLS handshakes that failed.",
             &self.tls_handshake_errors,
+        );
+        counter(
+            &mut out,
+            "ringlink_reads_paused_total",
+            "Times a connection was not read because its replies waited for the uplink writer or the peer was not reading (backpressure).",
+            &self.reads_paused,
         );
         counter(
             &mut out,

@@ -5,6 +5,7 @@
 //! - [`model`]: just enough of a thing model to make up valid values.
 //! - [`device`]: the device simulator (reports, answers to get/set/call). Sans-IO.
 //! - [`schedule`]: open-loop intended send times. Sans-IO.
+//! - [`pace`]: waking senders at those times, by tokio timer or precisely (spinning).
 //! - [`conn`]: one client connection's life over tokio (TCP, TLS, WebSocket, Link).
 //! - [`downlink`]: downlinks through the server's HTTP API; [`http`] is its small client.
 //! - [`run`]: one process's share of a run: threads, ramp, churn, progress.
@@ -16,6 +17,7 @@ pub mod device;
 pub mod downlink;
 pub mod http;
 pub mod model;
+pub mod pace;
 pub mod profile;
 pub mod run;
 pub mod schedule;

@@ -129,9 +129,8 @@ fn real_main() -> anyhow::Result<bool> {
 
     let cross_check = match (api, before) {
         (Some(a), Some(before)) => {
-            let after = http::scrape_reports_answered(a)?;
-            let server = after.saturating_sub(before);
             let loadgen = stats.counters.reports_ok();
+            let server = settled_count(a, before, loadgen)?;
             Some(CrossCheck {
                 server,
                 loadgen,
@@ -307,3 +306,23 @@ impl RssSampler {
 const SLICE_ENV: &str = "LOADGEN_SLICE";
 const PROGRESS_PREFIX: &str = "LOADGEN-PROGRESS ";
 const RESULT_PREFIX: &str = "LOADGEN-RESULT ";
+
+/// The server's count of reports answered since `before`. Shards publish their counters a few
+/// times a second, so the last replies of a run may not be in `/metrics` yet: scrape again
+/// until the count equals ours or stops moving.
+fn settled_count(api: SocketAddr, before: u64, expected: u64) -> anyhow::Result<u64> {
+    let mut last = None;
+    for _ in 0..SETTLE_TRIES {
+        let count = http::scrape_reports_answered(api)?.saturating_sub(before);
+        if count == expected || last == Some(count) {
+            return Ok(count);
+        }
+        last = Some(count);
+        std::thread::sleep(SETTLE_PAUSE);
+    }
+    Ok(last.unwrap_or(0))
+}
+
+/// Longer than the server's publishing interval (250 ms), so that an unchanged count is final.
+const SETTLE_PAUSE: Duration = Duration::from_millis(400);
+const SETTLE_TRIES: usize = 10;

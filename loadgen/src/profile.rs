@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
 
+use crate::pace::Pacing;
+
 /// One load profile. Rates are per second; times are in seconds unless the name says `_ms`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -56,6 +58,14 @@ pub struct Profile {
     pub reconnects_per_second: f64,
     /// How long the run lasts, ramp included (default 30).
     pub duration_s: f64,
+    /// Reports meant to be sent in the first `warmup_s` seconds are not in the latency
+    /// histograms (they still count everywhere else), so that percentiles describe the steady
+    /// state after a ramp (default 0).
+    pub warmup_s: f64,
+    /// How senders wait for their intended send times: `"timer"` (tokio timers, 0-2 ms late,
+    /// which the corrected latency includes) or `"spin"` (microseconds late, but each loadgen
+    /// thread keeps its core busy); default `"timer"`. See [`crate::pace`].
+    pub pacing: Pacing,
     /// Threads per process, each a current-thread runtime (default 0 = one per core, divided
     /// among `procs`).
     pub threads: usize,
@@ -221,6 +231,12 @@ impl Profile {
         if !(self.duration_s.is_finite() && self.duration_s > 0.0) {
             bail!("duration_s must be > 0, not {}", self.duration_s);
         }
+        if !(self.warmup_s >= 0.0 && self.warmup_s < self.duration_s) {
+            bail!(
+                "warmup_s must be >= 0 and less than duration_s, not {}",
+                self.warmup_s
+            );
+        }
         if self.procs == 0 {
             bail!("procs must be at least 1");
         }
@@ -323,6 +339,8 @@ impl Default for Profile {
             downlink_mix: DownlinkMix::default(),
             reconnects_per_second: 0.0,
             duration_s: 30.0,
+            warmup_s: 0.0,
+            pacing: Pacing::Timer,
             threads: 0,
             procs: 1,
             tls: false,

@@ -17,6 +17,7 @@ use crate::conn::{run_slot, Ctx, Gauges, OnlineSet, Slot};
 use crate::device::Device;
 use crate::downlink::Downlinks;
 use crate::model::Model;
+use crate::pace::{Pacer, Pacing};
 use crate::profile::Profile;
 use crate::schedule::Schedule;
 use crate::stats::{Hist, Stats};
@@ -151,9 +152,12 @@ pub fn run(
                         gauges,
                         online: online.clone(),
                         start,
+                        measure_from: start + Duration::from_secs_f64(profile.warmup_s),
                         deadline,
                         timeout: Duration::from_millis(profile.request_timeout_ms),
+                        pacer: (profile.pacing == Pacing::Spin).then(Pacer::new),
                     });
+                    let pacer = ctx.pacer.clone().map(|p| tokio::task::spawn_local(p.run()));
                     // Flush this thread's numbers into the process total a few times a second.
                     let flusher = {
                         let stats = stats.clone();
@@ -213,6 +217,9 @@ pub fn run(
                     }
                     churn.abort();
                     flusher.abort();
+                    if let Some(p) = pacer {
+                        p.abort();
+                    }
                     flush(&global, &stats);
                 });
                 Ok(())

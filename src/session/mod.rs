@@ -144,6 +144,14 @@ pub enum Event {
     DownlinkDone { token: u64, outcome: Outcome },
 }
 
+/// Replies one connection may have waiting for their uplinks before the driver stops reading
+/// from it (see [`Session::wants_input`]). A sub-gateway reporting for many devices at once
+/// stays well under it; at ~250 bytes a report it is about four full reads.
+pub const MAX_HELD_REPLIES: usize = 1024;
+
+/// Bytes waiting to be sent to one connection before the driver stops reading from it.
+pub const MAX_QUEUED_BYTES: usize = 256 * 1024;
+
 /// Identifies a reply held back until its uplink is durable; see [`Session::ack`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AckToken(u64);
@@ -367,6 +375,16 @@ impl Session {
             self.core.tx = Vec::new();
         }
         true
+    }
+
+    /// Whether the driver should read more from this connection. False while
+    /// [`MAX_HELD_REPLIES`] replies wait for their uplinks to become durable (the uplink
+    /// writer is behind) or [`MAX_QUEUED_BYTES`] wait to be sent (the peer is not reading):
+    /// the driver stops reading, the socket's receive window fills and the peer slows down,
+    /// instead of the gateway queueing without bound. The driver asks again whenever the
+    /// connection is flagged (replies released) and after each write.
+    pub fn wants_input(&self) -> bool {
+        self.core.held.len() < MAX_HELD_REPLIES && self.core.tx.len() < MAX_QUEUED_BYTES
     }
 
     /// Whether [`poll_transmit`](Self::poll_transmit) has bytes to give.

@@ -1177,3 +1177,52 @@ fn messages_survive_a_split_at_every_byte() {
         assert_eq!(split_and_feed(&stream, &[cut]), whole, "split at {cut}");
     }
 }
+
+// ---- backpressure ----
+
+#[test]
+fn stops_wanting_input_while_too_many_replies_wait_for_their_uplinks() {
+    let mut h = Harness::new();
+    h.auto_ack = false;
+    h.send(&online(1, "thermo-02"));
+    let mut id = 2;
+    while h.session.wants_input() {
+        h.send(&report(
+            id,
+            "thermo-02",
+            r#"[{"identifier":"power","type":"bool","value":1}]"#,
+        ));
+        id += 1;
+        assert!(id < 100_000, "never paused");
+    }
+    assert_eq!(
+        h.held.len(),
+        MAX_HELD_REPLIES,
+        "paused exactly at the limit"
+    );
+    // The writer catches up: acks release the replies, and the connection is read again.
+    for token in std::mem::take(&mut h.held) {
+        h.session.ack(token, Code::Success);
+    }
+    assert!(h.session.wants_input());
+    assert_eq!(h.recv().len(), MAX_HELD_REPLIES);
+}
+
+#[test]
+fn stops_wanting_input_while_the_peer_does_not_read_what_it_is_sent() {
+    let mut h = Harness::new();
+    assert_eq!(h.code_of(&online(1, "thermo-02")), 0);
+    // Replies pile up unsent: the driver has not taken them (the peer is not reading).
+    let mut id = 2;
+    while h.session.wants_input() {
+        h.send(&online(id, "nobody"));
+        id += 1;
+        assert!(id < 1_000_000, "never paused");
+    }
+    assert!(h.session.has_transmit());
+    // Once the driver has written them, reading resumes.
+    let mut out = Vec::new();
+    assert!(h.session.poll_transmit(&mut out));
+    assert!(out.len() >= MAX_QUEUED_BYTES);
+    assert!(h.session.wants_input());
+}

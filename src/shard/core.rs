@@ -104,6 +104,13 @@ impl Machine {
         }
     }
 
+    fn wants_input(&self) -> bool {
+        match self {
+            Self::Link(s) => s.wants_input(),
+            Self::Echo(e) => e.wants_input(),
+        }
+    }
+
     fn wanted_bytes(&self) -> usize {
         match self {
             Self::Link(s) => s.wanted_bytes(),
@@ -326,6 +333,24 @@ impl<D> ShardCore<D> {
         self.conns
             .get(slot)
             .is_none_or(|c| c.machine.is_closed() || c.tls.as_ref().is_some_and(|t| t.failed))
+    }
+
+    /// Whether the driver should read from `slot` now; see [`Session::wants_input`]. A driver
+    /// that finds it false does not read until the connection is flagged again (replies were
+    /// released, see [`ShardCore::take_ready`]) or it has written what was queued. A closed
+    /// connection always wants input, so that its reader sees the end of the stream.
+    pub(crate) fn wants_input(&self, slot: usize) -> bool {
+        self.conns
+            .get(slot)
+            .is_none_or(|c| c.machine.is_closed() || c.machine.wants_input())
+    }
+
+    /// Counts a connection whose driver stopped reading it (`ringlink_reads_paused_total`).
+    pub(crate) fn note_paused(&self) {
+        self.shared
+            .metrics
+            .reads_paused
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn wanted_bytes(&self, slot: usize) -> usize {

@@ -8,7 +8,7 @@
 //! Cancellation: tokio's readiness futures are cancel-safe, so a connection task can wait on
 //! "readable" and "something to send" at once with `select!`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 use std::time::Instant;
@@ -33,6 +33,7 @@ struct Local {
     core: Core,
     /// Wakes the timer task when a deadline earlier than the one it sleeps for appears.
     timer_kick: Notify,
+    timer_armed: Cell<Option<Instant>>,
     /// Wakes the accept loop and connection tasks at drain.
     draining: Notify,
     /// The shard's receive buffer; never borrowed across an await.
@@ -50,6 +51,10 @@ impl ShardLocal<EpollConn> for Local {
         &self.timer_kick
     }
 
+    fn timer_armed(&self) -> &Cell<Option<Instant>> {
+        &self.timer_armed
+    }
+
     fn draining(&self) -> &Notify {
         &self.draining
     }
@@ -64,7 +69,8 @@ impl ShardLocal<EpollConn> for Local {
                 c.wake.notify_one();
             }
         }
-        self.timer_kick.notify_one();
+        drop(core);
+        self.kick_timers();
     }
 }
 
@@ -85,6 +91,7 @@ pub(crate) fn run(run: ShardRun<EpollConn>) -> io::Result<()> {
         let local = Rc::new(Local {
             core: Rc::new(RefCell::new(core)),
             timer_kick: Notify::new(),
+            timer_armed: Cell::new(None),
             draining: Notify::new(),
             read_buf: RefCell::new(vec![0; read_buf_bytes]),
             ready: RefCell::new(Vec::new()),
@@ -127,6 +134,7 @@ async fn connection(local: Rc<Local>, slot: usize, stream: TcpStream, wake: Rc<N
     let mut stream = stream;
     // Bytes of a frame that arrived incomplete; empty for an idle connection.
     let mut leftover: Vec<u8> = Vec::new();
+    let mut paused = false;
     'conn: loop {
         // Everything the session has to send, in as few writes as it was produced. The buffer
         // is the session's own, handed over, and freed after the write: an idle connection
@@ -143,8 +151,15 @@ async fn connection(local: Rc<Local>, slot: usize, stream: TcpStream, wake: Rc<N
         if local.core.borrow().is_closed(slot) {
             break;
         }
+        // Backpressure: while the core does not want input, only a wake (replies released)
+        // or the next write brings the task back here.
+        let wants_input = local.core.borrow().wants_input(slot);
+        if !wants_input && !paused {
+            local.core.borrow().note_paused();
+        }
+        paused = !wants_input;
         tokio::select! {
-            r = stream.readable() => {
+            r = stream.readable(), if wants_input => {
                 if r.is_err() || !read_once(&local, slot, &stream, &mut leftover) {
                     break 'conn;
                 }

@@ -15,7 +15,7 @@ mod epoll;
 pub(crate) mod mesh;
 mod uring;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -208,10 +208,22 @@ pub(crate) trait ShardLocal<D>: 'static {
     fn core(&self) -> &RefCell<ShardCore<D>>;
     /// Wakes the timer task when a deadline earlier than the one it sleeps for appears.
     fn timer_kick(&self) -> &Notify;
+    /// The deadline the timer task sleeps for (`None`: it waits for a kick).
+    fn timer_armed(&self) -> &Cell<Option<Instant>>;
     /// Wakes the accept loop (and anything else that stops) at drain.
     fn draining(&self) -> &Notify;
     /// After any call into the core: act on the connections it flagged, kick the timers.
     fn after_core_call(self: &Rc<Self>);
+
+    /// Wakes the timer task if the core now has a deadline earlier than the one it sleeps for.
+    /// Most calls into the core (a read, a commit) leave the earliest deadline where it was;
+    /// waking the task for those would cost a task switch and a timer re-arm each time.
+    fn kick_timers(&self) {
+        let next = self.core().borrow().next_deadline();
+        if next.is_some_and(|n| self.timer_armed().get().is_none_or(|armed| n < armed)) {
+            self.timer_kick().notify_one();
+        }
+    }
 }
 
 /// The shard's inbox: messages from other threads, until drained and every connection closed.
@@ -252,6 +264,7 @@ pub(crate) async fn inbox_loop<D, L: ShardLocal<D>>(
 pub(crate) async fn timers<D, L: ShardLocal<D>>(local: Rc<L>) {
     loop {
         let deadline = local.core().borrow().next_deadline();
+        local.timer_armed().set(deadline);
         match deadline {
             Some(at) => {
                 tokio::select! {

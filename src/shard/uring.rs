@@ -9,8 +9,9 @@
 //!   reader that only reads, timers run on the shard's timer task, and writes on a writer task.
 //! - A socket with a read in flight is not closed by dropping it: to end a connection the
 //!   driver calls `shutdown`, the pending read completes with 0, and the reader cleans up.
-//! - Each connection reads into its own small buffer (1 KiB, grown for a large frame and given
-//!   back after it), since 0.5 has no provided-buffer rings.
+//! - Each connection reads into its own buffer, since 0.5 has no provided-buffer rings: 1 KiB
+//!   for a quiet connection, up to 64 KiB while reads keep filling it ([`ReadSize`]), and as
+//!   large as a large frame needs; given back when the connection is quiet again.
 //! - The writer sends everything the session produced for one read in one `write_all`, and the
 //!   reader submits its next read right away, so both ops go to the kernel in one submission.
 
@@ -29,6 +30,10 @@ use crate::shard::{accept_backoff, inbox_loop, timers, ShardLocal, ShardRun};
 
 /// Initial and resting size of a connection's read buffer.
 const READ_BUF: usize = 1024;
+/// Accept ops each shard keeps in flight.
+const ACCEPTS_IN_FLIGHT: usize = 16;
+/// The most a busy connection reads at once (a single large frame may still need more).
+const MAX_READ_BUF: usize = 64 * 1024;
 
 /// The driver's handle on one connection.
 pub(crate) struct UringConn {
@@ -37,6 +42,18 @@ pub(crate) struct UringConn {
     writing: Cell<bool>,
     /// `shutdown` was called (once is enough).
     shut: Cell<bool>,
+    /// The reader waits for `resume` instead of reading (backpressure).
+    paused: Cell<bool>,
+    resume: Rc<Notify>,
+}
+
+impl UringConn {
+    /// Lets a paused reader look again whether it may read.
+    fn wake_reader(&self) {
+        if self.paused.get() {
+            self.resume.notify_one();
+        }
+    }
 }
 
 type Core = Rc<RefCell<ShardCore<UringConn>>>;
@@ -44,6 +61,7 @@ type Core = Rc<RefCell<ShardCore<UringConn>>>;
 struct Local {
     core: Core,
     timer_kick: Notify,
+    timer_armed: Cell<Option<Instant>>,
     draining: Notify,
     ready: RefCell<Vec<usize>>,
 }
@@ -55,6 +73,10 @@ impl ShardLocal<UringConn> for Local {
 
     fn timer_kick(&self) -> &Notify {
         &self.timer_kick
+    }
+
+    fn timer_armed(&self) -> &Cell<Option<Instant>> {
+        &self.timer_armed
     }
 
     fn draining(&self) -> &Notify {
@@ -69,7 +91,7 @@ impl ShardLocal<UringConn> for Local {
         for slot in ready.drain(..) {
             self.kick_writer(slot);
         }
-        self.timer_kick.notify_one();
+        self.kick_timers();
     }
 }
 
@@ -77,6 +99,7 @@ impl Local {
     fn kick_writer(self: &Rc<Self>, slot: usize) {
         let core = self.core.borrow();
         let Some(conn) = core.io(slot) else { return };
+        conn.wake_reader();
         if conn.writing.get() {
             return; // the running writer picks the new bytes up
         }
@@ -101,18 +124,26 @@ pub(crate) fn run(run: ShardRun<UringConn>) -> io::Result<()> {
         let local = Rc::new(Local {
             core: Rc::new(RefCell::new(core)),
             timer_kick: Notify::new(),
+            timer_armed: Cell::new(None),
             draining: Notify::new(),
             ready: RefCell::new(Vec::new()),
         });
         tokio_uring::spawn(timers(Rc::clone(&local)));
-        let accept_task = tokio_uring::spawn(accept(Rc::clone(&local), listener));
+        // Several accepts in flight: under load each one waits its turn in the ring behind
+        // every read completion, and one at a time held the connect rate under 1000/s.
+        let listener = Rc::new(listener);
+        let accepts: Vec<_> = (0..ACCEPTS_IN_FLIGHT)
+            .map(|_| tokio_uring::spawn(accept(Rc::clone(&local), Rc::clone(&listener))))
+            .collect();
         inbox_loop(Rc::clone(&local), inbox).await;
-        accept_task.abort();
+        for task in accepts {
+            task.abort();
+        }
         Ok(())
     })
 }
 
-async fn accept(local: Rc<Local>, listener: tokio_uring::net::TcpListener) {
+async fn accept(local: Rc<Local>, listener: Rc<tokio_uring::net::TcpListener>) {
     loop {
         // An accept op left in flight at drain is harmless: the task is aborted and the
         // listener closes with the runtime; a socket it still returns is dropped (closed).
@@ -120,15 +151,18 @@ async fn accept(local: Rc<Local>, listener: tokio_uring::net::TcpListener) {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let stream = Rc::new(stream);
+                let resume = Rc::new(Notify::new());
                 let io = UringConn {
                     stream: Rc::clone(&stream),
                     writing: Cell::new(false),
                     shut: Cell::new(false),
+                    paused: Cell::new(false),
+                    resume: Rc::clone(&resume),
                 };
                 let slot = local.core.borrow_mut().accept(peer, Instant::now(), io);
                 match slot {
                     Some(slot) => {
-                        tokio_uring::spawn(reader(Rc::clone(&local), slot, stream));
+                        tokio_uring::spawn(reader(Rc::clone(&local), slot, stream, resume));
                     }
                     None => {
                         let _ = stream.shutdown(Shutdown::Both);
@@ -146,27 +180,30 @@ async fn accept(local: Rc<Local>, listener: tokio_uring::net::TcpListener) {
 
 /// Reads until EOF, an error, or the session ends (then the writer shuts the socket down,
 /// which completes the read in flight).
-async fn reader(local: Rc<Local>, slot: usize, stream: Rc<TcpStream>) {
+async fn reader(local: Rc<Local>, slot: usize, stream: Rc<TcpStream>, resume: Rc<Notify>) {
+    let mut size = ReadSize::default();
     let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
     loop {
-        let wanted = local.core.borrow().wanted_bytes(slot).max(1);
+        wait_until_wanted(&local, slot, &resume).await;
+        let wanted = local.core.borrow().wanted_bytes(slot).max(size.get());
         if buf.capacity() - buf.len() < wanted {
             buf.reserve(wanted);
         }
         let start = buf.len();
+        let spare = buf.capacity() - start;
         let (res, slice) = stream.read(buf.slice(start..)).await;
         buf = slice.into_inner();
         match res {
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
+            Ok(n) => size.observe(n, spare),
         }
         let consumed = local
             .core
             .borrow_mut()
             .input(slot, &mut buf[..], Instant::now());
         buf.drain(..consumed.min(buf.len()));
-        if buf.is_empty() && buf.capacity() > 4 * READ_BUF {
-            buf = Vec::with_capacity(READ_BUF);
+        if buf.is_empty() && buf.capacity() > 2 * size.get() {
+            buf = Vec::with_capacity(size.get());
         }
         local.after_core_call();
         if local.core.borrow().is_closed(slot) {
@@ -178,6 +215,59 @@ async fn reader(local: Rc<Local>, slot: usize, stream: Rc<TcpStream>) {
     local.core.borrow_mut().disconnect(slot, Instant::now());
     let _ = stream.shutdown(Shutdown::Both);
     local.after_core_call();
+}
+
+/// Backpressure: while the core does not want input from `slot`, no read is submitted (the
+/// kernel's receive window fills and the peer slows down). Woken by [`UringConn::wake_reader`]
+/// when the connection is flagged or a write completes.
+async fn wait_until_wanted(local: &Rc<Local>, slot: usize, resume: &Notify) {
+    if local.core.borrow().wants_input(slot) {
+        return;
+    }
+    local.core.borrow().note_paused();
+    set_paused(local, slot, true);
+    loop {
+        resume.notified().await;
+        if local.core.borrow().wants_input(slot) {
+            break;
+        }
+    }
+    set_paused(local, slot, false);
+}
+
+fn set_paused(local: &Local, slot: usize, paused: bool) {
+    if let Some(conn) = local.core.borrow().io(slot) {
+        conn.paused.set(paused);
+    }
+}
+
+/// How many bytes a connection's next read asks for. Reads are not multishot and there are no
+/// provided buffers, so the buffer of every read in flight is the connection's own: small for
+/// the many quiet connections, large for a busy one so that it gets many frames per read.
+/// A read that filled its buffer doubles the size (more was waiting); one that did not sets it
+/// back to what it got, so a connection that goes quiet waits with a small buffer again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadSize(usize);
+
+impl Default for ReadSize {
+    fn default() -> Self {
+        Self(READ_BUF)
+    }
+}
+
+impl ReadSize {
+    fn get(self) -> usize {
+        self.0
+    }
+
+    /// A read of `n` bytes into `spare` bytes of room.
+    fn observe(&mut self, n: usize, spare: usize) {
+        self.0 = if n >= spare {
+            (self.0 * 2).min(MAX_READ_BUF)
+        } else {
+            n.next_power_of_two().clamp(READ_BUF, MAX_READ_BUF)
+        };
+    }
 }
 
 /// Sends everything the session has, then shuts a closed connection down.
@@ -192,6 +282,9 @@ async fn writer(local: Rc<Local>, slot: usize, stream: Rc<TcpStream>) {
         if res.is_err() {
             let _ = stream.shutdown(Shutdown::Both);
             break;
+        }
+        if let Some(conn) = local.core.borrow().io(slot) {
+            conn.wake_reader();
         }
     }
     if let Some(conn) = local.core.borrow().io(slot) {
@@ -210,5 +303,28 @@ fn shutdown_when_idle(local: &Rc<Local>, slot: usize) {
         if !conn.writing.get() && !conn.shut.replace(true) {
             let _ = conn.stream.shutdown(Shutdown::Both);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_size_grows_while_reads_fill_and_falls_back_when_quiet() {
+        let mut s = ReadSize::default();
+        assert_eq!(s.get(), READ_BUF);
+        // Busy: every read fills its buffer.
+        for _ in 0..20 {
+            let room = s.get();
+            s.observe(room, room);
+        }
+        assert_eq!(s.get(), MAX_READ_BUF, "capped");
+        // A partial read: the next one asks for about what this one got.
+        s.observe(5000, MAX_READ_BUF);
+        assert_eq!(s.get(), 8192);
+        // Quiet again: a single small frame brings it back to the resting size.
+        s.observe(250, 8192);
+        assert_eq!(s.get(), READ_BUF);
     }
 }

@@ -6,6 +6,9 @@ use crate::ws::encode::write_frame;
 use crate::ws::frame::Opcode;
 use crate::ws::{Conn, Event, Limits};
 
+/// Echoed bytes waiting to be sent before the driver stops reading (see [`Echo::wants_input`]).
+const MAX_QUEUED: usize = 256 * 1024;
+
 /// A server connection that echoes. Sans-IO, like [`Conn`].
 #[derive(Debug)]
 pub struct Echo {
@@ -64,6 +67,12 @@ impl Echo {
 
     pub fn has_transmit(&self) -> bool {
         !self.tx.is_empty()
+    }
+
+    /// False while more than [`MAX_QUEUED`] bytes wait to be sent: the driver stops reading
+    /// until they are written, so a peer that sends without reading cannot pin memory.
+    pub fn wants_input(&self) -> bool {
+        self.tx.len() < MAX_QUEUED
     }
 
     pub fn is_closed(&self) -> bool {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use hdrhistogram::Histogram;
+use loadgen::pace::Pacer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -29,6 +30,9 @@ struct Args {
     rate: f64,
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Wake senders precisely (loadgen's `pacing = "spin"`) instead of with tokio timers.
+    #[arg(long)]
+    spin: bool,
 }
 
 /// One masked report frame, as loadgen sends them.
@@ -62,6 +66,8 @@ fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.duration);
     local.block_on(&rt, async {
+        let pacer = args.spin.then(Pacer::new);
+        let pacer_task = pacer.clone().map(|p| tokio::task::spawn_local(p.run()));
         let mut tasks = Vec::new();
         for _ in 0..args.connections {
             let stream = TcpStream::connect(args.target)
@@ -72,10 +78,14 @@ fn main() -> anyhow::Result<()> {
             let queue = Rc::new(RefCell::new(VecDeque::<Instant>::new()));
             let interval = Duration::from_secs_f64(1.0 / args.rate);
             let (f, q, s) = (Rc::clone(&frame), Rc::clone(&queue), Rc::clone(&shared));
+            let waiter = pacer.as_ref().map(Pacer::waiter);
             tasks.push(tokio::task::spawn_local(async move {
                 let mut next = Instant::now();
                 while next < deadline {
-                    tokio::time::sleep_until(next.into()).await;
+                    match &waiter {
+                        Some(w) => w.wait_until(next).await,
+                        None => tokio::time::sleep_until(next.into()).await,
+                    }
                     // Open loop: send everything that is due, each at its intended time.
                     let now = Instant::now();
                     let mut burst = Vec::new();
@@ -122,6 +132,9 @@ fn main() -> anyhow::Result<()> {
         }
         for t in tasks {
             let _ = t.await;
+        }
+        if let Some(t) = pacer_task {
+            t.abort();
         }
         anyhow::Ok(())
     })?;
