@@ -14,12 +14,12 @@ CONTENDERS = {"uring": "ringlink --io uring", "epoll": "ringlink --io epoll",
 def run(c, shape, r):
     """(answered/s, answered, p50 ms, p99 ms, errors, connect/s, KiB per conn, server cpu s)"""
     base = f"{out}/{c}-{shape}-{r}"
-    t0, t1, hz = (int(x) for x in open(f"{base}.cpu").read().split())
-    cpu = (t1 - t0) / hz
     try:
+        t0, t1, hz = (int(x) for x in open(f"{base}.cpu").read().split())
         d = json.load(open(f"{base}.json"))
     except FileNotFoundError:
-        return None
+        return None  # not run (the raw echo has no idle shape)
+    cpu = (t1 - t0) / hz
     if c == "raw":
         return (d["msgs_per_s"], d["done"], d["p50_ms"], d["p99_ms"], 0, None, None, cpu)
     lat = d["latency_ms"]["report"]
