@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -71,6 +72,69 @@ fn accept_backs_off_on_emfile_and_recovers() {
                 0,
                 "{io}: accepting again"
             );
+        });
+    }
+}
+
+/// A peer that sends and never reads: ringlink stops reading it once its replies back up
+/// (backpressure), closes it at the pong timeout, and, since the close frame cannot be
+/// flushed to a peer that takes nothing, drops the socket a pong timeout later instead of
+/// holding it (and its memory) forever.
+#[test]
+fn a_peer_that_never_reads_is_paused_then_dropped() {
+    for io in DRIVERS {
+        let gw = Gateway::start_with(
+            io,
+            &[],
+            &[
+                ("RINGLINK_LIMITS_PING_INTERVAL_MS", "1000"),
+                ("RINGLINK_LIMITS_PONG_TIMEOUT_MS", "2500"),
+            ],
+        );
+        let mut s = TcpStream::connect(gw.ws).expect("connect");
+        let mut req = Vec::new();
+        ringlink::ws::handshake::write_request(
+            &mut req,
+            "127.0.0.1",
+            "//",
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            Some("alibaba-iot-linkedge-protocol"),
+        );
+        s.write_all(&req).expect("handshake");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).expect("response");
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{io}");
+        // Requests that are answered at once (an unknown device: 109000); the replies back up.
+        s.set_write_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut client = ringlink::ws::Conn::client(ringlink::ws::Limits::default());
+        let mut frames = Vec::new();
+        for id in 1..=2000 {
+            let text = format!(
+                r#"{{"version":"1.0","method":"onlineDevice","messageId":{id},"payload":{{"productKey":"{THERMO}","deviceName":"nobody"}}}}"#
+            );
+            client.send_text(&mut frames, text.as_bytes());
+        }
+        // Write for up to 15 s; once ringlink drops the socket, a write fails.
+        let until = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < until {
+            match s.write(&frames) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => break,
+            }
+        }
+        assert!(
+            gw.metric("ringlink_reads_paused_total") >= 1.0,
+            "{io}: never paused"
+        );
+        gw.eventually("the connection is dropped", || {
+            gw.metric("ringlink_connections_open") == 0.0
         });
     }
 }

@@ -158,6 +158,10 @@ pub(crate) struct Conn<D> {
     peer: SocketAddr,
     /// The deadline registered in `ShardCore::timers` for this connection.
     timer: Option<Instant>,
+    /// Once the connection is closed: when the driver must stop trying to flush it (see
+    /// [`ShardCore::is_aborted`]).
+    abort_at: Option<Instant>,
+    aborted: bool,
     /// In `ShardCore::ready` already.
     flagged: bool,
     /// The driver's handle for this connection (a waker, the stream, ...).
@@ -262,6 +266,8 @@ impl<D> ShardCore<D> {
             me,
             peer,
             timer: None,
+            abort_at: None,
+            aborted: false,
             flagged: false,
             io,
         }));
@@ -333,6 +339,13 @@ impl<D> ShardCore<D> {
         self.conns
             .get(slot)
             .is_none_or(|c| c.machine.is_closed() || c.tls.as_ref().is_some_and(|t| t.failed))
+    }
+
+    /// Whether the driver must drop `slot` now without flushing it: the connection closed a
+    /// pong timeout ago and its peer still has not taken what is left to send (it stopped
+    /// reading). The driver shuts the socket down, which also ends a write stuck on it.
+    pub(crate) fn is_aborted(&self, slot: usize) -> bool {
+        self.conns.get(slot).is_some_and(|c| c.aborted)
     }
 
     /// Whether the driver should read from `slot` now; see [`Session::wants_input`]. A driver
@@ -418,7 +431,9 @@ impl<D> ShardCore<D> {
             self.timers.pop_first();
             if let Some(c) = self.conns.get_mut(slot) {
                 c.timer = None;
-                if let Some(session) = c.machine.link() {
+                if c.abort_at.is_some_and(|t| t <= now) {
+                    c.aborted = true;
+                } else if let Some(session) = c.machine.link() {
                     session.handle_timeout(now);
                 }
                 self.after(slot, now);
@@ -567,8 +582,19 @@ impl<D> ShardCore<D> {
             return;
         }
         self.drain_events(slot, now);
+        let linger = self.shared.ctx.config.pong_timeout;
         let c = &mut self.conns[slot];
-        let next = c.machine.poll_timeout();
+        let closed = c.machine.is_closed() || c.tls.as_ref().is_some_and(|t| t.failed);
+        let next = if closed {
+            // A closed connection's only timer: the end of its time to flush.
+            if c.aborted {
+                None
+            } else {
+                Some(*c.abort_at.get_or_insert(now + linger))
+            }
+        } else {
+            c.machine.poll_timeout()
+        };
         if next != c.timer {
             if let Some(t) = c.timer.take() {
                 self.timers.remove(&(t, slot));
@@ -582,7 +608,7 @@ impl<D> ShardCore<D> {
             .tls
             .as_ref()
             .is_some_and(|t| t.conn.wants_write() || t.failed);
-        let act = c.machine.has_transmit() || c.machine.is_closed() || tls_out;
+        let act = c.machine.has_transmit() || closed || tls_out;
         if act && !c.flagged {
             c.flagged = true;
             self.ready.push(slot);

@@ -13,7 +13,7 @@ use std::io;
 use std::rc::Rc;
 use std::time::Instant;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::{spawn_local, LocalSet};
@@ -144,7 +144,7 @@ async fn connection(local: Rc<Local>, slot: usize, stream: TcpStream, wake: Rc<N
             if !local.core.borrow_mut().transmit(slot, &mut out) {
                 break;
             }
-            if stream.write_all(&out).await.is_err() {
+            if !write_all(&local, slot, &stream, &wake, &out).await {
                 break 'conn;
             }
         }
@@ -170,6 +170,38 @@ async fn connection(local: Rc<Local>, slot: usize, stream: TcpStream, wake: Rc<N
     let _ = stream.shutdown().await;
     local.core.borrow_mut().disconnect(slot, Instant::now());
     local.after_core_call();
+}
+
+/// Writes all of `out`; false on a socket error, or when the core aborts the connection while
+/// the peer is not taking the bytes (a plain `write_all` would wait for it forever). While it
+/// waits the connection is not read: backpressure, counted like a pause.
+async fn write_all(
+    local: &Local,
+    slot: usize,
+    stream: &TcpStream,
+    wake: &Notify,
+    mut out: &[u8],
+) -> bool {
+    let mut waited = false;
+    while !out.is_empty() {
+        match stream.try_write(out) {
+            Ok(n) => out = &out[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // The task reads nothing while it waits here: count it as a pause.
+                if !std::mem::replace(&mut waited, true) {
+                    local.core.borrow().note_paused();
+                }
+                tokio::select! {
+                    r = stream.writable() => if r.is_err() { return false },
+                    () = wake.notified() => if local.core.borrow().is_aborted(slot) {
+                        return false;
+                    },
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// Reads what the socket has into the shard buffer and feeds it to the core; false at EOF or

@@ -100,6 +100,11 @@ impl Local {
         let core = self.core.borrow();
         let Some(conn) = core.io(slot) else { return };
         conn.wake_reader();
+        if core.is_aborted(slot) && !conn.shut.replace(true) {
+            // Ends a write stuck on a peer that does not read, and the read in flight.
+            let _ = conn.stream.shutdown(Shutdown::Both);
+            return;
+        }
         if conn.writing.get() {
             return; // the running writer picks the new bytes up
         }
