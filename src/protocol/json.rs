@@ -12,8 +12,19 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
 /// characters as their short escapes or `\u00XX`, everything else (also non-ASCII) as is. The
 /// one escaper of the crate; `put` lets callers write or merely count.
 pub fn escape_str(s: &str, mut put: impl FnMut(&[u8])) {
-    put(b"\"");
     let bytes = s.as_bytes();
+    // Almost every string (keys, identifiers, device names) needs no escape: one pass that
+    // does not branch per byte (so it vectorises), then a single copy.
+    let plain = !bytes.iter().fold(false, |any, &b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if plain {
+        put(b"\"");
+        put(bytes);
+        put(b"\"");
+        return;
+    }
+    put(b"\"");
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let short: &[u8] = match b {

@@ -616,7 +616,9 @@ impl<D> ShardCore<D> {
     }
 
     fn drain_events(&mut self, slot: usize, now: Instant) {
-        let wall = unix_ms();
+        // Read once, and only when there is an event: most calls (an ack) have none.
+        let mut wall_ms = None;
+        let mut wall = || *wall_ms.get_or_insert_with(unix_ms);
         while let Some(event) = self
             .conns
             .get_mut(slot)
@@ -645,23 +647,23 @@ impl<D> ShardCore<D> {
                             );
                         }
                     }
-                    self.shared.shadows.online(device, peer, wall);
+                    self.shared.shadows.online(device, peer, wall());
                     self.shared
                         .metrics
                         .uplinks_online
                         .fetch_add(1, Ordering::Relaxed);
                     let ack = ack.map(|token| AckRef { conn: me, token });
-                    self.push_record(device, wall, RecordBody::Online { peer }, ack, now);
+                    self.push_record(device, wall(), RecordBody::Online { peer }, ack, now);
                 }
                 Event::Offline { device, ack } => {
                     if self.shared.owners.release(device, me) {
-                        self.shared.shadows.offline(device, wall);
+                        self.shared.shadows.offline(device, wall());
                         self.shared
                             .metrics
                             .uplinks_offline
                             .fetch_add(1, Ordering::Relaxed);
                         let ack = ack.map(|token| AckRef { conn: me, token });
-                        self.push_record(device, wall, RecordBody::Offline, ack, now);
+                        self.push_record(device, wall(), RecordBody::Offline, ack, now);
                     } else if let Some(token) = ack {
                         // Taken over meanwhile: no offline uplink is due, answer at once.
                         if let Some(s) = self.conns[slot].machine.link() {
@@ -681,23 +683,27 @@ impl<D> ShardCore<D> {
                                 .metrics
                                 .uplinks_property
                                 .fetch_add(1, Ordering::Relaxed);
-                            self.shared.shadows.properties(device, &uplink.values, wall);
+                            self.shared
+                                .shadows
+                                .properties(device, &uplink.values, wall());
                             let body = RecordBody::Property {
                                 values: &uplink.values,
                             };
-                            self.push_record(device, wall, body, ack, now);
+                            self.push_record(device, wall(), body, ack, now);
                         }
                         UplinkKind::Event(id) => {
                             self.shared
                                 .metrics
                                 .uplinks_event
                                 .fetch_add(1, Ordering::Relaxed);
-                            self.shared.shadows.event(device, id, &uplink.values, wall);
+                            self.shared
+                                .shadows
+                                .event(device, id, &uplink.values, wall());
                             let body = RecordBody::Event {
                                 identifier: id,
                                 values: &uplink.values,
                             };
-                            self.push_record(device, wall, body, ack, now);
+                            self.push_record(device, wall(), body, ack, now);
                         }
                     }
                 }

@@ -29,8 +29,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::io::{self, IoSlice, Read, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -104,7 +103,8 @@ pub struct LocalLog {
     next_seq: u64,
     total_bytes: u64,
     /// The frames of one append, built here and written with one call.
-    scratch: Vec<u8>,
+    /// Frame headers of the append in progress.
+    headers: Vec<[u8; HEADER]>,
     /// Set when a failed write could not be undone: appending after unknown bytes would turn a
     /// torn tail into corruption in the middle, so every later append fails.
     broken: bool,
@@ -185,7 +185,7 @@ impl LocalLog {
             file,
             next_seq,
             total_bytes,
-            scratch: Vec::new(),
+            headers: Vec::new(),
             broken: false,
         };
         let deleted = log.enforce_caps(SystemTime::now(), 0)?;
@@ -238,23 +238,32 @@ impl LocalLog {
         let now = SystemTime::now();
         self.enforce_caps(now, len)?;
 
-        self.scratch.clear();
-        self.scratch.reserve(len as usize);
+        // Frame headers here, payloads where they are: one vectored write, no copy.
+        self.headers.clear();
         for b in batches.iter().filter(|b| !b.is_empty()) {
             // b.len() <= MAX_FRAME_PAYLOAD < u32::MAX, checked above.
             let n = (b.len() as u32).to_le_bytes();
             let mut crc = crc32fast::Hasher::new();
             crc.update(&n);
             crc.update(b);
-            self.scratch.extend_from_slice(&MAGIC);
-            self.scratch.extend_from_slice(&n);
-            self.scratch
-                .extend_from_slice(&crc.finalize().to_le_bytes());
-            self.scratch.extend_from_slice(b);
+            let mut h = [0u8; HEADER];
+            h[..4].copy_from_slice(&MAGIC);
+            h[4..8].copy_from_slice(&n);
+            h[8..].copy_from_slice(&crc.finalize().to_le_bytes());
+            self.headers.push(h);
+        }
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * self.headers.len());
+        for (h, b) in self
+            .headers
+            .iter()
+            .zip(batches.iter().filter(|b| !b.is_empty()))
+        {
+            slices.push(IoSlice::new(h));
+            slices.push(IoSlice::new(b));
         }
 
         let at = self.active().bytes;
-        let mut result = self.file.write_all_at(&self.scratch, at);
+        let mut result = write_all_vectored_at(&self.file, &mut slices, at);
         if result.is_ok() && self.opts.fsync == Fsync::Batch {
             result = self.file.sync_data();
         }
@@ -552,6 +561,24 @@ fn corrupt(path: &Path, offset: u64, what: &'static str) -> UplinkError {
 }
 
 /// The first four bytes of every frame.
+/// Writes every byte of `slices` at offset `at` of `file`, with as few `writev` calls as the
+/// kernel allows (at most `IOV_MAX` = 1024 slices each).
+fn write_all_vectored_at(file: &File, mut slices: &mut [IoSlice<'_>], at: u64) -> io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    let mut f = file;
+    f.seek(SeekFrom::Start(at))?;
+    while !slices.is_empty() {
+        let end = slices.len().min(IOV_MAX);
+        match f.write_vectored(&slices[..end]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 const MAGIC: [u8; 4] = *b"rlu1";
 /// magic + len + crc.
 const HEADER: usize = 12;

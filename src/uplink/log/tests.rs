@@ -98,6 +98,19 @@ fn append_and_read_dir() {
 }
 
 #[test]
+fn one_append_of_more_batches_than_one_writev_takes() {
+    // 700 batches are 1400 slices (header + payload each): more than IOV_MAX (1024).
+    let d = TestDir::new("append-many");
+    let (mut log, _) = LocalLog::open(opts(d.path())).expect("open");
+    let batches: Vec<Vec<u8>> = (0..700).map(|i| batch(i * 2, 2)).collect();
+    let refs: Vec<&[u8]> = batches.iter().map(Vec::as_slice).collect();
+    log.append(&refs).expect("append");
+    log.append(&[&batch(1400, 1)]).expect("append after");
+    assert_eq!(read(d.path()), (0..1401).collect::<Vec<_>>());
+    assert_eq!(log.bytes(), disk_bytes(d.path()));
+}
+
+#[test]
 fn refuses_batches_that_are_not_lines() {
     let d = TestDir::new("refuse");
     let (mut log, _) = LocalLog::open(opts(d.path())).expect("open");
