@@ -50,8 +50,8 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # $1 = contender, $2 = shape, $3 = round, $4 = reports/s per connection (10k shapes)
 run() {
     start_server "$1"
-    local base="$out/$1-$2-$3" t0 t1
-    t0=$(cpu_ticks "$server")
+    local base="$out/$1-$2-$3" t0 t1 w0 w1
+    t0=$(cpu_ticks "$server"); w0=$(date +%s.%N)
     if [ "$1" = raw ]; then
         local args
         case "$2" in
@@ -80,8 +80,8 @@ run() {
             --json "$base.json" "${extra[@]}" >"$base.log" 2>&1 ||
             { echo "loadgen failed ($1 $2):" >&2; tail -20 "$base.log" >&2; }
     fi
-    t1=$(cpu_ticks "$server")
-    echo "$t0 $t1 $(getconf CLK_TCK)" >"$base.cpu"
+    t1=$(cpu_ticks "$server"); w1=$(date +%s.%N)
+    echo "$t0 $t1 $(getconf CLK_TCK) $w0 $w1" >"$base.cpu"
     kill -TERM "$server"; wait "$server" 2>/dev/null || true
 }
 
