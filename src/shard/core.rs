@@ -746,9 +746,15 @@ impl<D> ShardCore<D> {
         });
         if full {
             self.flush_uplinks(now, false);
-        } else if self.inflight == 0 {
-            self.flush_uplinks(now, true);
         }
+        // Otherwise the driver's flusher hands the batch over once this turn of its event loop
+        // has read every ready connection (see `flush_wanted`), or the batch deadline does.
+    }
+
+    /// Whether records wait while none of this shard's batches is at the writer: the driver
+    /// should flush soon, after reading what else is ready now, so that one batch carries it.
+    pub(crate) fn flush_wanted(&self) -> bool {
+        self.inflight == 0 && !self.batcher.is_empty()
     }
 
     fn finish_waiter(&self, w: Waiter, outcome: Outcome, now: Instant) {

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio::task::{spawn_local, LocalSet};
 
 use crate::shard::core::ShardCore;
-use crate::shard::{accept_backoff, inbox_loop, timers, ShardLocal, ShardRun};
+use crate::shard::{accept_backoff, flusher, inbox_loop, timers, ShardLocal, ShardRun};
 
 /// The driver's handle on one connection: how to wake its task.
 pub(crate) struct EpollConn {
@@ -34,6 +34,7 @@ struct Local {
     /// Wakes the timer task when a deadline earlier than the one it sleeps for appears.
     timer_kick: Notify,
     timer_armed: Cell<Option<Instant>>,
+    flush_kick: Notify,
     /// Wakes the accept loop and connection tasks at drain.
     draining: Notify,
     /// The shard's receive buffer; never borrowed across an await.
@@ -55,6 +56,10 @@ impl ShardLocal<EpollConn> for Local {
         &self.timer_armed
     }
 
+    fn flush_kick(&self) -> &Notify {
+        &self.flush_kick
+    }
+
     fn draining(&self) -> &Notify {
         &self.draining
     }
@@ -71,6 +76,7 @@ impl ShardLocal<EpollConn> for Local {
         }
         drop(core);
         self.kick_timers();
+        self.kick_flush();
     }
 }
 
@@ -92,11 +98,13 @@ pub(crate) fn run(run: ShardRun<EpollConn>) -> io::Result<()> {
             core: Rc::new(RefCell::new(core)),
             timer_kick: Notify::new(),
             timer_armed: Cell::new(None),
+            flush_kick: Notify::new(),
             draining: Notify::new(),
             read_buf: RefCell::new(vec![0; read_buf_bytes]),
             ready: RefCell::new(Vec::new()),
         });
         spawn_local(timers(Rc::clone(&local)));
+        spawn_local(flusher(Rc::clone(&local)));
         spawn_local(accept(Rc::clone(&local), listener));
         inbox_loop(Rc::clone(&local), inbox).await;
         Ok(())

@@ -210,6 +210,8 @@ pub(crate) trait ShardLocal<D>: 'static {
     fn timer_kick(&self) -> &Notify;
     /// The deadline the timer task sleeps for (`None`: it waits for a kick).
     fn timer_armed(&self) -> &Cell<Option<Instant>>;
+    /// Wakes the flusher task (see [`flusher`]).
+    fn flush_kick(&self) -> &Notify;
     /// Wakes the accept loop (and anything else that stops) at drain.
     fn draining(&self) -> &Notify;
     /// After any call into the core: act on the connections it flagged, kick the timers.
@@ -218,6 +220,12 @@ pub(crate) trait ShardLocal<D>: 'static {
     /// Wakes the timer task if the core now has a deadline earlier than the one it sleeps for.
     /// Most calls into the core (a read, a commit) leave the earliest deadline where it was;
     /// waking the task for those would cost a task switch and a timer re-arm each time.
+    fn kick_flush(&self) {
+        if self.core().borrow().flush_wanted() {
+            self.flush_kick().notify_one();
+        }
+    }
+
     fn kick_timers(&self) {
         let next = self.core().borrow().next_deadline();
         if next.is_some_and(|n| self.timer_armed().get().is_none_or(|armed| n < armed)) {
@@ -258,6 +266,28 @@ pub(crate) async fn inbox_loop<D, L: ShardLocal<D>>(
         .core()
         .borrow_mut()
         .flush_uplinks(Instant::now(), true);
+}
+
+/// Hands the shard's uplink records to the writer when none of its batches is there. Woken
+/// after a read produced records, it runs once the tasks that are ready now have run (they are
+/// ahead of it in the runtime's queue), so one batch carries the records of every connection
+/// read in this turn of the event loop, not one batch per read: at moderate load that is what
+/// keeps the trips to the writer thread, and their context switches, few.
+pub(crate) async fn flusher<D, L: ShardLocal<D>>(local: Rc<L>) {
+    loop {
+        local.flush_kick().notified().await;
+        let flushed = {
+            let mut core = local.core().borrow_mut();
+            let wanted = core.flush_wanted();
+            if wanted {
+                core.flush_uplinks(Instant::now(), true);
+            }
+            wanted
+        };
+        if flushed {
+            local.after_core_call();
+        }
+    }
 }
 
 /// The shard's timers: every connection's deadline and the uplink batch deadline.

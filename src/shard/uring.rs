@@ -26,7 +26,7 @@ use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use crate::shard::core::ShardCore;
-use crate::shard::{accept_backoff, inbox_loop, timers, ShardLocal, ShardRun};
+use crate::shard::{accept_backoff, flusher, inbox_loop, timers, ShardLocal, ShardRun};
 
 /// Initial and resting size of a connection's read buffer.
 const READ_BUF: usize = 1024;
@@ -62,6 +62,7 @@ struct Local {
     core: Core,
     timer_kick: Notify,
     timer_armed: Cell<Option<Instant>>,
+    flush_kick: Notify,
     draining: Notify,
     ready: RefCell<Vec<usize>>,
 }
@@ -79,6 +80,10 @@ impl ShardLocal<UringConn> for Local {
         &self.timer_armed
     }
 
+    fn flush_kick(&self) -> &Notify {
+        &self.flush_kick
+    }
+
     fn draining(&self) -> &Notify {
         &self.draining
     }
@@ -92,6 +97,7 @@ impl ShardLocal<UringConn> for Local {
             self.kick_writer(slot);
         }
         self.kick_timers();
+        self.kick_flush();
     }
 }
 
@@ -130,10 +136,12 @@ pub(crate) fn run(run: ShardRun<UringConn>) -> io::Result<()> {
             core: Rc::new(RefCell::new(core)),
             timer_kick: Notify::new(),
             timer_armed: Cell::new(None),
+            flush_kick: Notify::new(),
             draining: Notify::new(),
             ready: RefCell::new(Vec::new()),
         });
         tokio_uring::spawn(timers(Rc::clone(&local)));
+        tokio_uring::spawn(flusher(Rc::clone(&local)));
         // Several accepts in flight: under load each one waits its turn in the ring behind
         // every read completion, and one at a time held the connect rate under 1000/s.
         let listener = Rc::new(listener);
