@@ -36,7 +36,7 @@ use tokio::time::sleep_until;
 
 use crate::device::{self, Device, Served};
 use crate::model::Model;
-use crate::pace::{Pacer, Waiter};
+use crate::pace::{self, Pacer, Waiter};
 use crate::profile::Profile;
 use crate::schedule::Schedule;
 use crate::stats::{Hist, Stats};
@@ -413,7 +413,7 @@ impl<'a> Session<'a> {
                         }
                     }
                 },
-                () = wait_until(self.pace.as_ref(), report_at.unwrap_or(now)), if report_at.is_some() => {
+                () = pace::wait_until(self.pace.as_ref(), report_at.unwrap_or(now)), if report_at.is_some() => {
                     self.send_reports();
                 }
                 () = sleep_until(phase_at.into()) => {
@@ -686,14 +686,6 @@ impl<'a> Session<'a> {
             }
         }
         End::Failed
-    }
-}
-
-/// Waits for `at` with the pacer when there is one, else with a tokio timer.
-async fn wait_until(pace: Option<&Waiter>, at: Instant) {
-    match pace {
-        Some(w) => w.wait_until(at).await,
-        None => sleep_until(at.into()).await,
     }
 }
 

@@ -116,6 +116,15 @@ impl Pacer {
     }
 }
 
+/// Waits for `at` with the pacer's waiter when there is one (`pacing = "spin"`), else with a
+/// tokio timer.
+pub async fn wait_until(waiter: Option<&Waiter>, at: Instant) {
+    match waiter {
+        Some(w) => w.wait_until(at).await,
+        None => tokio::time::sleep_until(at.into()).await,
+    }
+}
+
 /// A sender's handle on its thread's [`Pacer`].
 pub struct Waiter {
     pacer: Rc<Pacer>,

@@ -149,8 +149,7 @@ pub enum Event {
 /// stays well under it; at ~250 bytes a report it is about four full reads.
 pub const MAX_HELD_REPLIES: usize = 1024;
 
-/// Bytes waiting to be sent to one connection before the driver stops reading from it.
-pub const MAX_QUEUED_BYTES: usize = 256 * 1024;
+pub use crate::ws::MAX_QUEUED_BYTES;
 
 /// Identifies a reply held back until its uplink is durable; see [`Session::ack`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -168,6 +168,13 @@ pub(crate) struct Conn<D> {
     pub(crate) io: D,
 }
 
+impl<D> Conn<D> {
+    /// The session ended, or TLS failed: the driver flushes what is left, then closes.
+    fn is_closed(&self) -> bool {
+        self.machine.is_closed() || self.tls.as_ref().is_some_and(|t| t.failed)
+    }
+}
+
 /// A downlink from the API waiting for the device.
 struct Waiter {
     reply: oneshot::Sender<Outcome>,
@@ -336,9 +343,7 @@ impl<D> ShardCore<D> {
 
     /// Whether the connection is over: the driver writes what is left, then closes.
     pub(crate) fn is_closed(&self, slot: usize) -> bool {
-        self.conns
-            .get(slot)
-            .is_none_or(|c| c.machine.is_closed() || c.tls.as_ref().is_some_and(|t| t.failed))
+        self.conns.get(slot).is_none_or(|c| c.is_closed())
     }
 
     /// Whether the driver must drop `slot` now without flushing it: the connection closed a
@@ -355,7 +360,7 @@ impl<D> ShardCore<D> {
     pub(crate) fn wants_input(&self, slot: usize) -> bool {
         self.conns
             .get(slot)
-            .is_none_or(|c| c.machine.is_closed() || c.machine.wants_input())
+            .is_none_or(|c| c.is_closed() || c.machine.wants_input())
     }
 
     /// Counts a connection whose driver stopped reading it (`ringlink_reads_paused_total`).
@@ -584,7 +589,7 @@ impl<D> ShardCore<D> {
         self.drain_events(slot, now);
         let linger = self.shared.ctx.config.pong_timeout;
         let c = &mut self.conns[slot];
-        let closed = c.machine.is_closed() || c.tls.as_ref().is_some_and(|t| t.failed);
+        let closed = c.is_closed();
         let next = if closed {
             // A closed connection's only timer: the end of its time to flush.
             if c.aborted {

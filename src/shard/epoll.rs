@@ -8,7 +8,7 @@
 //! Cancellation: tokio's readiness futures are cancel-safe, so a connection task can wait on
 //! "readable" and "something to send" at once with `select!`.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io;
 use std::rc::Rc;
 use std::time::Instant;
@@ -19,7 +19,9 @@ use tokio::sync::Notify;
 use tokio::task::{spawn_local, LocalSet};
 
 use crate::shard::core::ShardCore;
-use crate::shard::{accept_backoff, flusher, inbox_loop, timers, ShardLocal, ShardRun};
+use crate::shard::{
+    accept_backoff, flusher, inbox_loop, timers, ShardLocal, ShardRun, ShardWakers,
+};
 
 /// The driver's handle on one connection: how to wake its task.
 pub(crate) struct EpollConn {
@@ -31,12 +33,7 @@ type Core = Rc<RefCell<ShardCore<EpollConn>>>;
 /// What the tasks of one shard share besides the core.
 struct Local {
     core: Core,
-    /// Wakes the timer task when a deadline earlier than the one it sleeps for appears.
-    timer_kick: Notify,
-    timer_armed: Cell<Option<Instant>>,
-    flush_kick: Notify,
-    /// Wakes the accept loop and connection tasks at drain.
-    draining: Notify,
+    wakers: ShardWakers,
     /// The shard's receive buffer; never borrowed across an await.
     read_buf: RefCell<Vec<u8>>,
     /// Scratch list of ready slots.
@@ -48,20 +45,8 @@ impl ShardLocal<EpollConn> for Local {
         &self.core
     }
 
-    fn timer_kick(&self) -> &Notify {
-        &self.timer_kick
-    }
-
-    fn timer_armed(&self) -> &Cell<Option<Instant>> {
-        &self.timer_armed
-    }
-
-    fn flush_kick(&self) -> &Notify {
-        &self.flush_kick
-    }
-
-    fn draining(&self) -> &Notify {
-        &self.draining
+    fn wakers(&self) -> &ShardWakers {
+        &self.wakers
     }
 
     /// Wakes every connection the core flagged, and the timer task.
@@ -75,8 +60,7 @@ impl ShardLocal<EpollConn> for Local {
             }
         }
         drop(core);
-        self.kick_timers();
-        self.kick_flush();
+        self.kick_tasks();
     }
 }
 
@@ -96,10 +80,7 @@ pub(crate) fn run(run: ShardRun<EpollConn>) -> io::Result<()> {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let local = Rc::new(Local {
             core: Rc::new(RefCell::new(core)),
-            timer_kick: Notify::new(),
-            timer_armed: Cell::new(None),
-            flush_kick: Notify::new(),
-            draining: Notify::new(),
+            wakers: ShardWakers::default(),
             read_buf: RefCell::new(vec![0; read_buf_bytes]),
             ready: RefCell::new(Vec::new()),
         });
@@ -115,7 +96,7 @@ async fn accept(local: Rc<Local>, listener: tokio::net::TcpListener) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            () = local.draining.notified() => return,
+            () = local.wakers.draining.notified() => return,
         };
         match accepted {
             Ok((stream, peer)) => {

@@ -203,33 +203,40 @@ pub(crate) struct ShardRun<D> {
     pub(crate) read_buf_bytes: usize,
 }
 
+/// How the shard-wide tasks are woken; one per shard, the same for both drivers.
+#[derive(Default)]
+pub(crate) struct ShardWakers {
+    /// Wakes the timer task when a deadline earlier than the one it sleeps for appears.
+    timer_kick: Notify,
+    /// The deadline the timer task sleeps for (`None`: it waits for a kick).
+    timer_armed: Cell<Option<Instant>>,
+    /// Wakes the flusher task (see [`flusher`]).
+    flush_kick: Notify,
+    /// Wakes the accept loop (and anything else that stops) at drain.
+    pub(crate) draining: Notify,
+}
+
 /// What the shard-wide tasks need from a driver's per-shard state.
 pub(crate) trait ShardLocal<D>: 'static {
     fn core(&self) -> &RefCell<ShardCore<D>>;
-    /// Wakes the timer task when a deadline earlier than the one it sleeps for appears.
-    fn timer_kick(&self) -> &Notify;
-    /// The deadline the timer task sleeps for (`None`: it waits for a kick).
-    fn timer_armed(&self) -> &Cell<Option<Instant>>;
-    /// Wakes the flusher task (see [`flusher`]).
-    fn flush_kick(&self) -> &Notify;
-    /// Wakes the accept loop (and anything else that stops) at drain.
-    fn draining(&self) -> &Notify;
-    /// After any call into the core: act on the connections it flagged, kick the timers.
+    fn wakers(&self) -> &ShardWakers;
+    /// After any call into the core: act on the connections it flagged, then
+    /// [`kick_tasks`](Self::kick_tasks).
     fn after_core_call(self: &Rc<Self>);
 
-    /// Wakes the timer task if the core now has a deadline earlier than the one it sleeps for.
-    /// Most calls into the core (a read, a commit) leave the earliest deadline where it was;
-    /// waking the task for those would cost a task switch and a timer re-arm each time.
-    fn kick_flush(&self) {
-        if self.core().borrow().flush_wanted() {
-            self.flush_kick().notify_one();
+    /// Wakes the timer task if the core now has a deadline earlier than the one it sleeps for
+    /// (most calls into the core, a read or a commit, leave the earliest deadline where it was,
+    /// and waking the task for those would cost a task switch and a timer re-arm each time),
+    /// and the flusher if records wait for it.
+    fn kick_tasks(&self) {
+        let w = self.wakers();
+        let core = self.core().borrow();
+        let next = core.next_deadline();
+        if next.is_some_and(|n| w.timer_armed.get().is_none_or(|armed| n < armed)) {
+            w.timer_kick.notify_one();
         }
-    }
-
-    fn kick_timers(&self) {
-        let next = self.core().borrow().next_deadline();
-        if next.is_some_and(|n| self.timer_armed().get().is_none_or(|armed| n < armed)) {
-            self.timer_kick().notify_one();
+        if core.flush_wanted() {
+            w.flush_kick.notify_one();
         }
     }
 }
@@ -259,7 +266,7 @@ pub(crate) async fn inbox_loop<D, L: ShardLocal<D>>(
         local.after_core_call();
         if drain {
             draining = true;
-            local.draining().notify_waiters();
+            local.wakers().draining.notify_waiters();
         }
     }
     local
@@ -275,7 +282,7 @@ pub(crate) async fn inbox_loop<D, L: ShardLocal<D>>(
 /// keeps the trips to the writer thread, and their context switches, few.
 pub(crate) async fn flusher<D, L: ShardLocal<D>>(local: Rc<L>) {
     loop {
-        local.flush_kick().notified().await;
+        local.wakers().flush_kick.notified().await;
         let flushed = {
             let mut core = local.core().borrow_mut();
             let wanted = core.flush_wanted();
@@ -294,7 +301,7 @@ pub(crate) async fn flusher<D, L: ShardLocal<D>>(local: Rc<L>) {
 pub(crate) async fn timers<D, L: ShardLocal<D>>(local: Rc<L>) {
     loop {
         let deadline = local.core().borrow().next_deadline();
-        local.timer_armed().set(deadline);
+        local.wakers().timer_armed.set(deadline);
         match deadline {
             Some(at) => {
                 tokio::select! {
@@ -302,10 +309,10 @@ pub(crate) async fn timers<D, L: ShardLocal<D>>(local: Rc<L>) {
                         local.core().borrow_mut().on_timer(Instant::now());
                         local.after_core_call();
                     }
-                    () = local.timer_kick().notified() => {}
+                    () = local.wakers().timer_kick.notified() => {}
                 }
             }
-            None => local.timer_kick().notified().await,
+            None => local.wakers().timer_kick.notified().await,
         }
     }
 }

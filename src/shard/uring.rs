@@ -26,7 +26,9 @@ use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use crate::shard::core::ShardCore;
-use crate::shard::{accept_backoff, flusher, inbox_loop, timers, ShardLocal, ShardRun};
+use crate::shard::{
+    accept_backoff, flusher, inbox_loop, timers, ShardLocal, ShardRun, ShardWakers,
+};
 
 /// Initial and resting size of a connection's read buffer.
 const READ_BUF: usize = 1024;
@@ -60,10 +62,7 @@ type Core = Rc<RefCell<ShardCore<UringConn>>>;
 
 struct Local {
     core: Core,
-    timer_kick: Notify,
-    timer_armed: Cell<Option<Instant>>,
-    flush_kick: Notify,
-    draining: Notify,
+    wakers: ShardWakers,
     ready: RefCell<Vec<usize>>,
 }
 
@@ -72,20 +71,8 @@ impl ShardLocal<UringConn> for Local {
         &self.core
     }
 
-    fn timer_kick(&self) -> &Notify {
-        &self.timer_kick
-    }
-
-    fn timer_armed(&self) -> &Cell<Option<Instant>> {
-        &self.timer_armed
-    }
-
-    fn flush_kick(&self) -> &Notify {
-        &self.flush_kick
-    }
-
-    fn draining(&self) -> &Notify {
-        &self.draining
+    fn wakers(&self) -> &ShardWakers {
+        &self.wakers
     }
 
     /// Starts a writer for every flagged connection with bytes to send, shuts down closed
@@ -96,8 +83,7 @@ impl ShardLocal<UringConn> for Local {
         for slot in ready.drain(..) {
             self.kick_writer(slot);
         }
-        self.kick_timers();
-        self.kick_flush();
+        self.kick_tasks();
     }
 }
 
@@ -134,10 +120,7 @@ pub(crate) fn run(run: ShardRun<UringConn>) -> io::Result<()> {
         let listener = tokio_uring::net::TcpListener::from_std(listener);
         let local = Rc::new(Local {
             core: Rc::new(RefCell::new(core)),
-            timer_kick: Notify::new(),
-            timer_armed: Cell::new(None),
-            flush_kick: Notify::new(),
-            draining: Notify::new(),
+            wakers: ShardWakers::default(),
             ready: RefCell::new(Vec::new()),
         });
         tokio_uring::spawn(timers(Rc::clone(&local)));

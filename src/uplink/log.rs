@@ -102,7 +102,6 @@ pub struct LocalLog {
     /// The sequence number of the next frame.
     next_seq: u64,
     total_bytes: u64,
-    /// The frames of one append, built here and written with one call.
     /// Frame headers of the append in progress.
     headers: Vec<[u8; HEADER]>,
     /// Set when a failed write could not be undone: appending after unknown bytes would turn a
@@ -560,7 +559,6 @@ fn corrupt(path: &Path, offset: u64, what: &'static str) -> UplinkError {
     }
 }
 
-/// The first four bytes of every frame.
 /// Writes every byte of `slices` at offset `at` of `file`, with as few `writev` calls as the
 /// kernel allows (at most `IOV_MAX` = 1024 slices each).
 fn write_all_vectored_at(file: &File, mut slices: &mut [IoSlice<'_>], at: u64) -> io::Result<()> {
@@ -579,6 +577,7 @@ fn write_all_vectored_at(file: &File, mut slices: &mut [IoSlice<'_>], at: u64) -
     Ok(())
 }
 
+/// The first four bytes of every frame.
 const MAGIC: [u8; 4] = *b"rlu1";
 /// magic + len + crc.
 const HEADER: usize = 12;

@@ -4,10 +4,7 @@
 
 use crate::ws::encode::write_frame;
 use crate::ws::frame::Opcode;
-use crate::ws::{Conn, Event, Limits};
-
-/// Echoed bytes waiting to be sent before the driver stops reading (see [`Echo::wants_input`]).
-const MAX_QUEUED: usize = 256 * 1024;
+use crate::ws::{Conn, Event, Limits, MAX_QUEUED_BYTES};
 
 /// A server connection that echoes. Sans-IO, like [`Conn`].
 #[derive(Debug)]
@@ -69,10 +66,10 @@ impl Echo {
         !self.tx.is_empty()
     }
 
-    /// False while more than [`MAX_QUEUED`] bytes wait to be sent: the driver stops reading
+    /// False while [`MAX_QUEUED_BYTES`] bytes wait to be sent: the driver stops reading
     /// until they are written, so a peer that sends without reading cannot pin memory.
     pub fn wants_input(&self) -> bool {
-        self.tx.len() < MAX_QUEUED
+        self.tx.len() < MAX_QUEUED_BYTES
     }
 
     pub fn is_closed(&self) -> bool {

@@ -22,6 +22,10 @@ pub use conn::{Conn, Event, Role};
 pub use echo::Echo;
 pub use error::{CloseCode, HandshakeError, ProtocolViolation, WsError};
 
+/// Bytes a connection may have waiting to be sent before its driver stops reading from it (the
+/// peer is not reading): the echo endpoint's and the Link session's limit.
+pub const MAX_QUEUED_BYTES: usize = 256 * 1024;
+
 /// Size limits of one connection. Both bound what a peer can make us hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use hdrhistogram::Histogram;
-use loadgen::pace::Pacer;
+use loadgen::pace::{self, Pacer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -82,10 +82,7 @@ fn main() -> anyhow::Result<()> {
             tasks.push(tokio::task::spawn_local(async move {
                 let mut next = Instant::now();
                 while next < deadline {
-                    match &waiter {
-                        Some(w) => w.wait_until(next).await,
-                        None => tokio::time::sleep_until(next.into()).await,
-                    }
+                    pace::wait_until(waiter.as_ref(), next).await;
                     // Open loop: send everything that is due, each at its intended time.
                     let now = Instant::now();
                     let mut burst = Vec::new();
