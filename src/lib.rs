@@ -7,7 +7,7 @@
 //! - [`model`]: thing models (TSL): loading and value validation. Sans-IO.
 //! - [`registry`]: the known products and devices.
 //! - [`session`]: the per-connection state machine tying the above together. Sans-IO.
-//! - [`uplink`]: record encoding, the batcher (sans-IO), the local log and its writer thread.
+//! - [`uplink`]: record encoding, the batcher (sans-IO), the local log (one partition per shard).
 //! - [`shard`]: one thread per core running a driver (io_uring or epoll) over sessions; the
 //!   only place with sockets, and with the one crossing point between threads (`shard::mesh`).
 //! - [`api`]: the northbound HTTP API; [`shadow`] and [`metrics`] are what it shows.

@@ -93,10 +93,6 @@ pub struct Metrics {
     pub tls_handshake_errors: AtomicU64,
     /// Times a connection stopped being read because its replies or uplinks were backed up.
     pub reads_paused: AtomicU64,
-    pub uplinks_property: AtomicU64,
-    pub uplinks_event: AtomicU64,
-    pub uplinks_online: AtomicU64,
-    pub uplinks_offline: AtomicU64,
     /// Uplinks whose batch could not be written (answered 100000 to the device).
     pub uplinks_failed: AtomicU64,
     pub batch_sizes: Histogram,
@@ -115,10 +111,6 @@ impl Metrics {
             accept_errors: AtomicU64::new(0),
             tls_handshake_errors: AtomicU64::new(0),
             reads_paused: AtomicU64::new(0),
-            uplinks_property: AtomicU64::new(0),
-            uplinks_event: AtomicU64::new(0),
-            uplinks_online: AtomicU64::new(0),
-            uplinks_offline: AtomicU64::new(0),
             uplinks_failed: AtomicU64::new(0),
             batch_sizes: Histogram::new(BATCH_BOUNDS),
             downlinks: (0..METHODS.len() * (Code::SENT.len() + 1))
@@ -211,20 +203,11 @@ impl Metrics {
             "Uplinks whose batch could not be written.",
             &self.uplinks_failed,
         );
-        let _ = writeln!(out, "# HELP ringlink_uplinks_total Uplinks batched, by kind.\n# TYPE ringlink_uplinks_total counter");
-        for (kind, v) in [
-            ("property", &self.uplinks_property),
-            ("event", &self.uplinks_event),
-            ("online", &self.uplinks_online),
-            ("offline", &self.uplinks_offline),
-        ] {
-            let _ = writeln!(
-                out,
-                "ringlink_uplinks_total{{kind=\"{kind}\"}} {}",
-                v.load(Ordering::Relaxed)
-            );
-        }
         let stats = self.stats();
+        let _ = writeln!(out, "# HELP ringlink_uplinks_total Uplinks batched, by kind.\n# TYPE ringlink_uplinks_total counter");
+        for (kind, v) in Stats::UPLINK_KINDS.iter().zip(stats.uplinks) {
+            let _ = writeln!(out, "ringlink_uplinks_total{{kind=\"{kind}\"}} {v}");
+        }
         let _ = writeln!(out, "# HELP ringlink_requests_total Client requests answered, by method and code.\n# TYPE ringlink_requests_total counter");
         for (method, code, n) in stats.requests() {
             let _ = writeln!(

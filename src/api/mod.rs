@@ -28,9 +28,9 @@ use crate::model::Access;
 use crate::protocol::Code;
 use crate::registry::DeviceId;
 use crate::session::{Downlink, DownlinkRequest, Outcome};
-use crate::shard::core::Shared;
-use crate::shard::mesh::ShardMsg;
+use crate::shard::core::ShardMsg;
 use crate::shard::Server;
+use crate::shard::Shared;
 
 /// The running API.
 pub struct Api {
@@ -121,12 +121,12 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    let writer = s.writer.stats();
+    let log = &s.log_stats;
     let gauges = [
         (
             "ringlink_devices_online",
             "Devices online now.",
-            s.owners.online() as f64,
+            s.env.owners.online() as f64,
         ),
         (
             "ringlink_devices_registered",
@@ -136,22 +136,22 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         (
             "ringlink_uplink_log_bytes",
             "Bytes in the local uplink log.",
-            writer.sink_bytes.load(Ordering::Relaxed) as f64,
+            log.total_bytes() as f64,
         ),
         (
             "ringlink_uplink_log_writes",
             "Group commits written to the local log.",
-            writer.writes.load(Ordering::Relaxed) as f64,
+            log.writes.load(Ordering::Relaxed) as f64,
         ),
         (
             "ringlink_uplink_log_records",
             "Records written to the local log.",
-            writer.records.load(Ordering::Relaxed) as f64,
+            log.records.load(Ordering::Relaxed) as f64,
         ),
         (
             "ringlink_uplink_log_errors",
             "Failed writes to the local log.",
-            writer.errors.load(Ordering::Relaxed) as f64,
+            log.errors.load(Ordering::Relaxed) as f64,
         ),
         (
             "ringlink_uplink_spool_bytes",
@@ -161,7 +161,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     ];
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&gauges),
+        s.env.metrics.render(&gauges),
     )
         .into_response()
 }
@@ -179,11 +179,11 @@ async fn devices(
     let list = registry
         .ids()
         .filter_map(|id| {
-            let online = s.owners.owner(id).is_some();
+            let online = s.env.owners.owner(id).is_some();
             if filter.online.is_some_and(|want| want != online) {
                 return None;
             }
-            let shadow = s.shadows.snapshot(id);
+            let shadow = s.env.shadows.snapshot(id);
             Some(json!({
                 "productKey": registry.product_key(id),
                 "deviceName": registry.device_name(id),
@@ -200,7 +200,7 @@ async fn device(State(s): State<Arc<Shared>>, Path((pk, dn)): Path<(String, Stri
     let Some(id) = s.registry().lookup(&pk, &dn) else {
         return error(Code::DeviceNotRegistered, "no such device");
     };
-    let shadow = s.shadows.snapshot(id);
+    let shadow = s.env.shadows.snapshot(id);
     let mut properties = Map::new();
     for (key, value, at) in shadow.properties() {
         let key: String = serde_json::from_str(key).unwrap_or_default();
@@ -217,7 +217,7 @@ async fn device(State(s): State<Arc<Shared>>, Path((pk, dn)): Path<(String, Stri
     Json(json!({
         "productKey": pk,
         "deviceName": dn,
-        "online": s.owners.owner(id).is_some(),
+        "online": s.env.owners.owner(id).is_some(),
         "peer": shadow.peer.map(|p| p.to_string()),
         "since": shadow.since_ms,
         "properties": properties,
@@ -305,7 +305,7 @@ async fn downlink(
     params: Vec<u8>,
     data_field: &str,
 ) -> Response {
-    let Some(conn) = s.owners.owner(device) else {
+    let Some(conn) = s.env.owners.owner(device) else {
         return error(Code::DeviceOffline, "device is offline");
     };
     let (reply, answer) = oneshot::channel();
@@ -325,7 +325,7 @@ async fn downlink(
     }
     // The session always completes a downlink (reply, timeout or connection loss); the extra
     // margin only covers a shard that stopped meanwhile.
-    let limit = s.ctx.config.downlink_timeout + Duration::from_secs(2);
+    let limit = s.env.ctx.config.downlink_timeout + Duration::from_secs(2);
     let outcome = match tokio::time::timeout(limit, answer).await {
         Ok(Ok(outcome)) => outcome,
         Ok(Err(_)) | Err(_) => Outcome::failed(Code::ServiceUnreachable),

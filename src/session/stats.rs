@@ -15,6 +15,8 @@ pub struct Stats {
     pub replies_unmatched: u64,
     /// Connections closed for breaking RFC 6455.
     pub ws_errors: u64,
+    /// Uplinks batched, by kind: property, event, online, offline (see [`Stats::UPLINK_KINDS`]).
+    pub uplinks: [u64; 4],
 }
 
 impl Default for Stats {
@@ -23,11 +25,15 @@ impl Default for Stats {
             requests: [[0; CODES]; Method::ALL.len() + 1],
             replies_unmatched: 0,
             ws_errors: 0,
+            uplinks: [0; 4],
         }
     }
 }
 
 impl Stats {
+    /// The kinds counted in [`Stats::uplinks`], in order.
+    pub const UPLINK_KINDS: [&'static str; 4] = ["property", "event", "online", "offline"];
+
     pub(crate) fn count_request(&mut self, method: Option<Method>, code: Code) {
         let row = method.map_or(Method::ALL.len(), |m| m as usize);
         self.requests[row][code_slot(code)] += 1;
@@ -48,6 +54,9 @@ impl Stats {
         }
         self.replies_unmatched += other.replies_unmatched;
         self.ws_errors += other.ws_errors;
+        for (a, b) in self.uplinks.iter_mut().zip(&other.uplinks) {
+            *a += b;
+        }
     }
 }
 

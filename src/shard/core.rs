@@ -1,47 +1,61 @@
-//! The part of a shard that both drivers share: its connections and what happens between them.
+//! The shard core: everything a shard does above its sockets, as a deterministic state machine.
 //!
 //! Owns: the shard's connection table (a session per connection, plus the driver's own per-
-//! connection handle `D`), the shard's uplink batcher, the downlinks waiting for an answer, and
-//! the timer of every connection. It applies session events to the shared world: ownership
-//! (takeover notices to other shards), uplink records into batches, acks back to sessions,
-//! shadows, metrics.
-//! Never: socket IO. A driver reads bytes and calls [`ShardCore::input`], writes what
-//! [`ShardCore::transmit`] gives it, closes what [`ShardCore::is_closed`] says is closed, and
-//! calls [`ShardCore::disconnect`] when a socket is gone. It reads the clock once per call and
-//! passes `now` in.
+//! connection handle `D`), its uplink batcher and the commit in flight, the downlinks waiting
+//! for an answer (each with the caller's opaque reply handle `R`), every connection's timer,
+//! and the shard's counters. It applies session events to the shared world: ownership (the
+//! atomic [`Owners`] table; takeover notices for other shards), uplink records into batches,
+//! acks back to sessions after the commit, shadows, metrics.
 //!
-//! A driver learns which connections have something to send from [`ShardCore::take_ready`]
-//! after each call.
+//! Never: a socket, a file, a channel, a thread or a clock. Like quinn-proto's `Endpoint`,
+//! events and time come in and actions go out:
+//!
+//! ```text
+//!   driver ──accept / input / disconnect / on_message / on_timer / end_turn / committed──▶ core
+//!   driver ◀── take_ready: connections to write, shut or resume reading ─────────────────── core
+//!   driver ◀── poll_action: Send(shard, msg) | Answer(reply, outcome) | Append(commit) ──── core
+//! ```
+//!
+//! A driver reads bytes and calls [`ShardCore::input`], writes what [`ShardCore::transmit`]
+//! gives it for every connection [`ShardCore::take_ready`] names, closes what
+//! [`ShardCore::is_closed`] says is closed, drops what [`ShardCore::is_aborted`] says, and
+//! calls [`ShardCore::disconnect`] when a socket is gone. It performs every [`Action`]: an
+//! [`Action::Append`] is written to the shard's own log partition, after which the driver
+//! calls [`ShardCore::committed`], and only then are the devices answered.
+//!
+//! Group commit: at most one commit is in flight. The driver calls [`ShardCore::end_turn`]
+//! once it has fed in everything that was ready in one turn of its loop; with no commit in
+//! flight, everything batched so far goes out as one. While one is in flight, records gather
+//! and go out together as soon as it is committed: batching costs latency only when there is
+//! load to batch.
+//!
+//! Time: `now: Instant` is passed into every call; uplink records carry wall-clock
+//! milliseconds derived from the last [`ShardCore::set_wall_clock`] and `now`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use slab::Slab;
-use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::metrics::Metrics;
 use crate::protocol::Code;
 use crate::registry::{ConnRef, DeviceId, Owners, Registry};
-use crate::session::{Context, Event, Outcome, Presence, Session, ShardState, UplinkKind};
+use crate::session::{
+    AckToken, Context, Downlink, Event, Outcome, Presence, Session, ShardState, UplinkKind,
+};
 use crate::shadow::Shadows;
-use crate::shard::mesh::{AckRef, Mesh, ShardMsg};
-use crate::uplink::{self, Batch, Batcher, Record, RecordBody, Writer};
+use crate::uplink::{self, Batch, Batcher, Record, RecordBody, UplinkError};
 use crate::ws;
 
-/// What all shards share: read-mostly, or atomics.
-pub(crate) struct Shared {
+/// What every shard (and the API) shares: read-mostly configuration and lock-free tables.
+pub(crate) struct Env {
     pub(crate) ctx: Arc<Context>,
     pub(crate) owners: Arc<Owners>,
-    pub(crate) mesh: Mesh,
-    pub(crate) writer: Writer<AckRef>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shadows: Arc<Shadows>,
-    /// Every uplink record line, for `GET /v1/uplinks`; sent only while someone listens.
-    pub(crate) uplink_feed: broadcast::Sender<Arc<str>>,
-    pub(crate) draining: AtomicBool,
     pub(crate) max_connections: usize,
     /// Connections echo instead of speaking Link (`serve --echo`, for Autobahn).
     pub(crate) echo: bool,
@@ -51,9 +65,59 @@ pub(crate) struct Shared {
     pub(crate) flush_delay: Duration,
 }
 
-impl Shared {
+impl Env {
     pub(crate) fn registry(&self) -> &Registry {
         &self.ctx.registry
+    }
+}
+
+/// An uplink waiting for its commit, and the reply it unblocks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AckRef {
+    pub(crate) conn: ConnRef,
+    pub(crate) token: AckToken,
+}
+
+/// A message to a shard from another thread (another shard, or the API).
+pub(crate) enum ShardMsg<R> {
+    /// Another connection took `device` over from `conn`.
+    TakenOver { conn: ConnRef, device: DeviceId },
+    /// A downlink for the device owned by `conn`; its outcome goes to `reply`.
+    Downlink {
+        conn: ConnRef,
+        downlink: Downlink,
+        started: Instant,
+        reply: R,
+    },
+    /// Stop accepting, close every connection with 1001, commit what is batched.
+    Drain,
+}
+
+/// What the core asks its driver to do.
+pub(crate) enum Action<R> {
+    /// Deliver `msg` to shard `shard` (never this one).
+    Send { shard: u8, msg: ShardMsg<R> },
+    /// A downlink is over: hand `outcome` to whoever waits on `reply`.
+    Answer { reply: R, outcome: Outcome },
+    /// Write these batches to the shard's log partition as one append, then call
+    /// [`ShardCore::committed`] with the commit and the result.
+    Append(Commit),
+}
+
+/// Batches on their way to the log, in order; handed back to [`ShardCore::committed`].
+#[derive(Debug, Default)]
+pub(crate) struct Commit {
+    pub(crate) batches: Vec<Batch<AckRef>>,
+}
+
+impl Commit {
+    /// The encoded record lines of each batch, in order.
+    pub(crate) fn payloads(&self) -> impl Iterator<Item = &[u8]> {
+        self.batches.iter().map(|b| b.bytes.as_slice())
+    }
+
+    pub(crate) fn records(&self) -> usize {
+        self.batches.iter().map(|b| b.records).sum()
     }
 }
 
@@ -175,73 +239,99 @@ impl<D> Conn<D> {
     }
 }
 
-/// A downlink from the API waiting for the device.
-struct Waiter {
-    reply: oneshot::Sender<Outcome>,
+/// A downlink waiting for the device.
+struct Waiter<R> {
+    reply: R,
     started: Instant,
     method: crate::protocol::ServerMethod,
 }
 
-pub(crate) struct ShardCore<D> {
+pub(crate) struct ShardCore<D, R> {
     pub(crate) id: u8,
-    pub(crate) shared: Arc<Shared>,
+    env: Arc<Env>,
     state: ShardState,
     /// Boxed: a slab doubles its capacity, and a few hundred bytes per empty slot would add
     /// up to more than the connections themselves at tens of thousands of sockets.
     conns: Slab<Box<Conn<D>>>,
     generation: u32,
     batcher: Batcher<AckRef>,
-    /// Batches the writer's queue refused; retried first.
-    backlog: Vec<Batch<AckRef>>,
-    /// Batches handed to the writer and not committed yet. With none in flight a record is
-    /// written at once; while one is, records gather into the next batch (group commit), so
-    /// batching costs latency only when there is load to batch.
-    inflight: usize,
-    waiters: HashMap<u64, Waiter>,
+    /// A commit is with the driver and not acknowledged yet (at most one).
+    committing: bool,
+    /// Full batches taken while a commit was in flight; they go with the next commit.
+    queued: Vec<Batch<AckRef>>,
+    /// The last commit's vector, reused.
+    spare_commit: Vec<Batch<AckRef>>,
+    waiters: HashMap<u64, Waiter<R>>,
     next_token: u64,
     timers: BTreeSet<(Instant, usize)>,
     ready: Vec<usize>,
-    /// This shard's own mesh sender, for the writer's completion callbacks.
-    inbox: mpsc::UnboundedSender<ShardMsg>,
-    record_buf: Vec<u8>,
-    /// When this shard last published its counters, and whether they changed since.
-    last_publish: Option<Instant>,
+    actions: std::collections::VecDeque<Action<R>>,
+    draining: bool,
+    /// Drain has closed every connection.
+    closed_all: bool,
+    /// Plaintext of a TLS connection's transmit, before encryption; reused.
+    tls_scratch: Vec<u8>,
+    /// Wall-clock milliseconds at `wall_anchor.0` (see [`ShardCore::set_wall_clock`]).
+    wall_anchor: (Instant, u64),
+    /// When this shard publishes its counters next, if they changed.
+    next_publish: Instant,
     stats_dirty: bool,
 }
 
-impl<D> ShardCore<D> {
-    pub(crate) fn new(id: u8, shared: Arc<Shared>) -> Self {
-        let presence = Arc::new(OwnersPresence(Arc::clone(&shared.owners)));
-        let inbox = shared.mesh.sender(id);
+impl<D, R> ShardCore<D, R> {
+    /// A shard with no connections; `now` and `wall_ms` anchor the wall clock.
+    pub(crate) fn new(id: u8, env: Arc<Env>, now: Instant, wall_ms: u64) -> Self {
+        let presence = Arc::new(OwnersPresence(Arc::clone(&env.owners)));
         Self {
             id,
-            batcher: Batcher::new(shared.batch_max, shared.flush_delay),
-            shared,
+            batcher: Batcher::new(env.batch_max, env.flush_delay),
+            env,
             state: ShardState::new(presence),
             conns: Slab::new(),
             generation: 0,
-            backlog: Vec::new(),
-            inflight: 0,
+            committing: false,
+            queued: Vec::new(),
+            spare_commit: Vec::new(),
             waiters: HashMap::new(),
             next_token: 0,
             timers: BTreeSet::new(),
             ready: Vec::new(),
-            inbox,
-            record_buf: Vec::new(),
-            last_publish: None,
+            actions: std::collections::VecDeque::new(),
+            draining: false,
+            closed_all: false,
+            tls_scratch: Vec::new(),
+            wall_anchor: (now, wall_ms),
+            next_publish: now,
             stats_dirty: false,
         }
+    }
+
+    /// The wall clock reads `wall_ms` at `now`. Records are stamped with the anchor plus the
+    /// monotonic time since, so the driver re-anchors now and then (once per loop turn is
+    /// plenty) and a stepped system clock is followed at the next anchor.
+    pub(crate) fn set_wall_clock(&mut self, now: Instant, wall_ms: u64) {
+        self.wall_anchor = (now, wall_ms);
+    }
+
+    fn wall_ms(&self, now: Instant) -> u64 {
+        let (at, ms) = self.wall_anchor;
+        ms + now.saturating_duration_since(at).as_millis() as u64
+    }
+
+    /// The next thing the driver must do, in the order the core decided it.
+    pub(crate) fn poll_action(&mut self) -> Option<Action<R>> {
+        self.actions.pop_front()
     }
 
     /// A new connection from `peer`; None when the process is at `max_connections` or
     /// draining (the driver drops the socket).
     pub(crate) fn accept(&mut self, peer: SocketAddr, now: Instant, io: D) -> Option<usize> {
-        let m = &self.shared.metrics;
-        if self.shared.draining.load(Ordering::Relaxed) {
+        let m = &self.env.metrics;
+        if self.draining {
             return None;
         }
         let open = m.connections_open.fetch_add(1, Ordering::Relaxed);
-        if open as usize >= self.shared.max_connections || self.conns.len() >= ConnRef::MAX_SLOT {
+        if open as usize >= self.env.max_connections || self.conns.len() >= ConnRef::MAX_SLOT {
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
             m.connections_rejected.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -251,12 +341,12 @@ impl<D> ShardCore<D> {
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
         let me = ConnRef::new(self.id, slot, self.generation);
-        let machine = if self.shared.echo {
-            Machine::Echo(ws::Echo::new(self.shared.ctx.config.limits))
+        let machine = if self.env.echo {
+            Machine::Echo(ws::Echo::new(self.env.ctx.config.limits))
         } else {
-            Machine::Link(Session::new(Arc::clone(&self.shared.ctx), peer.ip(), now))
+            Machine::Link(Session::new(Arc::clone(&self.env.ctx), peer.ip(), now))
         };
-        let tls = match &self.shared.tls {
+        let tls = match &self.env.tls {
             Some(config) => match rustls::ServerConnection::new(Arc::clone(config)) {
                 Ok(conn) => Some(Box::new(Tls {
                     conn,
@@ -294,7 +384,7 @@ impl<D> ShardCore<D> {
                 if let Err(handshaking) = tls_input(tls, input) {
                     tls.failed = true;
                     if handshaking {
-                        self.shared
+                        self.env
                             .metrics
                             .tls_handshake_errors
                             .fetch_add(1, Ordering::Relaxed);
@@ -310,7 +400,6 @@ impl<D> ShardCore<D> {
         };
         self.stats_dirty = true;
         self.after(slot, now);
-        self.flush_if_due(now);
         n
     }
 
@@ -322,13 +411,13 @@ impl<D> ShardCore<D> {
         let Some(tls) = c.tls.as_deref_mut() else {
             return c.machine.transmit(out);
         };
-        let mut plain = std::mem::take(&mut self.record_buf);
+        let mut plain = std::mem::take(&mut self.tls_scratch);
         plain.clear();
         if c.machine.transmit(&mut plain) && !tls.failed {
             // rustls buffers what it cannot encrypt yet (before the handshake is done).
             let _ = std::io::Write::write_all(&mut tls.conn.writer(), &plain);
         }
-        self.record_buf = plain;
+        self.tls_scratch = plain;
         if c.machine.is_closed() && !tls.failed {
             tls.conn.send_close_notify();
         }
@@ -365,7 +454,7 @@ impl<D> ShardCore<D> {
 
     /// Counts a connection whose driver stopped reading it (`ringlink_reads_paused_total`).
     pub(crate) fn note_paused(&self) {
-        self.shared
+        self.env
             .metrics
             .reads_paused
             .fetch_add(1, Ordering::Relaxed);
@@ -398,7 +487,7 @@ impl<D> ShardCore<D> {
             self.timers.remove(&(t, slot));
         }
         self.ready.retain(|s| *s != slot);
-        self.shared
+        self.env
             .metrics
             .connections_open
             .fetch_sub(1, Ordering::Relaxed);
@@ -415,16 +504,12 @@ impl<D> ShardCore<D> {
         out.append(&mut self.ready);
     }
 
-    /// The earliest connection timer or batch deadline.
-    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+    /// The earliest connection timer, batch deadline or counter publication.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let conn = self.timers.first().map(|t| t.0);
         let batch = self.batcher.poll_timeout();
-        let retry = (!self.backlog.is_empty()).then(|| Instant::now() + Duration::from_millis(1));
-        let publish = self.stats_dirty.then(|| {
-            self.last_publish
-                .map_or_else(Instant::now, |t| t + PUBLISH_EVERY)
-        });
-        [conn, batch, retry, publish].into_iter().flatten().min()
+        let publish = self.stats_dirty.then_some(self.next_publish);
+        [conn, batch, publish].into_iter().flatten().min()
     }
 
     /// Runs every timer due at `now`: session timers, the batch deadline, metrics publishing.
@@ -444,29 +529,27 @@ impl<D> ShardCore<D> {
                 self.after(slot, now);
             }
         }
-        self.flush_if_due(now);
-        if self.stats_dirty
-            && self
-                .last_publish
-                .is_none_or(|t| now.duration_since(t) >= PUBLISH_EVERY)
-        {
-            self.last_publish = Some(now);
+        if self.batcher.poll_timeout().is_some_and(|t| t <= now) {
+            self.end_turn(now);
+        }
+        if self.stats_dirty && now >= self.next_publish {
+            self.next_publish = now + PUBLISH_EVERY;
             self.stats_dirty = false;
-            self.shared
+            self.env
                 .metrics
                 .publish(usize::from(self.id), &self.state.stats);
         }
     }
 
     /// Handles a message from another thread.
-    pub(crate) fn on_message(&mut self, msg: ShardMsg, now: Instant) {
+    pub(crate) fn on_message(&mut self, msg: ShardMsg<R>, now: Instant) {
         match msg {
             ShardMsg::TakenOver { conn, device } => {
-                if let Some(s) = self
-                    .live_slot(conn)
-                    .and_then(|k| self.conns[k].machine.link())
-                {
-                    s.handle_taken_over(device);
+                if let Some(slot) = self.live_slot(conn) {
+                    if let Some(s) = self.conns[slot].machine.link() {
+                        s.handle_taken_over(device);
+                    }
+                    self.after(slot, now);
                 }
             }
             ShardMsg::Downlink {
@@ -475,109 +558,114 @@ impl<D> ShardCore<D> {
                 started,
                 reply,
             } => {
+                let method = downlink.request.method();
+                let waiter = Waiter {
+                    reply,
+                    started,
+                    method,
+                };
                 let Some(slot) = self.live_slot(conn) else {
-                    let method = downlink.request.method();
-                    self.finish_waiter(
-                        Waiter {
-                            reply,
-                            started,
-                            method,
-                        },
-                        Outcome::failed(Code::DeviceOffline),
-                        now,
-                    );
+                    self.finish_waiter(waiter, Outcome::failed(Code::DeviceOffline), now);
                     return;
                 };
                 self.next_token += 1;
                 downlink.token = self.next_token;
-                let method = downlink.request.method();
-                self.waiters.insert(
-                    downlink.token,
-                    Waiter {
-                        reply,
-                        started,
-                        method,
-                    },
-                );
+                self.waiters.insert(downlink.token, waiter);
                 if let Some(s) = self.conns[slot].machine.link() {
                     s.send_downlink(downlink, now, &mut self.state);
                 }
                 self.after(slot, now);
-                self.drain_events(slot, now);
-            }
-            ShardMsg::Committed { mut batch, result } => {
-                let code = match &result {
-                    Ok(()) => Code::Success,
-                    Err(_) => {
-                        self.shared
-                            .metrics
-                            .uplinks_failed
-                            .fetch_add(batch.records as u64, Ordering::Relaxed);
-                        Code::Unknown
-                    }
-                };
-                for ack in batch.acks.drain(..) {
-                    if let Some(slot) = self.live_slot(ack.conn) {
-                        if let Some(s) = self.conns[slot].machine.link() {
-                            s.ack(ack.token, code);
-                        }
-                        self.after(slot, now);
-                    }
-                }
-                self.batcher.recycle(batch);
-                self.inflight = self.inflight.saturating_sub(1);
-                if self.inflight == 0 && !self.batcher.is_empty() {
-                    // What gathered while the writer was busy goes now, as one batch.
-                    self.flush_uplinks(now, true);
-                }
             }
             ShardMsg::Drain => self.drain(now),
         }
     }
 
-    /// Closes every connection with 1001 and flushes the uplink batch.
+    /// Every connection fed in for this turn of the driver's loop has been read: with no
+    /// commit in flight, what is batched goes to the log now, as one commit.
+    pub(crate) fn end_turn(&mut self, now: Instant) {
+        if self.committing {
+            return;
+        }
+        if let Some(batch) = self.batcher.take(now, true) {
+            self.queued.push(batch);
+        }
+        if self.queued.is_empty() {
+            return;
+        }
+        let mut batches = std::mem::take(&mut self.spare_commit);
+        batches.append(&mut self.queued);
+        for b in &batches {
+            self.env.metrics.batch_sizes.observe(b.records as f64);
+        }
+        self.committing = true;
+        self.actions.push_back(Action::Append(Commit { batches }));
+    }
+
+    /// The driver wrote `commit` to the log (`Ok`: durable per the fsync policy): the devices
+    /// waiting on its records are answered (success, or 100000 when the write failed), and
+    /// what gathered meanwhile goes out as the next commit.
+    pub(crate) fn committed(
+        &mut self,
+        mut commit: Commit,
+        result: Result<(), UplinkError>,
+        now: Instant,
+    ) {
+        let code = if result.is_ok() {
+            Code::Success
+        } else {
+            self.env
+                .metrics
+                .uplinks_failed
+                .fetch_add(commit.records() as u64, Ordering::Relaxed);
+            Code::Unknown
+        };
+        for mut batch in commit.batches.drain(..) {
+            for ack in batch.acks.drain(..) {
+                if let Some(slot) = self.live_slot(ack.conn) {
+                    if let Some(s) = self.conns[slot].machine.link() {
+                        s.ack(ack.token, code);
+                    }
+                    self.after(slot, now);
+                }
+            }
+            self.batcher.recycle(batch);
+        }
+        self.spare_commit = commit.batches;
+        self.committing = false;
+        self.end_turn(now);
+        self.close_all_when_committed(now);
+    }
+
+    /// Stops accepting, commits what is batched, and once that commit is acknowledged (its
+    /// devices answered) closes every connection with 1001.
     pub(crate) fn drain(&mut self, now: Instant) {
+        self.draining = true;
+        self.end_turn(now);
+        self.close_all_when_committed(now);
+    }
+
+    fn close_all_when_committed(&mut self, now: Instant) {
+        if !self.draining || self.committing || self.closed_all {
+            return;
+        }
+        self.closed_all = true;
         let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for slot in slots {
             self.conns[slot].machine.shutdown();
             self.after(slot, now);
-            self.drain_events(slot, now);
         }
-        self.flush_uplinks(now, true);
+        // Offline records of the devices on them: one last commit.
+        self.end_turn(now);
     }
 
-    /// Number of connections on this shard.
-    pub(crate) fn len(&self) -> usize {
-        self.conns.len()
-    }
-
-    /// Hands the current batch to the writer when it is due (or `force`).
-    pub(crate) fn flush_uplinks(&mut self, now: Instant, force: bool) {
-        let mut pending = std::mem::take(&mut self.backlog);
-        if let Some(batch) = self.batcher.take(now, force) {
-            pending.push(batch);
-        }
-        for batch in pending {
-            self.shared
-                .metrics
-                .batch_sizes
-                .observe(batch.records as f64);
-            let inbox = self.inbox.clone();
-            let done = Box::new(move |batch, result| {
-                // The shard is gone only at shutdown, after its last batch: nothing to ack.
-                let _ = inbox.send(ShardMsg::Committed { batch, result });
-            });
-            match self.shared.writer.submit(batch, done) {
-                Ok(()) => self.inflight += 1,
-                Err(batch) => self.backlog.push(batch),
-            }
-        }
-    }
-
-    fn flush_if_due(&mut self, now: Instant) {
-        if self.batcher.poll_timeout().is_some_and(|t| t <= now) || !self.backlog.is_empty() {
-            self.flush_uplinks(now, false);
-        }
+    /// Whether the shard may stop: drained, every connection gone, nothing left to commit.
+    pub(crate) fn is_done(&self) -> bool {
+        self.draining
+            && self.conns.is_empty()
+            && !self.committing
+            && self.queued.is_empty()
+            && self.batcher.is_empty()
+            && self.actions.is_empty()
     }
 
     /// After any call into a session: apply its events, re-arm its timer, and flag it for the
@@ -587,7 +675,7 @@ impl<D> ShardCore<D> {
             return;
         }
         self.drain_events(slot, now);
-        let linger = self.shared.ctx.config.pong_timeout;
+        let linger = self.env.ctx.config.pong_timeout;
         let c = &mut self.conns[slot];
         let closed = c.is_closed();
         let next = if closed {
@@ -613,17 +701,23 @@ impl<D> ShardCore<D> {
             .tls
             .as_ref()
             .is_some_and(|t| t.conn.wants_write() || t.failed);
-        let act = c.machine.has_transmit() || closed || tls_out;
-        if act && !c.flagged {
-            c.flagged = true;
-            self.ready.push(slot);
+        if c.machine.has_transmit() || closed || tls_out {
+            self.flag(slot);
+        }
+    }
+
+    /// Puts `slot` on the ready list for the driver, once.
+    fn flag(&mut self, slot: usize) {
+        if let Some(c) = self.conns.get_mut(slot) {
+            if !c.flagged {
+                c.flagged = true;
+                self.ready.push(slot);
+            }
         }
     }
 
     fn drain_events(&mut self, slot: usize, now: Instant) {
-        // Read once, and only when there is an event: most calls (an ack) have none.
-        let mut wall_ms = None;
-        let mut wall = || *wall_ms.get_or_insert_with(unix_ms);
+        let wall = self.wall_ms(now);
         while let Some(event) = self
             .conns
             .get_mut(slot)
@@ -636,39 +730,20 @@ impl<D> ShardCore<D> {
             };
             match event {
                 Event::Online { device, ack } => {
-                    if let Some(previous) = self.shared.owners.claim(device, me) {
-                        if previous.shard() == self.id {
-                            let old = self.live_slot(previous);
-                            if let Some(s) = old.and_then(|k| self.conns[k].machine.link()) {
-                                s.handle_taken_over(device);
-                            }
-                        } else {
-                            self.shared.mesh.send(
-                                previous.shard(),
-                                ShardMsg::TakenOver {
-                                    conn: previous,
-                                    device,
-                                },
-                            );
-                        }
+                    if let Some(previous) = self.env.owners.claim(device, me) {
+                        self.taken_over(previous, device);
                     }
-                    self.shared.shadows.online(device, peer, wall());
-                    self.shared
-                        .metrics
-                        .uplinks_online
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.env.shadows.online(device, peer, wall);
+                    self.state.stats.uplinks[2] += 1;
                     let ack = ack.map(|token| AckRef { conn: me, token });
-                    self.push_record(device, wall(), RecordBody::Online { peer }, ack, now);
+                    self.push_record(device, wall, RecordBody::Online { peer }, ack, now);
                 }
                 Event::Offline { device, ack } => {
-                    if self.shared.owners.release(device, me) {
-                        self.shared.shadows.offline(device, wall());
-                        self.shared
-                            .metrics
-                            .uplinks_offline
-                            .fetch_add(1, Ordering::Relaxed);
+                    if self.env.owners.release(device, me) {
+                        self.env.shadows.offline(device, wall);
+                        self.state.stats.uplinks[3] += 1;
                         let ack = ack.map(|token| AckRef { conn: me, token });
-                        self.push_record(device, wall(), RecordBody::Offline, ack, now);
+                        self.push_record(device, wall, RecordBody::Offline, ack, now);
                     } else if let Some(token) = ack {
                         // Taken over meanwhile: no offline uplink is due, answer at once.
                         if let Some(s) = self.conns[slot].machine.link() {
@@ -682,35 +757,24 @@ impl<D> ShardCore<D> {
                         token: ack,
                     });
                     let device = uplink.device;
-                    match &uplink.kind {
+                    let body = match &uplink.kind {
                         UplinkKind::Property => {
-                            self.shared
-                                .metrics
-                                .uplinks_property
-                                .fetch_add(1, Ordering::Relaxed);
-                            self.shared
-                                .shadows
-                                .properties(device, &uplink.values, wall());
-                            let body = RecordBody::Property {
+                            self.state.stats.uplinks[0] += 1;
+                            self.env.shadows.properties(device, &uplink.values, wall);
+                            RecordBody::Property {
                                 values: &uplink.values,
-                            };
-                            self.push_record(device, wall(), body, ack, now);
+                            }
                         }
                         UplinkKind::Event(id) => {
-                            self.shared
-                                .metrics
-                                .uplinks_event
-                                .fetch_add(1, Ordering::Relaxed);
-                            self.shared
-                                .shadows
-                                .event(device, id, &uplink.values, wall());
-                            let body = RecordBody::Event {
+                            self.state.stats.uplinks[1] += 1;
+                            self.env.shadows.event(device, id, &uplink.values, wall);
+                            RecordBody::Event {
                                 identifier: id,
                                 values: &uplink.values,
-                            };
-                            self.push_record(device, wall(), body, ack, now);
+                            }
                         }
-                    }
+                    };
+                    self.push_record(device, wall, body, ack, now);
                 }
                 Event::DownlinkDone { token, outcome } => {
                     if let Some(w) = self.waiters.remove(&token) {
@@ -718,6 +782,27 @@ impl<D> ShardCore<D> {
                     }
                 }
             }
+        }
+    }
+
+    /// `device` came online elsewhere: tell its previous connection, here or on its shard.
+    fn taken_over(&mut self, previous: ConnRef, device: DeviceId) {
+        if previous.shard() != self.id {
+            let msg = ShardMsg::TakenOver {
+                conn: previous,
+                device,
+            };
+            self.actions.push_back(Action::Send {
+                shard: previous.shard(),
+                msg,
+            });
+        } else if let Some(old) = self.live_slot(previous) {
+            if let Some(s) = self.conns[old].machine.link() {
+                s.handle_taken_over(device);
+            }
+            // Not `after`: that would drain `old`'s events while this call drains another
+            // connection's; the flag is enough, its events wait for its next call.
+            self.flag(old);
         }
     }
 
@@ -729,46 +814,41 @@ impl<D> ShardCore<D> {
         ack: Option<AckRef>,
         now: Instant,
     ) {
-        let registry = self.shared.registry();
+        let registry = self.env.registry();
         let record = Record {
             at_ms,
             product_key: registry.product_key(device),
             device_name: registry.device_name(device),
             body,
         };
-        let feed = &self.shared.uplink_feed;
-        let record_buf = &mut self.record_buf;
-        let full = self.batcher.push(now, ack, |out| {
-            let start = out.len();
-            uplink::encode(&record, out);
-            if feed.receiver_count() > 0 {
-                record_buf.clear();
-                record_buf.extend_from_slice(&out[start..]);
-                if let Ok(line) = std::str::from_utf8(record_buf) {
-                    let _ = feed.send(Arc::from(line.trim_end()));
-                }
-            }
-        });
+        let full = self
+            .batcher
+            .push(now, ack, |out| uplink::encode(&record, out));
         if full {
-            self.flush_uplinks(now, false);
+            // A full batch waits for the next commit with the others; the driver's end of
+            // turn (or the commit in flight) sends it.
+            if let Some(batch) = self.batcher.take(now, true) {
+                self.queued.push(batch);
+            }
         }
-        // Otherwise the driver's flusher hands the batch over once this turn of its event loop
-        // has read every ready connection (see `flush_wanted`), or the batch deadline does.
     }
 
-    /// Whether records wait while none of this shard's batches is at the writer: the driver
-    /// should flush soon, after reading what else is ready now, so that one batch carries it.
-    pub(crate) fn flush_wanted(&self) -> bool {
-        self.inflight == 0 && !self.batcher.is_empty()
+    /// Whether records wait for a commit the driver should start at the end of this turn.
+    pub(crate) fn commit_wanted(&self) -> bool {
+        let waiting = !self.batcher.is_empty() || !self.queued.is_empty();
+        waiting && !self.committing
     }
 
-    fn finish_waiter(&self, w: Waiter, outcome: Outcome, now: Instant) {
-        self.shared.metrics.downlink_done(
+    fn finish_waiter(&mut self, w: Waiter<R>, outcome: Outcome, now: Instant) {
+        self.env.metrics.downlink_done(
             w.method,
             outcome.code,
             now.saturating_duration_since(w.started),
         );
-        let _ = w.reply.send(outcome);
+        self.actions.push_back(Action::Answer {
+            reply: w.reply,
+            outcome,
+        });
     }
 
     /// The slot of `conn` if that connection is still open on this shard.
@@ -816,3 +896,6 @@ pub(crate) fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests;

@@ -19,20 +19,25 @@ use tokio::sync::Notify;
 use tokio::task::{spawn_local, LocalSet};
 
 use crate::shard::core::ShardCore;
+use crate::shard::mesh::Reply;
+use crate::shard::partition::ShardLog;
 use crate::shard::{
-    accept_backoff, flusher, inbox_loop, timers, ShardLocal, ShardRun, ShardWakers,
+    accept_backoff, flusher, inbox_loop, timers, ShardLocal, ShardRun, ShardWakers, Shared,
 };
+use std::sync::Arc;
 
 /// The driver's handle on one connection: how to wake its task.
 pub(crate) struct EpollConn {
     wake: Rc<Notify>,
 }
 
-type Core = Rc<RefCell<ShardCore<EpollConn>>>;
+type Core = Rc<RefCell<ShardCore<EpollConn, Reply>>>;
 
 /// What the tasks of one shard share besides the core.
 struct Local {
     core: Core,
+    log: RefCell<ShardLog>,
+    shared: Arc<Shared>,
     wakers: ShardWakers,
     /// The shard's receive buffer; never borrowed across an await.
     read_buf: RefCell<Vec<u8>>,
@@ -41,7 +46,7 @@ struct Local {
 }
 
 impl ShardLocal<EpollConn> for Local {
-    fn core(&self) -> &RefCell<ShardCore<EpollConn>> {
+    fn core(&self) -> &RefCell<ShardCore<EpollConn, Reply>> {
         &self.core
     }
 
@@ -49,8 +54,16 @@ impl ShardLocal<EpollConn> for Local {
         &self.wakers
     }
 
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn log(&self) -> &RefCell<ShardLog> {
+        &self.log
+    }
+
     /// Wakes every connection the core flagged, and the timer task.
-    fn after_core_call(self: &Rc<Self>) {
+    fn act_on_ready(self: &Rc<Self>) {
         let mut ready = self.ready.borrow_mut();
         let mut core = self.core.borrow_mut();
         core.take_ready(&mut ready);
@@ -59,8 +72,6 @@ impl ShardLocal<EpollConn> for Local {
                 c.wake.notify_one();
             }
         }
-        drop(core);
-        self.kick_tasks();
     }
 }
 
@@ -71,6 +82,8 @@ pub(crate) fn run(run: ShardRun<EpollConn>) -> io::Result<()> {
         .build()?;
     let ShardRun {
         core,
+        log,
+        shared,
         listener,
         inbox,
         read_buf_bytes,
@@ -80,6 +93,8 @@ pub(crate) fn run(run: ShardRun<EpollConn>) -> io::Result<()> {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let local = Rc::new(Local {
             core: Rc::new(RefCell::new(core)),
+            log: RefCell::new(log),
+            shared,
             wakers: ShardWakers::default(),
             read_buf: RefCell::new(vec![0; read_buf_bytes]),
             ready: RefCell::new(Vec::new()),
@@ -112,8 +127,7 @@ async fn accept(local: Rc<Local>, listener: tokio::net::TcpListener) {
                 local.after_core_call();
             }
             Err(e) => {
-                let shared = std::sync::Arc::clone(&local.core.borrow().shared);
-                accept_backoff(&shared, &e).await;
+                accept_backoff(&local.shared, &e).await;
             }
         }
     }

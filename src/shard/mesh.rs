@@ -1,70 +1,88 @@
-//! The one crossing point between threads: a channel into each shard.
+//! The one crossing point between threads: an inbox into each shard.
 //!
-//! Everything that must reach a connection from elsewhere (a takeover notice from another shard,
-//! a downlink from the API, the writer thread's "this batch is durable") is a [`ShardMsg`] sent
-//! to the shard that owns the connection. Shards never touch each other's connections.
+//! Everything that must reach a connection from elsewhere (a takeover notice from another
+//! shard, a downlink from the API, drain) is a [`Msg`] sent to the shard that owns the
+//! connection. Shards never touch each other's connections, and nothing on a report's path
+//! crosses here: a report is read, committed to the shard's own log partition and answered on
+//! the shard's thread.
 //!
 //! The channels are unbounded on purpose: what flows through them is already bounded upstream
-//! (commits by the writer's queue, takeovers by the number of devices, downlinks by the API's
-//! concurrency limit), and a send must never block a shard or drop an acknowledgement.
+//! (takeovers by the number of devices, downlinks by the API's concurrency limit), and a send
+//! must never block a shard.
+//!
+//! A driver whose loop does not wait on the channel itself (the io_uring loop waits in the
+//! kernel) registers a wake function with [`Mesh::on_send`]; it runs after every send.
 
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::registry::{ConnRef, DeviceId};
-use crate::session::{AckToken, Downlink, Outcome};
-use crate::uplink::{Batch, UplinkError};
+use crate::session::Outcome;
+use crate::shard::core::ShardMsg;
 
-/// An uplink waiting for its batch to be durable, and the reply it unblocks.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AckRef {
-    pub(crate) conn: ConnRef,
-    pub(crate) token: AckToken,
-}
+/// Where a downlink's outcome goes: the API request waiting for it.
+pub(crate) type Reply = oneshot::Sender<Outcome>;
 
-/// A message to one shard.
-pub(crate) enum ShardMsg {
-    /// Another connection took `device` over from `conn`.
-    TakenOver { conn: ConnRef, device: DeviceId },
-    /// A downlink for the device owned by `conn`.
-    Downlink {
-        conn: ConnRef,
-        downlink: Downlink,
-        started: Instant,
-        reply: oneshot::Sender<Outcome>,
-    },
-    /// The writer finished a batch this shard submitted.
-    Committed {
-        batch: Batch<AckRef>,
-        result: Result<(), UplinkError>,
-    },
-    /// Stop accepting, close every connection with 1001, flush uplinks.
-    Drain,
+/// A message to one shard, as the mesh carries it.
+pub(crate) type Msg = ShardMsg<Reply>;
+
+type WakeFn = Box<dyn Fn() + Send + Sync>;
+
+/// One shard's inbox.
+struct Inbox {
+    tx: mpsc::UnboundedSender<Msg>,
+    wake: OnceLock<WakeFn>,
 }
 
 /// Senders into every shard, indexed by shard id.
 #[derive(Clone)]
 pub(crate) struct Mesh {
-    shards: Vec<mpsc::UnboundedSender<ShardMsg>>,
+    shards: Arc<[Inbox]>,
 }
 
 impl Mesh {
     /// A mesh of `n` shards and the receiving end of each.
-    pub(crate) fn new(n: usize) -> (Self, Vec<mpsc::UnboundedReceiver<ShardMsg>>) {
-        let (shards, receivers) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
-        (Self { shards }, receivers)
+    pub(crate) fn new(n: usize) -> (Self, Vec<mpsc::UnboundedReceiver<Msg>>) {
+        let (shards, receivers): (Vec<_>, Vec<_>) = (0..n)
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let inbox = Inbox {
+                    tx,
+                    wake: OnceLock::new(),
+                };
+                (inbox, rx)
+            })
+            .unzip();
+        (
+            Self {
+                shards: shards.into(),
+            },
+            receivers,
+        )
     }
 
     /// Sends to shard `shard`; false when that shard has stopped.
-    pub(crate) fn send(&self, shard: u8, msg: ShardMsg) -> bool {
-        self.shards
-            .get(usize::from(shard))
-            .is_some_and(|tx| tx.send(msg).is_ok())
+    pub(crate) fn send(&self, shard: u8, msg: Msg) -> bool {
+        let Some(inbox) = self.shards.get(usize::from(shard)) else {
+            return false;
+        };
+        if inbox.tx.send(msg).is_err() {
+            return false;
+        }
+        if let Some(wake) = inbox.wake.get() {
+            wake();
+        }
+        true
     }
 
-    pub(crate) fn sender(&self, shard: u8) -> mpsc::UnboundedSender<ShardMsg> {
-        self.shards[usize::from(shard)].clone()
+    // Used by the io_uring loop, which is being brought in (see `shard::ring`).
+    #[allow(dead_code)]
+    /// Makes every later send to `shard` call `wake` after queueing its message (once per
+    /// shard; a second registration is ignored).
+    pub(crate) fn on_send(&self, shard: u8, wake: WakeFn) {
+        if let Some(inbox) = self.shards.get(usize::from(shard)) {
+            let _ = inbox.wake.set(wake);
+        }
     }
 
     pub(crate) fn len(&self) -> usize {

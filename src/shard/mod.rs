@@ -1,18 +1,20 @@
-//! Shards: one thread per core, each with its own runtime, its own `SO_REUSEPORT` listener and
-//! its own connections. Two drivers run the same [`core::ShardCore`]: io_uring (tokio-uring)
-//! and epoll (tokio current-thread), picked at start.
+//! Shards: one thread per core, each with its own loop, its own `SO_REUSEPORT` listener, its
+//! own connections and its own uplink log partition. Two drivers run the same sans-IO
+//! [`core::ShardCore`]: io_uring and epoll (tokio current-thread), picked at start.
 //!
-//! Threads only meet at [`mesh`] (a channel into each shard), the ownership table
-//! ([`crate::registry::Owners`]), the uplink writer thread and a few atomics. A connection never
-//! moves between shards: the kernel spreads new connections over the listeners, and work that
-//! belongs to a connection (a takeover notice, a downlink, an ack) is sent to its shard. We
-//! chose not to steal work: a device connection's cost is tiny and steady, so the balance the
-//! kernel's reuseport hashing gives is good enough, and every connection stays on one thread
-//! with no locks on its path.
+//! A report never leaves its shard's thread: it is read, batched, written to the shard's log
+//! partition ([`partition`]) and answered there. Threads only meet at [`mesh`] (an inbox into
+//! each shard, for takeovers across shards, downlinks and drain), the ownership table
+//! ([`crate::registry::Owners`], lock-free), shadows and metrics. A connection never moves
+//! between shards: the kernel spreads new connections over the listeners. We chose not to
+//! steal work: a device connection's cost is tiny and steady, so the balance the kernel's
+//! reuseport hashing gives is good enough, and every connection stays on one thread with no
+//! locks on its path.
 
 pub(crate) mod core;
 mod epoll;
 pub(crate) mod mesh;
+mod partition;
 mod uring;
 
 use std::cell::{Cell, RefCell};
@@ -20,7 +22,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,9 +35,53 @@ use crate::metrics::Metrics;
 use crate::registry::{Owners, Registry};
 use crate::session::{self, Context};
 use crate::shadow::Shadows;
-use crate::shard::core::{ShardCore, Shared};
-use crate::shard::mesh::{AckRef, Mesh, ShardMsg};
-use crate::uplink::{LocalLog, LogOptions, UplinkError, Writer};
+use crate::shard::core::{Action, Env, ShardCore, ShardMsg};
+use crate::shard::mesh::{Mesh, Msg, Reply};
+use crate::shard::partition::ShardLog;
+use crate::uplink::{partition_dir, LocalLog, LogOptions, UplinkError};
+
+/// What the shards' threads and the API share.
+pub(crate) struct Shared {
+    pub(crate) env: Arc<Env>,
+    pub(crate) mesh: Mesh,
+    /// Every committed uplink record line, for `GET /v1/uplinks`; sent only while someone
+    /// listens.
+    pub(crate) uplink_feed: broadcast::Sender<Arc<str>>,
+    pub(crate) draining: AtomicBool,
+    pub(crate) log_stats: LogStats,
+}
+
+impl Shared {
+    pub(crate) fn registry(&self) -> &Registry {
+        self.env.registry()
+    }
+}
+
+/// The uplink log's counters, over every partition; updated once per commit.
+#[derive(Debug)]
+pub(crate) struct LogStats {
+    /// Bytes on disk, per partition.
+    pub(crate) bytes: Box<[AtomicU64]>,
+    /// Commits (one write, and one fsync under `fsync = "batch"`, each).
+    pub(crate) writes: AtomicU64,
+    pub(crate) records: AtomicU64,
+    pub(crate) errors: AtomicU64,
+}
+
+impl LogStats {
+    fn new(partitions: usize) -> Self {
+        Self {
+            bytes: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            writes: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn total_bytes(&self) -> u64 {
+        self.bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+}
 
 /// Everything a server needs to start.
 #[derive(Debug, Clone)]
@@ -96,50 +142,54 @@ impl Server {
                 addr: opts.listen,
                 source,
             })?;
-        let (log, _recovery) = LocalLog::open(opts.log.clone())?;
-        let writer = Writer::spawn(Box::new(log), WRITER_QUEUE);
+        // Every partition opens (and recovers) before any shard starts.
+        let logs = (0..threads)
+            .map(|i| {
+                let part = LogOptions {
+                    dir: partition_dir(&opts.log.dir, i),
+                    max_bytes: (opts.log.max_bytes / threads as u64).max(1),
+                    ..opts.log.clone()
+                };
+                LocalLog::open(part).map(|(log, _recovery)| log)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let devices = opts.registry.len();
         let (mesh, inboxes) = Mesh::new(threads);
         let read_buf_bytes = opts.session.limits.max_message_bytes + 64;
-        let shared = Arc::new(Shared {
+        let env = Arc::new(Env {
             ctx: Arc::new(Context {
                 registry: opts.registry,
                 config: opts.session,
             }),
             owners: Arc::new(Owners::new(devices)),
-            mesh,
-            writer,
             metrics: Arc::new(Metrics::new(threads)),
             shadows: Arc::new(Shadows::new(devices)),
-            uplink_feed: broadcast::channel(4096).0,
-            draining: Default::default(),
             max_connections: opts.max_connections,
             echo: opts.echo,
             tls: opts.tls,
             batch_max: opts.batch_max,
             flush_delay: opts.flush_delay,
         });
+        let shared = Arc::new(Shared {
+            env,
+            mesh,
+            uplink_feed: broadcast::channel(4096).0,
+            draining: AtomicBool::new(false),
+            log_stats: LogStats::new(threads),
+        });
         let mut shards = Vec::with_capacity(threads);
-        for (i, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+        let parts = listeners.into_iter().zip(inboxes).zip(logs).enumerate();
+        for (i, ((listener, inbox), log)) in parts {
             let shared = Arc::clone(&shared);
             let name = format!("ringlink-shard-{i}");
             let handle = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || -> io::Result<()> {
-                    let id = i as u8;
+                    let log = ShardLog::new(log, i, Arc::clone(&shared));
+                    let parts = (i as u8, shared, log, listener, inbox, read_buf_bytes);
                     match driver {
-                        "uring" => uring::run(ShardRun {
-                            core: ShardCore::new(id, shared),
-                            listener,
-                            inbox,
-                            read_buf_bytes,
-                        }),
-                        _ => epoll::run(ShardRun {
-                            core: ShardCore::new(id, shared),
-                            listener,
-                            inbox,
-                            read_buf_bytes,
-                        }),
+                        "uring" => uring::run(ShardRun::new(parts)),
+                        _ => epoll::run(ShardRun::new(parts)),
                     }
                 })
                 .map_err(StartError::Thread)?;
@@ -154,8 +204,8 @@ impl Server {
         })
     }
 
-    /// Stops accepting, closes every connection with 1001 and flushes uplinks; returns at once.
-    /// [`Server::wait`] then returns when the shards are done.
+    /// Stops accepting, closes every connection with 1001 and commits what is batched; returns
+    /// at once. [`Server::wait`] then returns when the shards are done.
     pub fn drain(&self) {
         self.shared.draining.store(true, Ordering::SeqCst);
         for shard in 0..self.shared.mesh.len() {
@@ -167,40 +217,67 @@ impl Server {
         self.shared.draining.load(Ordering::SeqCst)
     }
 
-    /// Waits for every shard to stop (after [`Server::drain`]), stops the API (which answers
-    /// 503 on `/readyz` until then), then waits for the writer to write everything queued.
+    /// Waits for every shard to stop (after [`Server::drain`]; each commits everything it
+    /// batched before it stops), then stops the API (which answers 503 on `/readyz` until
+    /// then).
     pub fn wait(self, api: Option<crate::api::Api>) -> Result<(), UplinkError> {
+        let mut result = Ok(());
         for handle in self.shards {
             match handle.join() {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => eprintln!("ringlink: shard stopped with an error: {e}"),
-                Err(_) => eprintln!("ringlink: a shard thread panicked"),
+                Ok(Err(e)) => {
+                    eprintln!("ringlink: shard stopped with an error: {e}");
+                    result = Err(UplinkError::Closed);
+                }
+                Err(_) => {
+                    eprintln!("ringlink: a shard thread panicked");
+                    result = Err(UplinkError::Closed);
+                }
             }
         }
         if let Some(api) = api {
             api.stop();
         }
-        match Arc::try_unwrap(self.shared) {
-            Ok(shared) => shared.writer.shutdown(),
-            Err(_) => Err(UplinkError::Closed),
-        }
+        result
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.shared.metrics
+        &self.shared.env.metrics
     }
 }
 
-/// Batches the writer thread may hold queued before shards keep them back.
-const WRITER_QUEUE: usize = 1024;
-
 /// What one shard thread runs.
 pub(crate) struct ShardRun<D> {
-    pub(crate) core: ShardCore<D>,
+    pub(crate) core: ShardCore<D, Reply>,
+    pub(crate) log: ShardLog,
+    pub(crate) shared: Arc<Shared>,
     pub(crate) listener: TcpListener,
-    pub(crate) inbox: mpsc::UnboundedReceiver<ShardMsg>,
+    pub(crate) inbox: mpsc::UnboundedReceiver<Msg>,
     /// Receive buffer size: the largest frame plus its header.
     pub(crate) read_buf_bytes: usize,
+}
+
+type RunParts = (
+    u8,
+    Arc<Shared>,
+    ShardLog,
+    TcpListener,
+    mpsc::UnboundedReceiver<Msg>,
+    usize,
+);
+
+impl<D> ShardRun<D> {
+    fn new((id, shared, log, listener, inbox, read_buf_bytes): RunParts) -> Self {
+        let core = ShardCore::new(id, Arc::clone(&shared.env), Instant::now(), core::unix_ms());
+        Self {
+            core,
+            log,
+            shared,
+            listener,
+            inbox,
+            read_buf_bytes,
+        }
+    }
 }
 
 /// How the shard-wide tasks are woken; one per shard, the same for both drivers.
@@ -216,41 +293,111 @@ pub(crate) struct ShardWakers {
     pub(crate) draining: Notify,
 }
 
-/// What the shard-wide tasks need from a driver's per-shard state.
+/// What the shard-wide tasks need from a tokio driver's per-shard state.
 pub(crate) trait ShardLocal<D>: 'static {
-    fn core(&self) -> &RefCell<ShardCore<D>>;
+    fn core(&self) -> &RefCell<ShardCore<D, Reply>>;
     fn wakers(&self) -> &ShardWakers;
-    /// After any call into the core: act on the connections it flagged, then
-    /// [`kick_tasks`](Self::kick_tasks).
-    fn after_core_call(self: &Rc<Self>);
+    fn shared(&self) -> &Shared;
+    fn log(&self) -> &RefCell<ShardLog>;
+    /// Acts on the connections the core flagged (see [`ShardCore::take_ready`]).
+    fn act_on_ready(self: &Rc<Self>);
+
+    /// After any call into the core: act on the connections it flagged, perform its actions
+    /// until there are none, then [`kick_tasks`](Self::kick_tasks).
+    fn after_core_call(self: &Rc<Self>) {
+        loop {
+            self.act_on_ready();
+            let Some(action) = self.core().borrow_mut().poll_action() else {
+                break;
+            };
+            match action {
+                Action::Send { shard, msg } => {
+                    self.shared().mesh.send(shard, msg);
+                }
+                Action::Answer { reply, outcome } => {
+                    let _ = reply.send(outcome);
+                }
+                Action::Append(commit) => append(self, commit),
+            }
+        }
+        self.kick_tasks();
+    }
 
     /// Wakes the timer task if the core now has a deadline earlier than the one it sleeps for
     /// (most calls into the core, a read or a commit, leave the earliest deadline where it was,
     /// and waking the task for those would cost a task switch and a timer re-arm each time),
-    /// and the flusher if records wait for it.
+    /// and the flusher if records wait for a commit.
     fn kick_tasks(&self) {
         let w = self.wakers();
         let core = self.core().borrow();
-        let next = core.next_deadline();
+        let next = core.poll_timeout();
         if next.is_some_and(|n| w.timer_armed.get().is_none_or(|armed| n < armed)) {
             w.timer_kick.notify_one();
         }
-        if core.flush_wanted() {
+        if core.commit_wanted() {
             w.flush_kick.notify_one();
         }
     }
 }
 
-/// The shard's inbox: messages from other threads, until drained and every connection closed.
+/// Writes a commit to the shard's partition from this thread (a write to the page cache);
+/// under `fsync = "batch"` only the fdatasync goes to a blocking thread, and the commit is
+/// acknowledged when it returns. Meanwhile the shard serves its connections, and what they
+/// report gathers for the next commit.
+fn append<D, L: ShardLocal<D> + ?Sized>(local: &Rc<L>, commit: core::Commit) {
+    let prepared = local.log().borrow_mut().prepare(&commit);
+    let p = match prepared {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            let mut core = local.core().borrow_mut();
+            return core.committed(commit, Ok(()), Instant::now());
+        }
+        Err(e) => {
+            local.log().borrow().count_failed(&commit);
+            eprintln!("ringlink: uplink log: {e}");
+            let mut core = local.core().borrow_mut();
+            return core.committed(commit, Err(e), Instant::now());
+        }
+    };
+    let written = ShardLog::write(&p, &commit);
+    if written.is_err() || !p.sync {
+        let result = local.log().borrow_mut().complete(p, &commit, written);
+        if let Err(e) = &result {
+            eprintln!("ringlink: uplink log: {e}");
+        }
+        let mut core = local.core().borrow_mut();
+        return core.committed(commit, result, Instant::now());
+    }
+    let local = Rc::clone(local);
+    tokio::task::spawn_local(async move {
+        let file = Arc::clone(&p.file);
+        let synced = tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let result = local.log().borrow_mut().complete(p, &commit, synced);
+        if let Err(e) = &result {
+            eprintln!("ringlink: uplink log: {e}");
+        }
+        local
+            .core()
+            .borrow_mut()
+            .committed(commit, result, Instant::now());
+        local.after_core_call();
+    });
+}
+
+/// The shard's inbox: messages from other threads, until drained, every connection closed and
+/// everything committed.
 pub(crate) async fn inbox_loop<D, L: ShardLocal<D>>(
     local: Rc<L>,
-    mut inbox: mpsc::UnboundedReceiver<ShardMsg>,
+    mut inbox: mpsc::UnboundedReceiver<Msg>,
 ) {
     let mut draining = false;
     loop {
         let msg = if draining {
-            // Drained: wait for the last connections to flush their close frames and go.
-            if local.core().borrow().len() == 0 {
+            // Drained: wait for the last connections to flush their close frames and go, and
+            // for the last commit.
+            if local.core().borrow().is_done() {
                 break;
             }
             tokio::select! {
@@ -269,44 +416,40 @@ pub(crate) async fn inbox_loop<D, L: ShardLocal<D>>(
             local.wakers().draining.notify_waiters();
         }
     }
-    local
-        .core()
-        .borrow_mut()
-        .flush_uplinks(Instant::now(), true);
 }
 
-/// Hands the shard's uplink records to the writer when none of its batches is there. Woken
+/// Starts a commit once this turn of the event loop has read every ready connection. Woken
 /// after a read produced records, it runs once the tasks that are ready now have run (they are
-/// ahead of it in the runtime's queue), so one batch carries the records of every connection
-/// read in this turn of the event loop, not one batch per read: at moderate load that is what
-/// keeps the trips to the writer thread, and their context switches, few.
+/// ahead of it in the runtime's queue), so one commit carries the records of every connection
+/// read in this turn, not one commit per read.
 pub(crate) async fn flusher<D, L: ShardLocal<D>>(local: Rc<L>) {
     loop {
         local.wakers().flush_kick.notified().await;
-        let flushed = {
+        let now = Instant::now();
+        {
             let mut core = local.core().borrow_mut();
-            let wanted = core.flush_wanted();
-            if wanted {
-                core.flush_uplinks(Instant::now(), true);
-            }
-            wanted
-        };
-        if flushed {
-            local.after_core_call();
+            core.set_wall_clock(now, core::unix_ms());
+            core.end_turn(now);
         }
+        local.after_core_call();
     }
 }
 
-/// The shard's timers: every connection's deadline and the uplink batch deadline.
+/// The shard's timers: every connection's deadline, the batch deadline, metrics publishing.
 pub(crate) async fn timers<D, L: ShardLocal<D>>(local: Rc<L>) {
     loop {
-        let deadline = local.core().borrow().next_deadline();
+        let deadline = local.core().borrow().poll_timeout();
         local.wakers().timer_armed.set(deadline);
         match deadline {
             Some(at) => {
                 tokio::select! {
                     () = tokio::time::sleep_until(at.into()) => {
-                        local.core().borrow_mut().on_timer(Instant::now());
+                        let now = Instant::now();
+                        {
+                            let mut core = local.core().borrow_mut();
+                            core.set_wall_clock(now, core::unix_ms());
+                            core.on_timer(now);
+                        }
                         local.after_core_call();
                     }
                     () = local.wakers().timer_kick.notified() => {}
@@ -391,14 +534,15 @@ fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 /// After a failed accept: count it, and back off when the process is out of descriptors (the
 /// connection stays in the backlog; accepting again at once would spin).
 pub(crate) async fn accept_backoff(shared: &Shared, e: &io::Error) {
-    shared.metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
+    let metrics = &shared.env.metrics;
+    metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
     let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
     let pause = if out_of_fds {
         Duration::from_millis(100)
     } else {
         Duration::from_millis(5)
     };
-    let n = shared.metrics.accept_errors.load(Ordering::Relaxed);
+    let n = metrics.accept_errors.load(Ordering::Relaxed);
     if n.is_power_of_two() {
         eprintln!("ringlink: accept failed ({e}); {n} accept errors so far, backing off {pause:?}");
     }
@@ -409,12 +553,6 @@ pub(crate) async fn accept_backoff(shared: &Shared, e: &io::Error) {
 pub fn log_dir(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("uplink")
 }
-
-/// `AckRef` must stay `Send` for the writer thread.
-const _: fn() = || {
-    fn send<T: Send>() {}
-    send::<AckRef>();
-};
 
 /// Runs a gateway until SIGINT or SIGTERM: starts the shards and the API, calls `on_ready`
 /// (which prints the start line), then on the signal stops accepting, answers `/readyz` 503,

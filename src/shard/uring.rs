@@ -26,9 +26,12 @@ use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use crate::shard::core::ShardCore;
+use crate::shard::mesh::Reply;
+use crate::shard::partition::ShardLog;
 use crate::shard::{
-    accept_backoff, flusher, inbox_loop, timers, ShardLocal, ShardRun, ShardWakers,
+    accept_backoff, flusher, inbox_loop, timers, ShardLocal, ShardRun, ShardWakers, Shared,
 };
+use std::sync::Arc;
 
 /// Initial and resting size of a connection's read buffer.
 const READ_BUF: usize = 1024;
@@ -58,16 +61,18 @@ impl UringConn {
     }
 }
 
-type Core = Rc<RefCell<ShardCore<UringConn>>>;
+type Core = Rc<RefCell<ShardCore<UringConn, Reply>>>;
 
 struct Local {
     core: Core,
+    log: RefCell<ShardLog>,
+    shared: Arc<Shared>,
     wakers: ShardWakers,
     ready: RefCell<Vec<usize>>,
 }
 
 impl ShardLocal<UringConn> for Local {
-    fn core(&self) -> &RefCell<ShardCore<UringConn>> {
+    fn core(&self) -> &RefCell<ShardCore<UringConn, Reply>> {
         &self.core
     }
 
@@ -75,15 +80,22 @@ impl ShardLocal<UringConn> for Local {
         &self.wakers
     }
 
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn log(&self) -> &RefCell<ShardLog> {
+        &self.log
+    }
+
     /// Starts a writer for every flagged connection with bytes to send, shuts down closed
     /// ones, and wakes the timer task.
-    fn after_core_call(self: &Rc<Self>) {
+    fn act_on_ready(self: &Rc<Self>) {
         let mut ready = self.ready.borrow_mut();
         self.core.borrow_mut().take_ready(&mut ready);
         for slot in ready.drain(..) {
             self.kick_writer(slot);
         }
-        self.kick_tasks();
     }
 }
 
@@ -111,6 +123,8 @@ impl Local {
 pub(crate) fn run(run: ShardRun<UringConn>) -> io::Result<()> {
     let ShardRun {
         core,
+        log,
+        shared,
         listener,
         inbox,
         read_buf_bytes: _,
@@ -120,6 +134,8 @@ pub(crate) fn run(run: ShardRun<UringConn>) -> io::Result<()> {
         let listener = tokio_uring::net::TcpListener::from_std(listener);
         let local = Rc::new(Local {
             core: Rc::new(RefCell::new(core)),
+            log: RefCell::new(log),
+            shared,
             wakers: ShardWakers::default(),
             ready: RefCell::new(Vec::new()),
         });
@@ -167,8 +183,7 @@ async fn accept(local: Rc<Local>, listener: Rc<tokio_uring::net::TcpListener>) {
                 local.after_core_call();
             }
             Err(e) => {
-                let shared = std::sync::Arc::clone(&local.core.borrow().shared);
-                accept_backoff(&shared, &e).await;
+                accept_backoff(&local.shared, &e).await;
             }
         }
     }

@@ -31,6 +31,7 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Read, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::{decode_line, OwnedRecord, UplinkError};
@@ -98,12 +99,15 @@ pub struct LocalLog {
     opts: LogOptions,
     /// Oldest first; never empty; the last one is active and open in `file`.
     segments: VecDeque<Segment>,
-    file: File,
+    /// Shared with an append in flight ([`Prepared::file`]), which may fsync it elsewhere.
+    file: Arc<File>,
     /// The sequence number of the next frame.
     next_seq: u64,
     total_bytes: u64,
-    /// Frame headers of the append in progress.
-    headers: Vec<[u8; HEADER]>,
+    /// Frame headers of the last append, kept for the next one's (no allocation per append).
+    headers: Vec<u8>,
+    /// A [`Prepared`] append has not been completed yet.
+    pending: bool,
     /// Set when a failed write could not be undone: appending after unknown bytes would turn a
     /// torn tail into corruption in the middle, so every later append fails.
     broken: bool,
@@ -181,10 +185,11 @@ impl LocalLog {
         let mut log = Self {
             opts,
             segments,
-            file,
+            file: Arc::new(file),
             next_seq,
             total_bytes,
             headers: Vec::new(),
+            pending: false,
             broken: false,
         };
         let deleted = log.enforce_caps(SystemTime::now(), 0)?;
@@ -198,16 +203,39 @@ impl LocalLog {
     }
 
     /// Appends one or more encoded batches as ONE write, one frame per batch (empty batches
-    /// are skipped), then fsyncs per policy. Rolls to a new segment first when the write would
-    /// take the active one past `segment_bytes`, then applies the caps (never to the active
-    /// segment). On error nothing was appended: a partial write is cut off again, and a
-    /// segment the caps cannot delete fails the append before anything is written.
+    /// are skipped), then fsyncs per policy: [`LocalLog::prepare`], the write, the fsync and
+    /// [`LocalLog::complete`] in one call, for callers that may block. On error nothing was
+    /// appended.
     pub fn append(&mut self, batches: &[&[u8]]) -> Result<(), UplinkError> {
+        let Some(p) = self.prepare(batches)? else {
+            return Ok(());
+        };
+        let mut result = p.write(batches);
+        if result.is_ok() && p.sync {
+            result = p.file.sync_data();
+        }
+        self.complete(p, result)
+    }
+
+    /// Lays out an append without writing it, for a caller that writes on its own (an io_uring
+    /// write, or a write here and the fsync elsewhere): checks the batches, rolls to a new
+    /// segment first when the write would take the active one past `segment_bytes`, applies
+    /// the caps (never to the active segment; a segment the caps cannot delete fails here,
+    /// before anything is written), and computes the frame headers. `Ok(None)`: nothing to
+    /// write. The caller writes [`Prepared::slices`] at [`Prepared::offset`] of
+    /// [`Prepared::file`], fdatasyncs when [`Prepared::sync`], and then calls
+    /// [`LocalLog::complete`] with the result, before the next `prepare`.
+    pub fn prepare(&mut self, batches: &[&[u8]]) -> Result<Option<Prepared>, UplinkError> {
         if self.broken {
             let path = &self.active().path;
             return Err(UplinkError::io(
                 path,
                 io::Error::other("an earlier failed write could not be undone; reopen the log"),
+            ));
+        }
+        if self.pending {
+            return Err(UplinkError::BadRecord(
+                "an append is still in flight: complete it before the next".into(),
             ));
         }
         let mut frames = 0u64;
@@ -228,53 +256,51 @@ impl LocalLog {
             len += (HEADER + b.len()) as u64;
         }
         if frames == 0 {
-            return Ok(());
+            return Ok(None);
         }
 
         if self.active().bytes > 0 && self.active().bytes + len > self.opts.segment_bytes {
             self.roll()?;
         }
-        let now = SystemTime::now();
-        self.enforce_caps(now, len)?;
+        self.enforce_caps(SystemTime::now(), len)?;
 
-        // Frame headers here, payloads where they are: one vectored write, no copy.
-        self.headers.clear();
+        let mut headers = std::mem::take(&mut self.headers);
+        headers.clear();
         for b in batches.iter().filter(|b| !b.is_empty()) {
-            // b.len() <= MAX_FRAME_PAYLOAD < u32::MAX, checked above.
-            let n = (b.len() as u32).to_le_bytes();
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&n);
-            crc.update(b);
-            let mut h = [0u8; HEADER];
-            h[..4].copy_from_slice(&MAGIC);
-            h[4..8].copy_from_slice(&n);
-            h[8..].copy_from_slice(&crc.finalize().to_le_bytes());
-            self.headers.push(h);
+            headers.extend_from_slice(&frame_header(b));
         }
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * self.headers.len());
-        for (h, b) in self
-            .headers
-            .iter()
-            .zip(batches.iter().filter(|b| !b.is_empty()))
-        {
-            slices.push(IoSlice::new(h));
-            slices.push(IoSlice::new(b));
-        }
+        self.pending = true;
+        Ok(Some(Prepared {
+            file: Arc::clone(&self.file),
+            offset: self.active().bytes,
+            sync: self.opts.fsync == Fsync::Batch,
+            headers,
+            len,
+            frames,
+        }))
+    }
 
-        let at = self.active().bytes;
-        let mut result = write_all_vectored_at(&self.file, &mut slices, at);
-        if result.is_ok() && self.opts.fsync == Fsync::Batch {
-            result = self.file.sync_data();
-        }
+    /// Ends the append `p` with the result of its write (and fsync): on success the frames
+    /// count as appended; on error whatever part of the write landed is cut off again, so the
+    /// next append starts on a frame boundary (if even that fails, every later append fails,
+    /// see `broken`), and the error names the segment.
+    pub fn complete(&mut self, p: Prepared, result: io::Result<()>) -> Result<(), UplinkError> {
+        self.pending = false;
+        let Prepared {
+            offset,
+            headers,
+            len,
+            frames,
+            ..
+        } = p;
+        self.headers = headers;
         if let Err(e) = result {
-            // Cut whatever part of the write landed, so the next append starts on a frame
-            // boundary. If even that fails, refuse all further appends (see `broken`).
-            if self.file.set_len(at).is_err() {
+            if self.active_file().set_len(offset).is_err() {
                 self.broken = true;
             }
             return Err(UplinkError::io(&self.active().path, e));
         }
-
+        let now = SystemTime::now();
         let seg = self.active_mut();
         seg.bytes += len;
         seg.frames += frames;
@@ -294,29 +320,23 @@ impl LocalLog {
         &self.opts.dir
     }
 
-    /// Reads every record of a log directory in order (tests, replay, tools), without changing
-    /// it. Stops cleanly at a torn tail of the last segment; corruption anywhere else, or a line
-    /// that does not decode, is an error.
+    /// Reads every record of a log in order (tests, replay, tools), without changing it: the
+    /// segments in `dir` itself and those of every partition under it (`shard-N`, see
+    /// [`partition_dir`]), whatever shard count wrote them. Partitions are merged by record
+    /// time; records of one partition keep their log order (even if the wall clock stepped
+    /// back), and equal times go partition by partition. Stops cleanly at a torn tail of a
+    /// partition's last segment; corruption anywhere else, or a line that does not decode, is
+    /// an error.
     pub fn read_dir(dir: &Path) -> Result<Vec<OwnedRecord>, UplinkError> {
-        let found = list_segments(dir)?;
-        let mut out = Vec::new();
-        let mut prev: Option<(u64, Scan)> = None;
-        for (i, (seq, path)) in found.iter().enumerate() {
-            let scan = scan_segment(path, |payload| {
-                for line in payload.split_inclusive(|&b| b == b'\n') {
-                    out.push(decode_line(line)?);
-                }
-                Ok(())
-            })?;
-            if let (Some((offset, what)), false) = (scan.bad, i + 1 == found.len()) {
-                return Err(corrupt(path, offset, what));
-            }
-            if let Some((prev_seq, prev)) = &prev {
-                check_sequence(*prev_seq, prev, *seq, path)?;
-            }
-            prev = Some((*seq, scan));
+        let mut parts = vec![read_partition(dir)?];
+        for sub in list_partitions(dir)? {
+            parts.push(read_partition(&sub)?);
         }
-        Ok(out)
+        Ok(merge_by_time(parts))
+    }
+
+    fn active_file(&self) -> &File {
+        &self.file
     }
 
     fn active(&self) -> &Segment {
@@ -333,7 +353,7 @@ impl LocalLog {
     fn roll(&mut self) -> Result<(), UplinkError> {
         let (seg, file) = create_segment(&self.opts, self.next_seq)?;
         self.segments.push_back(seg);
-        self.file = file;
+        self.file = Arc::new(file);
         Ok(())
     }
 
@@ -362,6 +382,153 @@ impl LocalLog {
         }
         Ok(deleted)
     }
+}
+
+/// An append laid out by [`LocalLog::prepare`]: what the caller writes, where, and whether
+/// it must fdatasync afterwards; handed back to [`LocalLog::complete`].
+#[derive(Debug)]
+pub struct Prepared {
+    /// The active segment (kept open by this handle even if the log rolls meanwhile).
+    pub file: Arc<File>,
+    /// Where the frames go in `file`: its end.
+    pub offset: u64,
+    /// Fdatasync after the write ([`Fsync::Batch`]).
+    pub sync: bool,
+    /// The frame headers, [`FRAME_HEADER`] bytes each, one per non-empty batch, in order.
+    pub headers: Vec<u8>,
+    len: u64,
+    frames: u64,
+}
+
+impl Prepared {
+    /// The bytes to write, in order: each non-empty batch of `batches` (the same slice given
+    /// to `prepare`) behind its frame header. No copy of the payloads.
+    pub fn slices<'a>(&'a self, batches: &[&'a [u8]]) -> Vec<IoSlice<'a>> {
+        let mut out = Vec::with_capacity(2 * self.headers.len() / HEADER);
+        for (h, b) in self
+            .headers
+            .chunks_exact(HEADER)
+            .zip(batches.iter().filter(|b| !b.is_empty()))
+        {
+            out.push(IoSlice::new(h));
+            out.push(IoSlice::new(b));
+        }
+        out
+    }
+
+    /// Writes the frames of `batches` (the slice given to `prepare`) with as few `writev`
+    /// calls as the kernel allows, blocking; no fsync.
+    pub fn write(&self, batches: &[&[u8]]) -> io::Result<()> {
+        let mut slices = self.slices(batches);
+        write_all_vectored_at(&self.file, &mut slices, self.offset)
+    }
+
+    /// Bytes the write adds to the segment.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether there is nothing to write (never, for an append `prepare` returned).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The header of the frame holding `payload`: magic, length, CRC-32 of length and payload.
+fn frame_header(payload: &[u8]) -> [u8; HEADER] {
+    // payload.len() <= MAX_FRAME_PAYLOAD < u32::MAX, checked by the caller.
+    let n = (payload.len() as u32).to_le_bytes();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&n);
+    crc.update(payload);
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4..8].copy_from_slice(&n);
+    h[8..].copy_from_slice(&crc.finalize().to_le_bytes());
+    h
+}
+
+/// The partition of shard `shard` under the log directory `dir`: each shard appends to its
+/// own, in its own thread.
+pub fn partition_dir(dir: &Path, shard: usize) -> PathBuf {
+    dir.join(format!("{PARTITION_PREFIX}{shard}"))
+}
+
+/// The partitions under `dir`, by shard number.
+fn list_partitions(dir: &Path) -> Result<Vec<PathBuf>, UplinkError> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(UplinkError::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| UplinkError::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PARTITION_PREFIX))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if entry.path().is_dir() {
+            out.push((n, entry.path()));
+        }
+    }
+    out.sort_unstable_by_key(|(n, _)| *n);
+    Ok(out.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Every record of the segments directly in `dir`, in log order.
+fn read_partition(dir: &Path) -> Result<Vec<OwnedRecord>, UplinkError> {
+    let found = match list_segments(dir) {
+        Ok(found) => found,
+        Err(UplinkError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    let mut prev: Option<(u64, Scan)> = None;
+    for (i, (seq, path)) in found.iter().enumerate() {
+        let scan = scan_segment(path, |payload| {
+            for line in payload.split_inclusive(|&b| b == b'\n') {
+                out.push(decode_line(line)?);
+            }
+            Ok(())
+        })?;
+        if let (Some((offset, what)), false) = (scan.bad, i + 1 == found.len()) {
+            return Err(corrupt(path, offset, what));
+        }
+        if let Some((prev_seq, prev)) = &prev {
+            check_sequence(*prev_seq, prev, *seq, path)?;
+        }
+        prev = Some((*seq, scan));
+    }
+    Ok(out)
+}
+
+/// Merges partitions, each in log order, into one sequence: at every step the head with the
+/// earliest time goes next (the lowest partition on a tie), so each partition's own order is
+/// kept.
+fn merge_by_time(parts: Vec<Vec<OwnedRecord>>) -> Vec<OwnedRecord> {
+    let total = parts.iter().map(Vec::len).sum();
+    let mut iters: Vec<_> = parts
+        .into_iter()
+        .map(|p| p.into_iter().peekable())
+        .collect();
+    let mut out = Vec::with_capacity(total);
+    loop {
+        let next = iters
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, it)| it.peek().map(|r| (r.at_ms, i)))
+            .min();
+        let Some((_, i)) = next else { break };
+        out.extend(iters[i].next());
+    }
+    out
 }
 
 /// One segment file.
@@ -581,9 +748,13 @@ fn write_all_vectored_at(file: &File, mut slices: &mut [IoSlice<'_>], at: u64) -
 const MAGIC: [u8; 4] = *b"rlu1";
 /// magic + len + crc.
 const HEADER: usize = 12;
+/// The size of a frame header, for callers that write [`Prepared`] appends themselves.
+pub const FRAME_HEADER: usize = HEADER;
 /// 16 MiB: far above a batch (`MAX_BATCH_BYTES` plus one record), and low enough that a
 /// garbage length in a torn header is refused instead of read up to 4 GiB.
 const MAX_FRAME_PAYLOAD: usize = 16 << 20;
+/// Partition directories are `shard-0`, `shard-1`, ...
+const PARTITION_PREFIX: &str = "shard-";
 /// Recovery reads segments in chunks of this size.
 const READ_CHUNK: usize = 256 << 10;
 

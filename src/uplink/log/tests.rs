@@ -600,3 +600,63 @@ fn sigkill_loses_nothing_that_was_reported() {
         got.len()
     );
 }
+
+#[test]
+fn prepare_write_complete_is_an_append_and_a_failed_write_is_cut_off() {
+    let d = TestDir::new("prepare");
+    let (mut log, _) = LocalLog::open(opts(d.path())).expect("open");
+    let b0 = batch(0, 3);
+    let p = log
+        .prepare(&[&b0])
+        .expect("prepare")
+        .expect("bytes to write");
+    assert_eq!(p.offset, 0);
+    assert_eq!(p.headers.len(), FRAME_HEADER);
+    assert!(
+        log.prepare(&[&b0]).is_err(),
+        "one append in flight at a time"
+    );
+    p.write(&[&b0]).expect("write");
+    log.complete(p, Ok(())).expect("complete");
+
+    // A write that "failed" after landing half its bytes: complete cuts them off again.
+    let b1 = batch(3, 2);
+    let p = log.prepare(&[&b1]).expect("prepare").expect("bytes");
+    let half = &b1[..b1.len() / 2];
+    p.write(&[half]).expect("partial write");
+    let err = log.complete(p, Err(io::Error::other("disk full")));
+    assert!(err.is_err());
+    let b2 = batch(5, 1);
+    log.append(&[&b2]).expect("append after a failed one");
+    assert_eq!(read(d.path()), vec![0, 1, 2, 5]);
+    assert_eq!(log.bytes(), disk_bytes(d.path()));
+}
+
+#[test]
+fn read_dir_merges_partitions_by_time_and_keeps_each_partitions_order() {
+    let d = TestDir::new("partitions");
+    // Written by a gateway with three shards, then by one with two: all of it reads back.
+    let mut writes: Vec<(usize, Vec<u64>)> = vec![
+        (0, vec![1, 4, 9]),
+        (1, vec![2, 3, 10]),
+        (2, vec![5, 6]),
+        (0, vec![11]),
+        (1, vec![12]),
+    ];
+    for (shard, times) in writes.drain(..) {
+        let (mut log, _) = LocalLog::open(opts(&partition_dir(d.path(), shard))).expect("open");
+        for t in times {
+            log.append(&[&batch(t, 1)]).expect("append");
+        }
+    }
+    assert_eq!(read(d.path()), vec![1, 2, 3, 4, 5, 6, 9, 10, 11, 12]);
+
+    // A partition whose clock stepped back keeps its own order.
+    let (mut log, _) = LocalLog::open(opts(&partition_dir(d.path(), 3))).expect("open");
+    log.append(&[&batch(8, 1)]).expect("append");
+    log.append(&[&batch(0, 1)]).expect("append");
+    let all = read(d.path());
+    let p3: Vec<u64> = all.iter().copied().filter(|t| [8, 0].contains(t)).collect();
+    assert_eq!(p3, vec![8, 0], "partition order kept");
+    assert_eq!(all.len(), 12);
+}

@@ -1,0 +1,518 @@
+//! Shard core tests in simulated time: two shards, clients speaking WebSocket through in-memory
+//! buffers, and a test "driver" that performs the core's actions by hand. No socket, no
+//! thread, no real clock: the clock only moves when a test moves it.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::*;
+use crate::metrics::Metrics;
+use crate::registry::{demo_registry, Owners};
+use crate::session::{Config, Context, DownlinkRequest};
+use crate::shadow::Shadows;
+use crate::uplink::decode_line;
+
+type Core = ShardCore<(), u32>;
+
+fn env(config: Config) -> Arc<Env> {
+    let registry = Arc::new(demo_registry());
+    let devices = registry.len();
+    Arc::new(Env {
+        ctx: Arc::new(Context { registry, config }),
+        owners: Arc::new(Owners::new(devices)),
+        metrics: Arc::new(Metrics::new(2)),
+        shadows: Arc::new(Shadows::new(devices)),
+        max_connections: 100,
+        echo: false,
+        tls: None,
+        batch_max: 256,
+        flush_delay: Duration::from_millis(1),
+    })
+}
+
+/// A client connection: which shard and slot it is on, and its end of the WebSocket.
+struct Client {
+    shard: usize,
+    slot: usize,
+    ws: ws::Conn,
+    /// Bytes the server sent that the client has not parsed yet.
+    inbox: Vec<u8>,
+    closed: Option<Option<u16>>,
+}
+
+/// Two shards and the test driver between them.
+struct World {
+    shards: Vec<Core>,
+    now: Instant,
+    /// Commits each shard asked for and the test has not completed yet.
+    commits: Vec<VecDeque<Commit>>,
+    /// Downlink outcomes by reply id.
+    answers: Vec<(u32, Outcome)>,
+    /// Every record line committed, in commit order.
+    log: Vec<String>,
+    /// Complete commits as soon as they are asked for.
+    auto_commit: bool,
+}
+
+impl World {
+    fn new() -> Self {
+        Self::with(Config::default())
+    }
+
+    fn with(config: Config) -> Self {
+        let env = env(config);
+        let now = Instant::now();
+        Self {
+            shards: (0..2)
+                .map(|i| Core::new(i, Arc::clone(&env), now, 1_700_000_000_000))
+                .collect(),
+            now,
+            commits: vec![VecDeque::new(), VecDeque::new()],
+            answers: Vec::new(),
+            log: Vec::new(),
+            auto_commit: true,
+        }
+    }
+
+    fn connect(&mut self, shard: usize) -> Client {
+        let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        let slot = self.shards[shard]
+            .accept(peer, self.now, ())
+            .expect("accepted");
+        let mut c = Client {
+            shard,
+            slot,
+            ws: ws::Conn::client(ws::Limits::default()),
+            inbox: Vec::new(),
+            closed: None,
+        };
+        let mut req = Vec::new();
+        ws::handshake::write_request(
+            &mut req,
+            "127.0.0.1",
+            "/",
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            Some("alibaba-iot-linkedge-protocol"),
+        );
+        self.input(&c, &mut req);
+        self.settle();
+        let mut out = Vec::new();
+        self.shards[shard].transmit(slot, &mut out);
+        assert!(out.starts_with(b"HTTP/1.1 101"), "upgrade answered");
+        c.inbox.clear();
+        c
+    }
+
+    fn input(&mut self, c: &Client, bytes: &mut [u8]) {
+        let n = self.shards[c.shard].input(c.slot, bytes, self.now);
+        assert_eq!(n, bytes.len(), "whole frames are consumed");
+    }
+
+    fn send(&mut self, c: &mut Client, text: &str) {
+        let mut frame = Vec::new();
+        c.ws.send_text(&mut frame, text.as_bytes());
+        self.input(c, &mut frame);
+    }
+
+    /// Performs every action of every shard until none is left, like a driver's turn: the end
+    /// of the turn starts a commit, which completes at once with `auto_commit`.
+    fn settle(&mut self) {
+        loop {
+            let mut acted = false;
+            for i in 0..self.shards.len() {
+                self.shards[i].end_turn(self.now);
+                while let Some(a) = self.shards[i].poll_action() {
+                    acted = true;
+                    match a {
+                        Action::Send { shard, msg } => {
+                            assert_ne!(usize::from(shard), i, "never sent to itself");
+                            self.shards[usize::from(shard)].on_message(msg, self.now);
+                        }
+                        Action::Answer { reply, outcome } => self.answers.push((reply, outcome)),
+                        Action::Append(commit) => self.commits[i].push_back(commit),
+                    }
+                }
+                if self.auto_commit {
+                    while let Some(commit) = self.commits[i].pop_front() {
+                        self.commit(i, commit, Ok(()));
+                        acted = true;
+                    }
+                }
+            }
+            if !acted {
+                break;
+            }
+        }
+    }
+
+    fn commit(&mut self, shard: usize, commit: Commit, result: Result<(), UplinkError>) {
+        if result.is_ok() {
+            for p in commit.payloads() {
+                let text = std::str::from_utf8(p).expect("records are UTF-8");
+                self.log.extend(text.lines().map(str::to_owned));
+            }
+        }
+        self.shards[shard].committed(commit, result, self.now);
+    }
+
+    /// Every text message the server sent `c` since the last call.
+    fn recv(&mut self, c: &mut Client) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut ready = Vec::new();
+        self.shards[c.shard].take_ready(&mut ready);
+        self.shards[c.shard].transmit(c.slot, &mut out);
+        c.inbox.extend_from_slice(&out);
+        let mut texts = Vec::new();
+        let mut pong = Vec::new();
+        loop {
+            match c.ws.read(&mut c.inbox, &mut pong) {
+                Ok(ws::Event::NeedMore) => break,
+                Ok(ws::Event::Message { consumed, data, .. }) => {
+                    texts.push(serde_json::from_slice(data).expect("JSON"));
+                    c.inbox.drain(..consumed);
+                }
+                Ok(ws::Event::Consumed(n)) => {
+                    c.inbox.drain(..n);
+                }
+                Ok(ws::Event::Pong { consumed }) => {
+                    c.inbox.drain(..consumed);
+                }
+                Ok(ws::Event::Closed { consumed, code }) => {
+                    c.closed = Some(code);
+                    c.inbox.drain(..consumed);
+                    break;
+                }
+                Err(e) => panic!("bad frame from the server: {e}"),
+            }
+        }
+        texts
+    }
+
+    fn owner(&self, dn: &str) -> Option<ConnRef> {
+        let env = &self.shards[0].env;
+        let id = env.registry().lookup("a1ThermoPK0", dn).expect("known");
+        env.owners.owner(id)
+    }
+}
+
+fn online(id: u32, dn: &str) -> String {
+    format!(
+        r#"{{"version":"1.0","messageId":{id},"method":"onlineDevice","payload":{{"productKey":"a1ThermoPK0","deviceName":"{dn}"}}}}"#
+    )
+}
+
+fn report(id: u32, dn: &str, power: u32) -> String {
+    let power = power % 2;
+    format!(
+        r#"{{"version":"1.0","messageId":{id},"method":"reportProperty","payload":{{"productKey":"a1ThermoPK0","deviceName":"{dn}","properties":[{{"identifier":"power","type":"bool","value":{power}}}]}}}}"#
+    )
+}
+
+fn codes(replies: &[Value]) -> Vec<(u64, u64)> {
+    replies
+        .iter()
+        .map(|r| {
+            (
+                r["messageId"].as_u64().unwrap(),
+                r["code"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_report_is_answered_only_after_its_commit() {
+    let mut w = World::new();
+    let mut c = w.connect(0);
+    w.send(&mut c, &online(1, "thermo-00001"));
+    w.settle();
+    assert_eq!(codes(&w.recv(&mut c)), [(1, 0)]);
+
+    w.auto_commit = false;
+    w.send(&mut c, &report(2, "thermo-00001", 1));
+    w.settle();
+    let early = w.recv(&mut c);
+    assert!(early.is_empty(), "no reply before the commit: {early:?}");
+    let commit = w.commits[0].pop_front().expect("one commit asked for");
+    assert_eq!(commit.records(), 1);
+    w.commit(0, commit, Ok(()));
+    assert_eq!(codes(&w.recv(&mut c)), [(2, 0)]);
+    let rec = decode_line(format!("{}\n", w.log.last().unwrap()).as_bytes()).expect("record");
+    assert_eq!(rec.device_name, "thermo-00001");
+    assert_eq!(rec.at_ms, 1_700_000_000_000, "wall clock from the anchor");
+}
+
+#[test]
+fn one_commit_in_flight_and_what_gathers_goes_next_in_order() {
+    let mut w = World::new();
+    w.auto_commit = false;
+    let mut c = w.connect(0);
+    w.send(&mut c, &online(1, "thermo-00001"));
+    w.settle();
+    let first = w.commits[0].pop_front().expect("online commit");
+    for i in 0..5 {
+        w.send(&mut c, &report(10 + i, "thermo-00001", i));
+        w.settle();
+    }
+    assert!(
+        w.commits[0].is_empty(),
+        "nothing more while one is in flight"
+    );
+    w.commit(0, first, Ok(()));
+    w.settle();
+    let second = w.commits[0].pop_front().expect("the gathered reports");
+    assert_eq!(second.records(), 5, "all five in one commit");
+    assert!(w.commits[0].is_empty());
+    w.commit(0, second, Ok(()));
+    let replies = codes(&w.recv(&mut c));
+    assert_eq!(
+        replies,
+        [(1, 0), (10, 0), (11, 0), (12, 0), (13, 0), (14, 0)]
+    );
+}
+
+#[test]
+fn a_failed_commit_answers_100000_and_the_next_one_goes() {
+    let mut w = World::new();
+    w.auto_commit = false;
+    let mut c = w.connect(1);
+    w.send(&mut c, &online(1, "thermo-00002"));
+    w.settle();
+    let commit = w.commits[1].pop_front().expect("commit");
+    w.commit(1, commit, Ok(()));
+    assert_eq!(codes(&w.recv(&mut c)), [(1, 0)]);
+    w.send(&mut c, &report(2, "thermo-00002", 1));
+    w.settle();
+    let commit = w.commits[1].pop_front().expect("commit");
+    w.commit(1, commit, Err(UplinkError::Closed));
+    assert_eq!(codes(&w.recv(&mut c)), [(2, 100000)]);
+    assert!(w.log.is_empty() || !w.log.last().unwrap().contains("property"));
+    w.send(&mut c, &report(3, "thermo-00002", 1));
+    w.settle();
+    assert_eq!(w.commits[1].len(), 1, "the shard commits again");
+}
+
+#[test]
+fn takeover_across_shards_goes_through_a_send_action() {
+    let mut w = World::new();
+    let mut a = w.connect(0);
+    let mut b = w.connect(1);
+    w.send(&mut a, &online(1, "thermo-00003"));
+    w.settle();
+    assert_eq!(codes(&w.recv(&mut a)), [(1, 0)]);
+    assert_eq!(w.owner("thermo-00003").map(|o| o.shard()), Some(0));
+
+    w.send(&mut b, &online(2, "thermo-00003"));
+    w.settle();
+    assert_eq!(codes(&w.recv(&mut b)), [(2, 0)]);
+    assert_eq!(w.owner("thermo-00003").map(|o| o.shard()), Some(1));
+    // The old connection no longer speaks for the device: its report is refused, not logged.
+    let before = w.log.len();
+    w.send(&mut a, &report(3, "thermo-00003", 1));
+    w.settle();
+    let r = codes(&w.recv(&mut a));
+    assert_eq!(r.len(), 1);
+    assert_ne!(
+        r[0].1, 0,
+        "taken-over device refused on the old connection: {r:?}"
+    );
+    assert_eq!(w.log.len(), before);
+}
+
+#[test]
+fn takeover_on_the_same_shard_needs_no_message() {
+    let mut w = World::new();
+    let mut a = w.connect(0);
+    let mut b = w.connect(0);
+    w.send(&mut a, &online(1, "thermo-00004"));
+    w.send(&mut b, &online(2, "thermo-00004"));
+    w.shards[0].end_turn(w.now);
+    while let Some(action) = w.shards[0].poll_action() {
+        assert!(
+            !matches!(action, Action::Send { .. }),
+            "no message for a takeover on the same shard"
+        );
+        if let Action::Append(c) = action {
+            w.commit(0, c, Ok(()));
+        }
+    }
+    w.settle();
+    assert_eq!(codes(&w.recv(&mut a)), [(1, 0)]);
+    assert_eq!(codes(&w.recv(&mut b)), [(2, 0)]);
+    w.send(&mut a, &report(3, "thermo-00004", 1));
+    w.settle();
+    assert_ne!(codes(&w.recv(&mut a))[0].1, 0);
+}
+
+#[test]
+fn downlink_is_answered_by_the_device_or_times_out() {
+    let config = Config {
+        downlink_timeout: Duration::from_secs(5),
+        ..Config::default()
+    };
+    let mut w = World::with(config);
+    let mut c = w.connect(1);
+    w.send(&mut c, &online(1, "thermo-00005"));
+    w.settle();
+    w.recv(&mut c);
+    let owner = w.owner("thermo-00005").expect("online");
+    let device = w.shards[1]
+        .env
+        .registry()
+        .lookup("a1ThermoPK0", "thermo-00005")
+        .unwrap();
+    let started = w.now;
+    let downlink = |token| ShardMsg::Downlink {
+        conn: owner,
+        downlink: Downlink {
+            token: 0,
+            device,
+            request: DownlinkRequest::GetProperty,
+            params: br#"["power"]"#.to_vec(),
+        },
+        started,
+        reply: token,
+    };
+    // Answered by the device.
+    let msg = downlink(7);
+    w.shards[1].on_message(msg, w.now);
+    w.settle();
+    let sent = w.recv(&mut c);
+    assert_eq!(sent.len(), 1, "the request reached the device");
+    let id = sent[0]["messageId"].as_u64().unwrap();
+    w.send(
+        &mut c,
+        &format!(r#"{{"code":0,"messageId":{id},"payload":{{"power":1}}}}"#),
+    );
+    w.settle();
+    assert_eq!(w.answers.len(), 1);
+    assert_eq!(w.answers[0].0, 7);
+    assert!(w.answers[0].1.code.is_success());
+
+    // Not answered: the timer ends it with 100006 at the timeout, not before.
+    let msg = downlink(8);
+    w.shards[1].on_message(msg, w.now);
+    w.settle();
+    w.recv(&mut c);
+    w.now += Duration::from_secs(4);
+    w.shards[1].on_timer(w.now);
+    w.settle();
+    assert_eq!(w.answers.len(), 1, "not before the timeout");
+    w.now += Duration::from_secs(2);
+    let due = w.shards[1].poll_timeout().expect("a deadline");
+    assert!(due <= w.now);
+    w.shards[1].on_timer(w.now);
+    w.settle();
+    assert_eq!(w.answers.len(), 2);
+    assert_eq!(w.answers[1].0, 8);
+    assert_eq!(w.answers[1].1.code, Code::Timeout);
+}
+
+#[test]
+fn a_downlink_for_a_gone_connection_is_answered_offline() {
+    let mut w = World::new();
+    let mut c = w.connect(0);
+    w.send(&mut c, &online(1, "thermo-00006"));
+    w.settle();
+    let owner = w.owner("thermo-00006").expect("online");
+    w.shards[0].disconnect(c.slot, w.now);
+    w.settle();
+    assert_eq!(w.owner("thermo-00006"), None, "offline with its connection");
+    let device = w.shards[0]
+        .env
+        .registry()
+        .lookup("a1ThermoPK0", "thermo-00006")
+        .unwrap();
+    let msg = ShardMsg::Downlink {
+        conn: owner,
+        downlink: Downlink {
+            token: 0,
+            device,
+            request: DownlinkRequest::GetProperty,
+            params: b"[]".to_vec(),
+        },
+        started: w.now,
+        reply: 9,
+    };
+    w.shards[0].on_message(msg, w.now);
+    w.settle();
+    assert_eq!(w.answers.len(), 1);
+    assert_eq!(w.answers[0].1.code, Code::DeviceOffline);
+    assert!(w.log.last().unwrap().contains(r#""kind":"offline""#));
+}
+
+#[test]
+fn backpressure_stops_reading_until_the_commit_releases_replies() {
+    let mut w = World::new();
+    w.auto_commit = false;
+    let mut c = w.connect(0);
+    w.send(&mut c, &online(1, "thermo-00007"));
+    w.settle();
+    let mut held = vec![w.commits[0].pop_front().expect("commit")];
+    let mut sent = 0;
+    while w.shards[0].wants_input(c.slot) {
+        w.send(&mut c, &report(100 + sent, "thermo-00007", sent % 2));
+        sent += 1;
+        assert!(sent < 5000, "a session must stop wanting input");
+    }
+    assert!(sent as usize >= crate::session::MAX_HELD_REPLIES - 1);
+    // The commit in flight completes, then the gathered one: replies go out, reading resumes.
+    while let Some(commit) = held.pop() {
+        w.commit(0, commit, Ok(()));
+        w.settle();
+        held.extend(w.commits[0].pop_front());
+    }
+    assert!(w.shards[0].wants_input(c.slot));
+    assert_eq!(w.log.len(), sent as usize + 1, "every report logged once");
+}
+
+#[test]
+fn drain_closes_every_connection_commits_and_refuses_new_ones() {
+    let mut w = World::new();
+    w.auto_commit = false;
+    let mut c = w.connect(0);
+    w.send(&mut c, &online(1, "thermo-00008"));
+    w.settle();
+    w.send(&mut c, &report(2, "thermo-00008", 1));
+    w.shards[0].on_message(ShardMsg::Drain, w.now);
+    w.settle();
+    assert!(!w.shards[0].is_done(), "a commit is still in flight");
+    while let Some(commit) = w.commits[0].pop_front() {
+        w.commit(0, commit, Ok(()));
+        w.settle();
+    }
+    let replies = w.recv(&mut c);
+    assert_eq!(
+        codes(&replies),
+        [(1, 0), (2, 0)],
+        "answered before the close"
+    );
+    assert_eq!(c.closed, Some(Some(1001)));
+    let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    assert!(w.shards[0].accept(peer, w.now, ()).is_none());
+    w.shards[0].disconnect(c.slot, w.now);
+    w.settle();
+    while let Some(commit) = w.commits[0].pop_front() {
+        w.commit(0, commit, Ok(()));
+        w.settle();
+    }
+    assert!(w.shards[0].is_done());
+}
+
+#[test]
+fn a_peer_that_does_not_take_its_close_is_aborted_a_pong_timeout_later() {
+    let mut w = World::new();
+    let c = w.connect(0);
+    w.shards[0].on_message(ShardMsg::Drain, w.now);
+    w.settle();
+    assert!(w.shards[0].is_closed(c.slot));
+    assert!(!w.shards[0].is_aborted(c.slot));
+    let linger = w.shards[0].env.ctx.config.pong_timeout;
+    w.now += linger + Duration::from_millis(1);
+    w.shards[0].on_timer(w.now);
+    assert!(w.shards[0].is_aborted(c.slot));
+}
