@@ -15,6 +15,7 @@ pub(crate) mod core;
 mod epoll;
 pub(crate) mod mesh;
 mod partition;
+mod ring;
 mod uring;
 
 use std::cell::{Cell, RefCell};
