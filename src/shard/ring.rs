@@ -100,12 +100,19 @@ const K_DROP_CANCEL: u8 = 10;
 const GEN_MASK: u32 = 0xff_ffff;
 
 fn user_data(kind: u8, gen: u32, index: usize) -> u64 {
-    debug_assert!(u32::try_from(index).is_ok(), "index {index} does not fit user_data");
+    debug_assert!(
+        u32::try_from(index).is_ok(),
+        "index {index} does not fit user_data"
+    );
     u64::from(kind) << 56 | u64::from(gen & GEN_MASK) << 32 | (index as u64 & 0xffff_ffff)
 }
 
 fn decode(ud: u64) -> (u8, u32, usize) {
-    ((ud >> 56) as u8, (ud >> 32) as u32 & GEN_MASK, (ud & 0xffff_ffff) as usize)
+    (
+        (ud >> 56) as u8,
+        (ud >> 32) as u32 & GEN_MASK,
+        (ud & 0xffff_ffff) as usize,
+    )
 }
 
 /// Sizes of a [`Ring`].
@@ -204,8 +211,8 @@ pub(crate) struct RingStats {
     pub(crate) stale: u64,
     /// Eventfd reads completed (`Woken`).
     pub(crate) wakes: u64,
-    /// SQEs that found the SQ full and waited in the backlog.
-    pub(crate) backlogged: u64,
+    /// Times the SQ was full and was submitted without waiting to make room.
+    pub(crate) sq_full: u64,
 }
 
 struct WakeInner {
@@ -361,6 +368,7 @@ impl BufPool {
 
     /// Returns a buffer that was never lent (a CQE we do not surface) to the ring.
     fn recycle(&mut self, bid: u16) {
+        assert!(bid < self.count, "the kernel named buffer {bid}");
         self.stage(bid);
         self.publish();
     }
@@ -442,6 +450,10 @@ struct WriteOp {
     token: u64,
 }
 
+fn sent(slot: usize, buf: Vec<u8>, result: io::Result<()>) -> Completion {
+    Completion::Sent { slot, buf, result }
+}
+
 fn errno(code: i32) -> io::Error {
     if code == 0 {
         io::Error::from(io::ErrorKind::WriteZero)
@@ -463,13 +475,13 @@ pub(crate) struct Ring {
     writes: Slab<WriteOp>,
     listeners: Vec<Listener>,
     wake: Arc<WakeInner>,
-    /// SQE chains (an entry and the one linked to it) that found the SQ full, in order.
-    backlog: VecDeque<(squeue::Entry, Option<squeue::Entry>)>,
+    /// SQE chains (an entry and the one linked to it) for the next submission, in order.
+    queued: VecDeque<(squeue::Entry, Option<squeue::Entry>)>,
     /// Completions produced without a CQE of their own, reported before further CQEs.
     ready: VecDeque<Completion>,
     /// Slots whose recv ended on ENOBUFS, with their generation, oldest first.
     nobufs: VecDeque<(usize, u32)>,
-    /// SQEs queued (SQ or backlog) whose final CQE has not been reaped.
+    /// SQEs queued (or in the SQ, or submitted) whose final CQE has not been reaped.
     inflight: usize,
     mode: &'static str,
     accept_backoff: Duration,
@@ -478,9 +490,12 @@ pub(crate) struct Ring {
     _not_send: PhantomData<*const ()>,
 }
 
+/// Adds setup flags to a builder.
+type SetupFlags = fn(&mut io_uring::Builder);
+
 fn build_uring(entries: u32) -> io::Result<(IoUring, &'static str)> {
     let cq = entries.saturating_mul(4);
-    let attempts: [(&'static str, fn(&mut io_uring::Builder)); 4] = [
+    let attempts: [(&str, SetupFlags); 4] = [
         ("single_issuer+defer_taskrun", |b| {
             b.setup_single_issuer()
                 .setup_defer_taskrun()
@@ -548,7 +563,7 @@ impl Ring {
                 efd,
                 pending: AtomicBool::new(false),
             }),
-            backlog: VecDeque::new(),
+            queued: VecDeque::new(),
             ready: VecDeque::new(),
             nobufs: VecDeque::new(),
             inflight: 0,
@@ -616,8 +631,8 @@ impl Ring {
         Ok(usize::from(self.pool.tail.wrapping_sub(st.head as u16)))
     }
 
-    /// Queues an SQE chain (`first`, then `linked` if `first` carries `IO_LINK`): into the SQ
-    /// when it fits and nothing waits before it, else into the backlog, in order. Never drops.
+    /// Queues an SQE chain (`first`, then `linked` if `first` carries `IO_LINK`) for the next
+    /// [`Ring::wait`], in order. Never drops one.
     ///
     /// # Safety
     ///
@@ -625,34 +640,19 @@ impl Ring {
     /// final CQEs are reaped.
     unsafe fn queue(&mut self, first: squeue::Entry, linked: Option<squeue::Entry>) {
         self.inflight += 1 + usize::from(linked.is_some());
-        let n = 1 + usize::from(linked.is_some());
-        if self.backlog.is_empty() {
-            let mut sq = self.uring.submission();
-            if sq.capacity() - sq.len() >= n {
-                // SAFETY: there is room for the whole chain (checked above), and the caller
-                // guarantees the memory the entries use outlives them.
-                unsafe {
-                    match &linked {
-                        Some(l) => sq.push_multiple(&[first, l.clone()]),
-                        None => sq.push(&first),
-                    }
-                    .expect("SQ has room");
-                }
-                return;
-            }
-        }
-        self.stats.backlogged += n as u64;
-        self.backlog.push_back((first, linked));
+        self.queued.push_back((first, linked));
     }
 
-    /// Moves the backlog into the SQ, submitting without waiting whenever the SQ is full.
-    fn flush_backlog(&mut self) -> io::Result<()> {
-        while let Some((first, linked)) = self.backlog.front() {
+    /// Moves the queued SQEs into the SQ, submitting without waiting whenever the SQ is full
+    /// (a linked pair always goes into one submission, or the link would break).
+    fn fill_sq(&mut self) -> io::Result<()> {
+        while let Some((first, linked)) = self.queued.front() {
             let n = 1 + usize::from(linked.is_some());
             let mut sq = self.uring.submission();
             if sq.capacity() - sq.len() < n {
                 drop(sq);
                 self.stats.enters += 1;
+                self.stats.sq_full += 1;
                 match self.uring.submit() {
                     Ok(0) => return Ok(()), // the kernel took nothing: try at the next wait
                     Ok(_) => continue,
@@ -660,8 +660,8 @@ impl Ring {
                     Err(e) => return Err(e),
                 }
             }
-            // SAFETY: room for the chain was checked; `queue`'s callers vouched for the memory
-            // of every backlogged entry, and it stays valid until their final CQEs.
+            // SAFETY: there is room for the whole chain (checked above); `queue`'s callers
+            // vouched that the memory each entry uses stays valid until its final CQE.
             unsafe {
                 match linked {
                     Some(l) => sq.push_multiple(&[first.clone(), l.clone()]),
@@ -670,7 +670,7 @@ impl Ring {
                 .expect("SQ has room");
             }
             drop(sq);
-            self.backlog.pop_front();
+            self.queued.pop_front();
         }
         Ok(())
     }
@@ -681,13 +681,18 @@ impl Ring {
     pub(crate) fn wait(&mut self, deadline: Option<Instant>) -> io::Result<()> {
         let now = Instant::now();
         self.resume_accepts(now);
-        self.flush_backlog()?;
+        self.fill_sq()?;
         let have = !self.ready.is_empty() || !self.uring.completion().is_empty();
         let to_submit = !self.uring.submission().is_empty();
         if have && !to_submit {
             return Ok(());
         }
-        let wake_at = self.listeners.iter().filter(|l| !l.armed).filter_map(|l| l.resume_at).min();
+        let wake_at = self
+            .listeners
+            .iter()
+            .filter(|l| !l.armed)
+            .filter_map(|l| l.resume_at)
+            .min();
         let deadline = match (deadline, wake_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -790,10 +795,8 @@ impl Ring {
     // ---- accept ----
 
     /// Accepts connections on `listener` with a multishot accept, re-armed when the kernel
-    /// ends it. The listener is switched to blocking mode (io_uring polls it itself).
+    /// ends it. Blocking or not does not matter: io_uring polls sockets itself.
     pub(crate) fn listen(&mut self, listener: TcpListener) {
-        // a blocking socket keeps io_uring from reporting EAGAIN instead of waiting
-        let _ = listener.set_nonblocking(false);
         self.listeners.push(Listener {
             sock: listener,
             armed: false,
@@ -893,12 +896,11 @@ impl Ring {
     }
 
     /// Takes `stream` as connection `slot` and starts receiving into provided buffers. The
-    /// slot must be free (never used, or `Released`). The socket is switched to blocking mode.
+    /// slot must be free (never used, or `Released`). Blocking or not does not matter.
     pub(crate) fn start(&mut self, slot: usize, stream: TcpStream) {
         if self.slots.len() <= slot {
             self.slots.resize_with(slot + 1, Slot::default);
         }
-        let _ = stream.set_nonblocking(false);
         let s = &mut self.slots[slot];
         assert!(s.state == State::Free, "start on busy slot {slot}");
         debug_assert!(s.ops == 0 && s.send_q.is_empty());
@@ -926,8 +928,9 @@ impl Ring {
     fn on_recv(&mut self, slot: usize, res: i32, flags: u32, more: bool) -> Option<Completion> {
         let s = &mut self.slots[slot];
         let mut out = None;
+        debug_assert!(res <= 0 || cqueue::buffer_select(flags).is_some());
         if let Some(bid) = cqueue::buffer_select(flags) {
-            if res > 0 && s.state == State::Open && usize::from(bid) < self.pool.lent.len() {
+            if res > 0 && s.state == State::Open {
                 assert!(!self.pool.lent[usize::from(bid)], "buffer {bid} lent twice");
                 self.pool.lent[usize::from(bid)] = true;
                 self.pool.lent_count += 1;
@@ -1052,11 +1055,7 @@ impl Ring {
         }
         while s.send_q.front().is_some_and(Vec::is_empty) {
             let buf = s.send_q.pop_front().unwrap_or_default();
-            self.ready.push_back(Completion::Sent {
-                slot,
-                buf,
-                result: Ok(()),
-            });
+            self.ready.push_back(sent(slot, buf, Ok(())));
         }
         let Some(front) = s.send_q.front() else {
             return;
@@ -1087,11 +1086,7 @@ impl Ring {
             s.send_err = Some(code);
             s.send_off = 0;
             let mut failed = s.send_q.drain(..);
-            let first = failed.next().map(|buf| Completion::Sent {
-                slot,
-                buf,
-                result: Err(errno(code)),
-            });
+            let first = failed.next().map(|buf| sent(slot, buf, Err(errno(code))));
             for buf in failed {
                 let result = Err(errno(code));
                 self.ready.push_back(Completion::Sent { slot, buf, result });
@@ -1105,11 +1100,7 @@ impl Ring {
         s.send_off += res as usize;
         let out = if s.send_off >= front_len {
             s.send_off = 0;
-            s.send_q.pop_front().map(|buf| Completion::Sent {
-                slot,
-                buf,
-                result: Ok(()),
-            })
+            s.send_q.pop_front().map(|buf| sent(slot, buf, Ok(())))
         } else {
             None
         };
@@ -1334,6 +1325,43 @@ impl Ring {
     }
 }
 
+impl Ring {
+    /// Teardown: cancels every request and reaps CQEs (handling none) until nothing is in
+    /// flight or `within` has passed. True when nothing is in flight.
+    fn cancel_all_and_drain(&mut self, within: Duration) -> bool {
+        if self.inflight == 0 {
+            return true;
+        }
+        let e = opcode::AsyncCancel2::new(CancelBuilder::any().all())
+            .build()
+            .user_data(user_data(K_DROP_CANCEL, 0, 0));
+        // SAFETY: a cancel points to no memory. It follows everything queued, so once
+        // submitted it cancels all of it.
+        unsafe { self.queue(e, None) };
+        let deadline = Instant::now() + within;
+        while self.inflight > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let _ = self.fill_sq();
+            let ts = Timespec::from(deadline - now);
+            let args = SubmitArgs::new().timespec(&ts);
+            let _ = self.uring.submitter().submit_with_args(1, &args);
+            while let Some(cqe) = self.uring.completion().next() {
+                if !cqueue::more(cqe.flags()) {
+                    self.inflight -= 1;
+                }
+                if decode(cqe.user_data()).0 == K_ACCEPT && cqe.result() >= 0 {
+                    // SAFETY: a new descriptor from an accept, owned by nobody: close it.
+                    drop(unsafe { OwnedFd::from_raw_fd(cqe.result()) });
+                }
+            }
+        }
+        true
+    }
+}
+
 fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -1343,37 +1371,7 @@ fn is_transient(e: &io::Error) -> bool {
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        if self.inflight > 0 {
-            let e = opcode::AsyncCancel2::new(CancelBuilder::any().all())
-                .build()
-                .user_data(user_data(K_DROP_CANCEL, 0, 0));
-            // SAFETY: a cancel points to no memory. It follows everything queued, so it
-            // cancels all of it once submitted.
-            unsafe { self.queue(e, None) };
-            let deadline = Instant::now() + DROP_DRAIN;
-            while self.inflight > 0 {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                let _ = self.flush_backlog();
-                let ts = Timespec::from(deadline - now);
-                let _ = self
-                    .uring
-                    .submitter()
-                    .submit_with_args(1, &SubmitArgs::new().timespec(&ts));
-                while let Some(cqe) = self.uring.completion().next() {
-                    if !cqueue::more(cqe.flags()) {
-                        self.inflight -= 1;
-                    }
-                    if decode(cqe.user_data()).0 == K_ACCEPT && cqe.result() >= 0 {
-                        // SAFETY: a new descriptor from an accept, owned by nobody: close it.
-                        drop(unsafe { OwnedFd::from_raw_fd(cqe.result()) });
-                    }
-                }
-            }
-        }
-        if self.inflight > 0 {
+        if !self.cancel_all_and_drain(DROP_DRAIN) {
             // Requests we could not reap may still use this memory: leak it, never free it.
             self.pool.entries.leak = true;
             self.pool.data.leak = true;
