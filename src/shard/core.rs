@@ -475,6 +475,10 @@ impl<D, R> ShardCore<D, R> {
         self.conns.get(slot).map(|c| &c.io)
     }
 
+    pub(crate) fn io_mut(&mut self, slot: usize) -> Option<&mut D> {
+        self.conns.get_mut(slot).map(|c| &mut c.io)
+    }
+
     /// The socket is gone: devices go offline, downlinks fail, the slot is freed.
     pub(crate) fn disconnect(&mut self, slot: usize, now: Instant) -> Option<D> {
         let conn = self.conns.get_mut(slot)?;

@@ -75,8 +75,6 @@ impl Mesh {
         true
     }
 
-    // Used by the io_uring loop, which is being brought in (see `shard::ring`).
-    #[allow(dead_code)]
     /// Makes every later send to `shard` call `wake` after queueing its message (once per
     /// shard; a second registration is ignored).
     pub(crate) fn on_send(&self, shard: u8, wake: WakeFn) {

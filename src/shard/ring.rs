@@ -147,18 +147,6 @@ pub(crate) struct Buf {
     len: u32,
 }
 
-impl Buf {
-    /// Bytes received into the buffer.
-    pub(crate) fn len(&self) -> usize {
-        self.len as usize
-    }
-
-    /// Always false: the kernel never lends an empty buffer.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
 /// What [`Ring::poll`] reports.
 #[derive(Debug)]
 pub(crate) enum Completion {
@@ -589,17 +577,20 @@ impl Ring {
         Waker(Arc::clone(&self.wake))
     }
 
+    #[cfg_attr(not(test), allow(dead_code))] // for the tests and diagnostics
     pub(crate) fn stats(&self) -> RingStats {
         self.stats
     }
 
     /// Buffers not lent to the caller (in the kernel's ring, or picked by the kernel for a
     /// completion not reaped yet).
+    #[cfg_attr(not(test), allow(dead_code))] // for the tests and diagnostics
     pub(crate) fn free_buffers(&self) -> usize {
         self.pool.free()
     }
 
     /// Buffers in the kernel's ring right now, as the kernel sees it (`PBUF_STATUS`, 6.8+).
+    #[cfg_attr(not(test), allow(dead_code))] // for the tests and diagnostics
     pub(crate) fn kernel_free_buffers(&self) -> io::Result<usize> {
         #[repr(C)]
         struct BufStatus {
@@ -821,6 +812,7 @@ impl Ring {
     /// No accept completions until `until` (after EMFILE, say): cancels the armed accept and
     /// re-arms it at the first `wait` after `until`. Connections the kernel accepted before
     /// the cancel took effect are still reported.
+    #[cfg_attr(not(test), allow(dead_code))] // for the tests and diagnostics
     pub(crate) fn pause_accept(&mut self, until: Instant) {
         for index in 0..self.listeners.len() {
             let l = &mut self.listeners[index];

@@ -1,122 +1,64 @@
-//! The io_uring driver: one tokio-uring runtime (one ring) per shard.
+//! The io_uring driver: one hand-written completion loop per shard over [`Ring`], the shard's
+//! [`ShardCore`] and its log partition.
 //!
-//! Owns: the shard's tasks (accept, timers, mesh inbox, a reader per connection, a writer per
-//! connection while it has bytes to send) and the sockets.
+//! Owns: the shard's ring (its sockets, provided receive buffers and ops in flight), each
+//! connection's few driver bits ([`UringConn`]), and the commit being written.
 //!
-//! tokio-uring 0.5 rules this driver follows:
-//! - An op owns its buffer until it completes; a dropped op is not cancelled. So a read is
-//!   never raced against a timer or a notification with `select!`: each connection has one
-//!   reader that only reads, timers run on the shard's timer task, and writes on a writer task.
-//! - A socket with a read in flight is not closed by dropping it: to end a connection the
-//!   driver calls `shutdown`, the pending read completes with 0, and the reader cleans up.
-//! - Each connection reads into its own buffer, since 0.5 has no provided-buffer rings: 1 KiB
-//!   for a quiet connection, up to 64 KiB while reads keep filling it ([`ReadSize`]), and as
-//!   large as a large frame needs; given back when the connection is quiet again.
-//! - The writer sends everything the session produced for one read in one `write_all`, and the
-//!   reader submits its next read right away, so both ops go to the kernel in one submission.
+//! One turn of the loop:
+//!
+//! ```text
+//!   ring.wait(core.poll_timeout())          one io_uring_enter: submits the last turn's sends,
+//!                                           recv re-arms and log write, waits for completions
+//!   for each completion:                    Data -> core.input (in place, in the ring's buffer)
+//!                                           Sent / Closed / Released / Accepted / Written / Woken
+//!   core.on_timer(now) when due
+//!   core.end_turn(now)                      the turn's records become one commit
+//!   act: every action of the core, every connection it flagged
+//!                                           -> ring.send / shutdown / pause_recv / write_at
+//! ```
+//!
+//! Nothing here blocks but `wait`, and nothing on a report's path leaves the thread: the log
+//! write (and its fdatasync under `fsync = "batch"`) are ops on the same ring, and the devices
+//! are answered in the turn that sees the write complete.
+//!
+//! Connection lifecycle, in ring terms: `Accepted` -> `core.accept` -> `ring.start` (multishot
+//! recv armed; an idle connection holds no buffer). The session ends -> its last bytes are sent
+//! -> `ring.shutdown`. The peer's end or a failed send -> `Closed` -> `ring.release`. `Released`
+//! -> `core.disconnect` (devices offline) and the slot is free for the next connection: the
+//! core's slot numbers are the ring's, so a slot is reused only after both are done with it.
 
-use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::Shutdown;
-use std::rc::Rc;
-use std::time::Instant;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-use tokio_uring::buf::BoundedBuf;
-use tokio_uring::net::TcpStream;
-
-use crate::shard::core::ShardCore;
+use crate::shard::core::{self, Action, Commit, ShardCore};
 use crate::shard::mesh::Reply;
 use crate::shard::partition::ShardLog;
-use crate::shard::{
-    accept_backoff, flusher, inbox_loop, timers, ShardLocal, ShardRun, ShardWakers, Shared,
-};
-use std::sync::Arc;
+use crate::shard::ring::{Completion, Ring, RingConfig};
+use crate::shard::ShardRun;
+use crate::uplink::{Prepared, UplinkError};
 
-/// Initial and resting size of a connection's read buffer.
-const READ_BUF: usize = 1024;
-/// Accept ops each shard keeps in flight.
-const ACCEPTS_IN_FLIGHT: usize = 16;
-/// The most a busy connection reads at once (a single large frame may still need more).
-const MAX_READ_BUF: usize = 64 * 1024;
+/// Provided receive buffers per shard, and their size: 16 MiB of address space of which only
+/// the buffers in use (busy connections' reads) are ever touched.
+const BUFFERS: u16 = 1024;
+const BUFFER_SIZE: u32 = 16 * 1024;
+/// Send buffers kept for reuse per shard (an idle connection keeps none).
+const SPARE_SENDS: usize = 64;
+/// A bound on how long the loop sleeps with nothing due, so a drained shard re-checks.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
 
-/// The driver's handle on one connection.
+/// The driver's bits of one connection.
+#[derive(Debug, Default)]
 pub(crate) struct UringConn {
-    stream: Rc<TcpStream>,
-    /// A writer task is running for this connection.
-    writing: Cell<bool>,
-    /// `shutdown` was called (once is enough).
-    shut: Cell<bool>,
-    /// The reader waits for `resume` instead of reading (backpressure).
-    paused: Cell<bool>,
-    resume: Rc<Notify>,
-}
-
-impl UringConn {
-    /// Lets a paused reader look again whether it may read.
-    fn wake_reader(&self) {
-        if self.paused.get() {
-            self.resume.notify_one();
-        }
-    }
-}
-
-type Core = Rc<RefCell<ShardCore<UringConn, Reply>>>;
-
-struct Local {
-    core: Core,
-    log: RefCell<ShardLog>,
-    shared: Arc<Shared>,
-    wakers: ShardWakers,
-    ready: RefCell<Vec<usize>>,
-}
-
-impl ShardLocal<UringConn> for Local {
-    fn core(&self) -> &RefCell<ShardCore<UringConn, Reply>> {
-        &self.core
-    }
-
-    fn wakers(&self) -> &ShardWakers {
-        &self.wakers
-    }
-
-    fn shared(&self) -> &Shared {
-        &self.shared
-    }
-
-    fn log(&self) -> &RefCell<ShardLog> {
-        &self.log
-    }
-
-    /// Starts a writer for every flagged connection with bytes to send, shuts down closed
-    /// ones, and wakes the timer task.
-    fn act_on_ready(self: &Rc<Self>) {
-        let mut ready = self.ready.borrow_mut();
-        self.core.borrow_mut().take_ready(&mut ready);
-        for slot in ready.drain(..) {
-            self.kick_writer(slot);
-        }
-    }
-}
-
-impl Local {
-    fn kick_writer(self: &Rc<Self>, slot: usize) {
-        let core = self.core.borrow();
-        let Some(conn) = core.io(slot) else { return };
-        conn.wake_reader();
-        if core.is_aborted(slot) && !conn.shut.replace(true) {
-            // Ends a write stuck on a peer that does not read, and the read in flight.
-            let _ = conn.stream.shutdown(Shutdown::Both);
-            return;
-        }
-        if conn.writing.get() {
-            return; // the running writer picks the new bytes up
-        }
-        conn.writing.set(true);
-        let stream = Rc::clone(&conn.stream);
-        drop(core);
-        tokio_uring::spawn(writer(Rc::clone(self), slot, stream));
-    }
+    /// Bytes of a frame that arrived incomplete; empty (and unallocated) for an idle
+    /// connection.
+    leftover: Vec<u8>,
+    /// Receiving is paused (backpressure).
+    paused: bool,
+    /// `ring.shutdown` was called.
+    shut: bool,
+    /// The peer's end was seen (`Closed`) and the slot is being released.
+    released: bool,
 }
 
 /// Runs one shard on the io_uring driver until it has drained.
@@ -129,213 +71,291 @@ pub(crate) fn run(run: ShardRun<UringConn>) -> io::Result<()> {
         inbox,
         read_buf_bytes: _,
     } = run;
-    listener.set_nonblocking(false)?;
-    tokio_uring::builder().entries(1024).start(async move {
-        let listener = tokio_uring::net::TcpListener::from_std(listener);
-        let local = Rc::new(Local {
-            core: Rc::new(RefCell::new(core)),
-            log: RefCell::new(log),
-            shared,
-            wakers: ShardWakers::default(),
-            ready: RefCell::new(Vec::new()),
-        });
-        tokio_uring::spawn(timers(Rc::clone(&local)));
-        tokio_uring::spawn(flusher(Rc::clone(&local)));
-        // Several accepts in flight: under load each one waits its turn in the ring behind
-        // every read completion, and one at a time held the connect rate under 1000/s.
-        let listener = Rc::new(listener);
-        let accepts: Vec<_> = (0..ACCEPTS_IN_FLIGHT)
-            .map(|_| tokio_uring::spawn(accept(Rc::clone(&local), Rc::clone(&listener))))
-            .collect();
-        inbox_loop(Rc::clone(&local), inbox).await;
-        for task in accepts {
-            task.abort();
+    let mut ring = Ring::new(RingConfig {
+        entries: 4096,
+        buffers: BUFFERS,
+        buffer_size: BUFFER_SIZE,
+        accept_backoff: Duration::from_millis(100),
+    })?;
+    let waker = ring.waker();
+    shared.mesh.on_send(core.id, Box::new(move || waker.wake()));
+    listener.set_nonblocking(true)?;
+    ring.listen(listener);
+    let mut d = Driver {
+        core,
+        ring,
+        log,
+        shared,
+        inbox,
+        ready: Vec::new(),
+        writing: None,
+        spare_sends: Vec::new(),
+    };
+    // Messages sent before the wake function was registered.
+    d.drain_inbox(Instant::now());
+    loop {
+        let now = Instant::now();
+        d.core.end_turn(now);
+        d.act(now);
+        if d.core.is_done() && d.writing.is_none() {
+            return Ok(());
         }
-        Ok(())
-    })
+        let deadline = d.core.poll_timeout().unwrap_or(now + IDLE_WAIT);
+        d.ring.wait(Some(deadline))?;
+        let now = Instant::now();
+        d.core.set_wall_clock(now, core::unix_ms());
+        while let Some(c) = d.ring.poll() {
+            d.on_completion(c, now);
+        }
+        if d.core.poll_timeout().is_some_and(|t| t <= now) {
+            d.core.on_timer(now);
+        }
+    }
 }
 
-async fn accept(local: Rc<Local>, listener: Rc<tokio_uring::net::TcpListener>) {
-    loop {
-        // An accept op left in flight at drain is harmless: the task is aborted and the
-        // listener closes with the runtime; a socket it still returns is dropped (closed).
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let stream = Rc::new(stream);
-                let resume = Rc::new(Notify::new());
-                let io = UringConn {
-                    stream: Rc::clone(&stream),
-                    writing: Cell::new(false),
-                    shut: Cell::new(false),
-                    paused: Cell::new(false),
-                    resume: Rc::clone(&resume),
+struct Driver {
+    core: ShardCore<UringConn, Reply>,
+    ring: Ring,
+    log: ShardLog,
+    shared: std::sync::Arc<crate::shard::Shared>,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<crate::shard::mesh::Msg>,
+    ready: Vec<usize>,
+    /// The commit whose fdatasync is on the ring.
+    writing: Option<(Prepared, Commit)>,
+    spare_sends: Vec<Vec<u8>>,
+}
+
+impl Driver {
+    fn on_completion(&mut self, c: Completion, now: Instant) {
+        match c {
+            Completion::Data { slot, buf } => {
+                let Some(conn) = self.core.io_mut(slot) else {
+                    self.ring.give_back(buf);
+                    return;
                 };
-                let slot = local.core.borrow_mut().accept(peer, Instant::now(), io);
-                match slot {
-                    Some(slot) => {
-                        tokio_uring::spawn(reader(Rc::clone(&local), slot, stream, resume));
-                    }
-                    None => {
-                        let _ = stream.shutdown(Shutdown::Both);
+                let mut leftover = std::mem::take(&mut conn.leftover);
+                if leftover.is_empty() {
+                    // The common case: whole frames, parsed in place in the ring's buffer.
+                    let bytes = self.ring.bytes_mut(&buf);
+                    let n = self.core.input(slot, bytes, now);
+                    leftover.extend_from_slice(&bytes[n.min(bytes.len())..]);
+                } else {
+                    leftover.extend_from_slice(self.ring.bytes_mut(&buf));
+                    let n = self.core.input(slot, &mut leftover, now);
+                    leftover.drain(..n.min(leftover.len()));
+                    if leftover.is_empty() {
+                        leftover = Vec::new();
                     }
                 }
-                local.after_core_call();
+                self.ring.give_back(buf);
+                if let Some(conn) = self.core.io_mut(slot) {
+                    conn.leftover = leftover;
+                }
+                self.ready.push(slot);
             }
-            Err(e) => {
-                accept_backoff(&local.shared, &e).await;
+            Completion::Sent { slot, buf, result } => {
+                self.recycle_send(buf);
+                if result.is_err() {
+                    // The peer is gone: shut down, and its recv ends too.
+                    self.shut(slot);
+                }
+                self.ready.push(slot);
+            }
+            Completion::Closed { slot } => {
+                if let Some(conn) = self.core.io_mut(slot) {
+                    if !std::mem::replace(&mut conn.released, true) {
+                        self.ring.release(slot);
+                    }
+                }
+            }
+            Completion::Released { slot } => {
+                self.core.disconnect(slot, now);
+            }
+            Completion::Accepted { stream, peer } => {
+                match self.core.accept(peer, now, UringConn::default()) {
+                    Some(slot) => {
+                        self.ring.start(slot, stream);
+                        self.ready.push(slot);
+                    }
+                    None => drop(stream),
+                }
+            }
+            Completion::AcceptError(e) => {
+                let m = &self.shared.env.metrics;
+                let n = m
+                    .accept_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                if n.is_power_of_two() {
+                    eprintln!("ringlink: accept failed ({e}); {n} accept errors so far");
+                }
+            }
+            Completion::Written {
+                token,
+                bufs,
+                result,
+            } => {
+                debug_assert!(
+                    token == 0 && bufs.is_empty(),
+                    "only fdatasyncs go to the ring"
+                );
+                self.synced(result, now);
+            }
+            Completion::Woken => self.drain_inbox(now),
+        }
+    }
+
+    fn drain_inbox(&mut self, now: Instant) {
+        while let Ok(msg) = self.inbox.try_recv() {
+            self.core.on_message(msg, now);
+        }
+    }
+
+    /// Performs the core's actions and acts on every connection it (or a completion) flagged,
+    /// until neither has anything left.
+    fn act(&mut self, now: Instant) {
+        loop {
+            let mut flagged = std::mem::take(&mut self.ready);
+            self.core.take_ready(&mut flagged);
+            let had_ready = !flagged.is_empty();
+            for slot in flagged.drain(..) {
+                self.act_on(slot);
+            }
+            self.ready = flagged;
+            let mut acted = false;
+            while let Some(action) = self.core.poll_action() {
+                acted = true;
+                match action {
+                    Action::Send { shard, msg } => {
+                        self.shared.mesh.send(shard, msg);
+                    }
+                    Action::Answer { reply, outcome } => {
+                        let _ = reply.send(outcome);
+                    }
+                    Action::Append(commit) => self.append(commit, now),
+                }
+            }
+            if !acted && !had_ready && self.ready.is_empty() {
+                return;
             }
         }
     }
-}
 
-/// Reads until EOF, an error, or the session ends (then the writer shuts the socket down,
-/// which completes the read in flight).
-async fn reader(local: Rc<Local>, slot: usize, stream: Rc<TcpStream>, resume: Rc<Notify>) {
-    let mut size = ReadSize::default();
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
-    loop {
-        wait_until_wanted(&local, slot, &resume).await;
-        let wanted = local.core.borrow().wanted_bytes(slot).max(size.get());
-        if buf.capacity() - buf.len() < wanted {
-            buf.reserve(wanted);
-        }
-        let start = buf.len();
-        let spare = buf.capacity() - start;
-        let (res, slice) = stream.read(buf.slice(start..)).await;
-        buf = slice.into_inner();
-        match res {
-            Ok(0) | Err(_) => break,
-            Ok(n) => size.observe(n, spare),
-        }
-        let consumed = local
-            .core
-            .borrow_mut()
-            .input(slot, &mut buf[..], Instant::now());
-        buf.drain(..consumed.min(buf.len()));
-        if buf.is_empty() && buf.capacity() > 2 * size.get() {
-            buf = Vec::with_capacity(size.get());
-        }
-        local.after_core_call();
-        if local.core.borrow().is_closed(slot) {
-            // The writer flushes the close frame, then shuts the socket down; keep reading
-            // until that makes the read return.
-            shutdown_when_idle(&local, slot);
-        }
-    }
-    local.core.borrow_mut().disconnect(slot, Instant::now());
-    let _ = stream.shutdown(Shutdown::Both);
-    local.after_core_call();
-}
-
-/// Backpressure: while the core does not want input from `slot`, no read is submitted (the
-/// kernel's receive window fills and the peer slows down). Woken by [`UringConn::wake_reader`]
-/// when the connection is flagged or a write completes.
-async fn wait_until_wanted(local: &Rc<Local>, slot: usize, resume: &Notify) {
-    if local.core.borrow().wants_input(slot) {
-        return;
-    }
-    local.core.borrow().note_paused();
-    set_paused(local, slot, true);
-    loop {
-        resume.notified().await;
-        if local.core.borrow().wants_input(slot) {
-            break;
-        }
-    }
-    set_paused(local, slot, false);
-}
-
-fn set_paused(local: &Local, slot: usize, paused: bool) {
-    if let Some(conn) = local.core.borrow().io(slot) {
-        conn.paused.set(paused);
-    }
-}
-
-/// How many bytes a connection's next read asks for. Reads are not multishot and there are no
-/// provided buffers, so the buffer of every read in flight is the connection's own: small for
-/// the many quiet connections, large for a busy one so that it gets many frames per read.
-/// A read that filled its buffer doubles the size (more was waiting); one that did not sets it
-/// back to what it got, so a connection that goes quiet waits with a small buffer again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ReadSize(usize);
-
-impl Default for ReadSize {
-    fn default() -> Self {
-        Self(READ_BUF)
-    }
-}
-
-impl ReadSize {
-    fn get(self) -> usize {
-        self.0
-    }
-
-    /// A read of `n` bytes into `spare` bytes of room.
-    fn observe(&mut self, n: usize, spare: usize) {
-        self.0 = if n >= spare {
-            (self.0 * 2).min(MAX_READ_BUF)
-        } else {
-            n.next_power_of_two().clamp(READ_BUF, MAX_READ_BUF)
+    /// Sends what `slot` has (one send in flight at a time), shuts it down when its session
+    /// ended and everything went out, drops it when the core aborted it, and pauses or
+    /// resumes its receiving.
+    fn act_on(&mut self, slot: usize) {
+        let aborted = self.core.is_aborted(slot);
+        let closed = self.core.is_closed(slot);
+        let wants_input = self.core.wants_input(slot);
+        let Some(conn) = self.core.io_mut(slot) else {
+            return;
         };
+        if conn.released {
+            return;
+        }
+        if aborted {
+            // Closed a pong timeout ago and the peer still neither read nor closed: drop it.
+            conn.released = true;
+            self.ring.release(slot);
+            return;
+        }
+        if conn.shut {
+            return;
+        }
+        // One send in flight at a time: what waits stays with the session, whose queued-bytes
+        // limit then applies to a peer that does not read.
+        if !self.ring.sending(slot) {
+            let mut out = self.spare_sends.pop().unwrap_or_default();
+            if self.core.transmit(slot, &mut out) {
+                self.ring.send(slot, out);
+            } else {
+                self.recycle_send(out);
+            }
+        }
+        let sending = self.ring.sending(slot);
+        let Some(conn) = self.core.io_mut(slot) else {
+            return;
+        };
+        if closed && !sending {
+            self.shut(slot);
+            return;
+        }
+        if wants_input == conn.paused {
+            conn.paused = !wants_input;
+            if wants_input {
+                self.ring.resume_recv(slot);
+            } else {
+                self.core.note_paused();
+                self.ring.pause_recv(slot);
+            }
+        }
     }
-}
 
-/// Sends everything the session has, then shuts a closed connection down.
-async fn writer(local: Rc<Local>, slot: usize, stream: Rc<TcpStream>) {
-    loop {
-        // The session's own buffer, handed over and freed after the write.
-        let mut out = Vec::new();
-        if !local.core.borrow_mut().transmit(slot, &mut out) {
-            break;
+    /// Everything went out (or the peer is gone): shut the socket down and keep receiving
+    /// until the peer's end arrives as `Closed` (then the slot is released). A peer that never
+    /// closes is aborted by the core's timer.
+    fn shut(&mut self, slot: usize) {
+        let Some(conn) = self.core.io_mut(slot) else {
+            return;
+        };
+        if std::mem::replace(&mut conn.shut, true) {
+            return;
         }
-        let (res, _) = stream.write_all(out).await;
-        if res.is_err() {
-            let _ = stream.shutdown(Shutdown::Both);
-            break;
-        }
-        if let Some(conn) = local.core.borrow().io(slot) {
-            conn.wake_reader();
+        self.ring.shutdown(slot);
+        if std::mem::replace(&mut conn.paused, false) {
+            self.ring.resume_recv(slot);
         }
     }
-    if let Some(conn) = local.core.borrow().io(slot) {
-        conn.writing.set(false);
-    }
-    shutdown_when_idle(&local, slot);
-}
 
-/// Shuts a closed connection's socket down once no writer is running, so its reader ends.
-fn shutdown_when_idle(local: &Rc<Local>, slot: usize) {
-    let core = local.core.borrow();
-    if !core.is_closed(slot) {
-        return;
-    }
-    if let Some(conn) = core.io(slot) {
-        if !conn.writing.get() && !conn.shut.replace(true) {
-            let _ = conn.stream.shutdown(Shutdown::Both);
+    fn recycle_send(&mut self, mut buf: Vec<u8>) {
+        if self.spare_sends.len() < SPARE_SENDS && buf.capacity() <= 64 * 1024 {
+            buf.clear();
+            self.spare_sends.push(buf);
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn read_size_grows_while_reads_fill_and_falls_back_when_quiet() {
-        let mut s = ReadSize::default();
-        assert_eq!(s.get(), READ_BUF);
-        // Busy: every read fills its buffer.
-        for _ in 0..20 {
-            let room = s.get();
-            s.observe(room, room);
+    /// Writes a commit to the shard's partition and answers its devices; under
+    /// `fsync = "batch"` the fdatasync is an op on the ring, and the devices are answered when
+    /// it completes ([`Driver::synced`]).
+    ///
+    /// The write itself is a plain `pwritev` from this thread: a copy into the page cache of a
+    /// few KiB, once per turn. As an io_uring op on ext4 it was punted to an io-wq worker
+    /// thread (buffered file writes are not async there), which cost two thread switches and a
+    /// second wake-up of this loop per commit: measured at 10,000 reports/s, 0.9 context
+    /// switches per report on the shard thread plus 0.7 on the worker, against 0.35 in all
+    /// with the write here.
+    fn append(&mut self, commit: Commit, now: Instant) {
+        let p = match self.log.prepare(&commit) {
+            Ok(Some(p)) => p,
+            Ok(None) => return self.core.committed(commit, Ok(()), now),
+            Err(e) => {
+                self.log.count_failed(&commit);
+                eprintln!("ringlink: uplink log: {e}");
+                return self.core.committed(commit, Err(e), now);
+            }
+        };
+        let written = ShardLog::write(&p, &commit);
+        if written.is_ok() && p.sync {
+            self.ring
+                .write_at(p.file.as_raw_fd(), p.offset, Vec::new(), true, 0);
+            self.writing = Some((p, commit));
+            return;
         }
-        assert_eq!(s.get(), MAX_READ_BUF, "capped");
-        // A partial read: the next one asks for about what this one got.
-        s.observe(5000, MAX_READ_BUF);
-        assert_eq!(s.get(), 8192);
-        // Quiet again: a single small frame brings it back to the resting size.
-        s.observe(250, 8192);
-        assert_eq!(s.get(), READ_BUF);
+        self.finish(p, commit, written, now);
+    }
+
+    fn synced(&mut self, result: io::Result<()>, now: Instant) {
+        if let Some((p, commit)) = self.writing.take() {
+            self.finish(p, commit, result, now);
+        }
+    }
+
+    fn finish(&mut self, p: Prepared, commit: Commit, result: io::Result<()>, now: Instant) {
+        let result: Result<(), UplinkError> = self.log.complete(p, &commit, result);
+        if let Err(e) = &result {
+            eprintln!("ringlink: uplink log: {e}");
+        }
+        self.core.committed(commit, result, now);
     }
 }
