@@ -26,9 +26,9 @@
 # from /proc/PID/stat) is read before and after: "per server core" = reports answered / server
 # CPU seconds, which holds whether or not the client kept the server busy all the time.
 # Context switches: voluntary + nonvoluntary of every thread, from /proc/PID/task/TID/status,
-# before and after (target/compare/*.ctx0, *.ctx1: TID NAME COUNT), kept per thread id: a
-# thread's share is after - before (all of it for a thread born during the run); the table
-# also splits them by thread name. A thread that exits during the run loses its switches
+# before and after (target/compare/*.ctx0, *.ctx1, with each thread's CPU ticks), kept per
+# thread id: a thread's share is after - before (all of it for a thread born during the run);
+# the table also splits switches and CPU by thread name. A thread that exits during the run loses its switches
 # (Linux keeps them only for getrusage of the whole process); the table counts such threads.
 # The process's own /proc/PID/status is also recorded but counts the main thread alone.
 #
@@ -38,8 +38,8 @@
 # 6.3 minutes together, and about 3 s per run to start and stop the server (estimated from
 # the run lengths and the quick mode's overhead, not timed in full). Each further round adds
 # as much. Environment:
-#   COMPARE_QUICK=1        a smoke check, not figures: every shape 3 s (no warm-up); 2 min 51 s
-#                          on the project machine
+#   COMPARE_QUICK=1        a smoke check, not figures: every shape 3 s (no warm-up); about
+#                          1.5 minutes plus the builds
 #   COMPARE_SHAPES="..."   only these shapes, e.g. "closed-100 open-20k" (10k-half needs 10k-sat)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,16 +77,22 @@ start_server() { # $1 = uring|epoll|conv|raw ; sets server, ws, api
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# Context switches of every thread of $1: "TID NAME COUNT" lines, then "process - COUNT" from
+# Every thread of $1: "TID SWITCHES CPU_TICKS NAME" (voluntary + nonvoluntary context switches
+# from its status, utime + stime from its stat), then "process SWITCHES - -" from
 # /proc/PID/status (the main thread only).
 ctx_switches() {
-    local f tid
-    for f in /proc/"$1"/task/*/status; do
-        tid=${f#/proc/"$1"/task/}; tid=${tid%/status}
-        awk -v t="$tid" '/^Name:/ {n = $2} /^(non)?voluntary_ctxt_switches/ {s += $2}
-            END {if (NR) print t, n, s}' "$f" 2>/dev/null || true   # a thread that just exited
+    local d tid sw ticks name
+    for d in /proc/"$1"/task/*; do
+        tid=${d##*/}
+        # A thread that exits between the glob and the read is skipped.
+        sw=$(awk '/^(non)?voluntary_ctxt_switches/ {s += $2} END {print s}' "$d/status" \
+            2>/dev/null) || continue
+        ticks=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "$d/stat" 2>/dev/null) || continue
+        name=$(cat "$d/comm" 2>/dev/null) || continue
+        echo "$tid $sw $ticks $name"
     done
-    awk '/^(non)?voluntary_ctxt_switches/ {s += $2} END {print "process -", s}' "/proc/$1/status"
+    awk '/^(non)?voluntary_ctxt_switches/ {s += $2} END {print "process", s, "-", "-"}' \
+        "/proc/$1/status"
 }
 
 # A copy of profile $1 for run base $2, shortened in quick mode (3 s, no warm-up); prints its

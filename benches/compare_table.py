@@ -13,27 +13,30 @@ CONTENDERS = {"uring": "ringlink --io uring", "epoll": "ringlink --io epoll",
 
 
 def read_ctx(path):
-    """{tid: (thread name, voluntary + nonvoluntary context switches)} of a .ctx file."""
+    """{tid: (thread name, context switches, CPU ticks)} of a .ctx file."""
     d = {}
-    for line in open(path):  # TID NAME COUNT; the last line is "process - COUNT"
-        f = line.split()
+    for line in open(path):  # TID SWITCHES TICKS NAME; the last line is "process SWITCHES - -"
+        f = line.split(maxsplit=3)
         if f[0] != "process":
-            d[f[0]] = (" ".join(f[1:-1]), int(f[-1]))
+            d[f[0]] = (f[3].strip(), int(f[1]), int(f[2]))
     return d
 
 
 def ctx_switches(base):
     """(context switches of the server's threads during the run, threads that exited during
-    it, {thread name: switches}): per thread id after - before, a thread born during the run
-    counted whole."""
+    it, {thread name: (switches, CPU ticks)}): per thread id after - before, a thread born
+    during the run counted whole."""
     try:
         before, after = read_ctx(f"{base}.ctx0"), read_ctx(f"{base}.ctx1")
     except FileNotFoundError:
         return None, None, {}
     by_name = {}
-    for t, (name, v) in after.items():
-        by_name[name] = by_name.get(name, 0) + v - before.get(t, (name, 0))[1]
-    return (sum(by_name.values()), sum(1 for t in before if t not in after), by_name)
+    for t, (name, sw, ticks) in after.items():
+        _, sw0, ticks0 = before.get(t, (name, 0, 0))
+        a, b = by_name.get(name, (0, 0))
+        by_name[name] = (a + sw - sw0, b + ticks - ticks0)
+    return (sum(v[0] for v in by_name.values()), sum(1 for t in before if t not in after),
+            by_name)
 
 
 def run(c, shape, r):
@@ -143,7 +146,8 @@ def run2(c, shape, r):
              "p99": lat["p99"], "errors": d["error_total"]}
     n = v["answered"]
     v.update(busy=cpu / (w1 - w0), lost=lost,
-             threads={k: x / n for k, x in by_name.items()} if n else {},
+             # per thread name: (switches per report, CPU us per report)
+             threads={k: (a / n, b / hz * 1e6 / n) for k, (a, b) in by_name.items()} if n else {},
              cpu_us=cpu * 1e6 / n if n else None,
              ctx=ctx / n if n and ctx is not None else None,
              core=n / cpu if cpu > 0 else None)
@@ -190,13 +194,15 @@ if any(run2(c, s, r) for c in CONTENDERS2 for s in SHAPES2 for r in range(1, rou
                 f"uring / epoll = {ratio(m['uring']['core'], m['epoll']['core'])}")
     print()
     print("\n".join(notes))
-    print("\nContext switches per report by server thread (first round):\n")
+    print("\nBy server thread, first round (context switches / CPU us, per report; threads "
+          "with neither left out):\n")
     for shape, sname in SHAPES2.items():
         parts = []
         for c in CONTENDERS2:
             v = run2(c, shape, 1)
             if v and v["threads"]:
                 parts.append(f"{c}: " + ", ".join(
-                    f"{k} {x:.3f}" for k, x in sorted(v["threads"].items())))
+                    f"{k} {sw:.3f} / {us:.2f}" for k, (sw, us) in sorted(v["threads"].items())
+                    if sw >= 0.0005 or us >= 0.005))
         if parts:
             print(f"- {sname}: " + "; ".join(parts))
