@@ -53,8 +53,10 @@ cargo build --release --example raw_echo --example conventional
 
 wanted() { [[ "$shapes" == *" $1 "* ]]; }
 
-start_server() { # $1 = uring|epoll|conv|raw ; sets server, ws, api
-    local log="$out/server.log"
+start_server() { # $1 = uring|epoll|conv|raw, $2 = run base ; sets server, ws, api
+    # A log of its own per run: with one shared log, the wait below could read the previous
+    # server's address before the new server's redirection had emptied the file.
+    local log="$2.server.log"
     api=""
     case "$1" in
         raw) taskset -c 0 target/release/examples/raw_echo 127.0.0.1:0 >"$log" 2>&1 & ;;
@@ -109,8 +111,8 @@ profile_for() {
 
 # $1 = contender, $2 = shape, $3 = round, $4 = reports/s per connection (10k shapes)
 run() {
-    start_server "$1"
     local base="$out/$1-$2-$3" t0 t1 w0 w1
+    start_server "$1" "$base"
     ctx_switches "$server" >"$base.ctx0"
     t0=$(cpu_ticks "$server"); w0=$(date +%s.%N)
     if [ "$1" = raw ]; then
@@ -128,7 +130,8 @@ run() {
         if [ -n "$args" ]; then
             # shellcheck disable=SC2086
             taskset -c 1 target/release/raw_client --target "$ws" $args --duration "$secs" \
-                >"$base.json"
+                >"$base.json" 2>"$base.log" ||
+                { echo "raw_client failed ($1 $2):" >&2; tail -5 "$base.log" >&2; }
         fi
     else
         local profile extra=()

@@ -46,8 +46,8 @@ def run(c, shape, r):
     try:
         t0, t1, hz, w0, w1 = (float(x) for x in open(f"{base}.cpu").read().split())
         d = json.load(open(f"{base}.json"))
-    except FileNotFoundError:
-        return None  # not run (the raw echo has no idle shape)
+    except (FileNotFoundError, ValueError):
+        return None  # not run (the raw echo has no idle shape), or its client failed
     cpu = (t1 - t0) / hz
     busy = cpu / (w1 - w0)
     if c == "raw":
@@ -133,8 +133,8 @@ def run2(c, shape, r):
     try:
         t0, t1, hz, w0, w1 = (float(x) for x in open(f"{base}.cpu").read().split())
         d = json.load(open(f"{base}.json"))
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, ValueError):
+        return None  # not run, or its client failed
     cpu = (t1 - t0) / hz
     ctx, lost, by_name = ctx_switches(base)
     if c == "raw":
