@@ -34,10 +34,10 @@
 #
 #   benches/compare.sh [ROUNDS]      (default 1; medians over rounds)
 #
-# One round takes about 8-10 minutes on the project machine plus the builds: 26 client runs of
-# 6.3 minutes together, and about 3 s per run to start and stop the server (estimated from
-# the run lengths and the quick mode's overhead, not timed in full). Each further round adds
-# as much. Environment:
+# One round takes about 7 minutes on the project machine plus the builds (a release build
+# after a change: 3-4 minutes): 26 client runs of 6.3 minutes together, plus starting and
+# stopping servers (0.2 s a run in the quick mode). An estimate from the run lengths, not
+# timed in full; each further round adds as much. Environment:
 #   COMPARE_QUICK=1        a smoke check, not figures: every shape 3 s (no warm-up); about
 #                          1.5 minutes plus the builds
 #   COMPARE_SHAPES="..."   only these shapes, e.g. "closed-100 open-20k" (10k-half needs 10k-sat)
