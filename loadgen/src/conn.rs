@@ -1,7 +1,8 @@
 //! One simulated client connection (a direct device or a sub-gateway) for the whole run:
 //! connect (bound to a source address), TLS, WebSocket handshake on `//`, online its devices,
-//! report on an open-loop schedule, answer the server's requests, reconnect on churn, and at
-//! the end offline its devices and close.
+//! report on an open-loop schedule (or, with `closed_loop`, one report in flight at a time),
+//! answer the server's requests, reconnect on churn, and at the end offline its devices and
+//! close.
 //!
 //! ```text
 //!  connect -> Onlining --all online replies--> Running --deadline or churn--> Grace
@@ -303,6 +304,8 @@ struct Session<'a> {
     phase: Phase,
     onlining: usize,
     schedule: Option<Schedule>,
+    /// Reports sent and neither answered nor timed out yet.
+    reports_in_flight: u64,
     next_device: usize,
     /// Precise waits for report times (`pacing = "spin"`).
     pace: Option<Waiter>,
@@ -332,6 +335,7 @@ impl<'a> Session<'a> {
             phase: Phase::Onlining,
             onlining: 0,
             schedule: None,
+            reports_in_flight: 0,
             next_device: 0,
             pace: ctx.pacer.as_ref().map(Pacer::waiter),
         }
@@ -477,42 +481,77 @@ impl<'a> Session<'a> {
         let Some(mut schedule) = self.schedule.take() else {
             return;
         };
-        let n = self.slot.devices.len();
-        let event_ratio = self.ctx.profile.event_ratio;
-        let count = self.ctx.profile.properties_per_report as usize;
         for _ in 0..MAX_BURST {
             let Some(intended) = schedule.take_due(now, self.rng) else {
                 break;
             };
-            // Round robin over the online devices.
-            let Some(k) = (0..n)
-                .map(|i| (self.next_device + i) % n)
-                .find(|&k| self.slot.devices[k].online)
-            else {
+            if !self.send_report(intended, now) {
                 break;
-            };
-            self.next_device = (k + 1) % n;
-            let id = self.next_id();
-            self.scratch.clear();
-            let model = &*self.ctx.model;
-            let device = &mut self.slot.devices[k];
-            let event = self.rng.f64() < event_ratio
-                && device.write_event(model, id, self.rng, &mut self.scratch);
-            if !event {
-                device.write_report(model, id, count, self.rng, &mut self.scratch);
             }
-            self.ws.send_text(&mut self.tx, &self.scratch);
-            self.pending.insert(
-                id,
-                Pending {
-                    kind: Kind::Report { event },
-                    intended,
-                    sent: now,
-                },
-            );
-            self.ctx.stats.borrow_mut().counters.reports_sent += 1;
         }
         self.schedule = Some(schedule);
+    }
+
+    /// The onlines are done: start the open-loop schedule, or send the first report of the
+    /// closed loop.
+    fn start_reporting(&mut self, now: Instant) {
+        self.phase = Phase::Running;
+        if self.ctx.profile.closed_loop {
+            self.send_report(now, now);
+        } else {
+            let online = self.slot.devices.iter().filter(|d| d.online).count();
+            let rate = self.ctx.profile.report_rate_per_device * online as f64;
+            self.schedule = Schedule::new(now, rate, self.ctx.profile.jitter, self.rng);
+        }
+    }
+
+    /// Closed loop: the next report as soon as none is in flight, while the run goes on.
+    fn next_closed_loop_report(&mut self, now: Instant) {
+        if self.ctx.profile.closed_loop
+            && self.phase == Phase::Running
+            && self.reports_in_flight == 0
+            && now < self.ctx.deadline
+        {
+            self.send_report(now, now);
+        }
+    }
+
+    /// Sends one report (an event with probability `event_ratio`) for the next online device,
+    /// round robin; false when no device is online.
+    fn send_report(&mut self, intended: Instant, now: Instant) -> bool {
+        let n = self.slot.devices.len();
+        let Some(k) = (0..n)
+            .map(|i| (self.next_device + i) % n)
+            .find(|&k| self.slot.devices[k].online)
+        else {
+            return false;
+        };
+        self.next_device = (k + 1) % n;
+        let id = self.next_id();
+        self.scratch.clear();
+        let model = &*self.ctx.model;
+        let count = self.ctx.profile.properties_per_report as usize;
+        let device = &mut self.slot.devices[k];
+        let event = self.rng.f64() < self.ctx.profile.event_ratio
+            && device.write_event(model, id, self.rng, &mut self.scratch);
+        if !event {
+            device.write_report(model, id, count, self.rng, &mut self.scratch);
+        }
+        self.ws.send_text(&mut self.tx, &self.scratch);
+        self.pending.insert(
+            id,
+            Pending {
+                kind: Kind::Report { event },
+                intended,
+                sent: now,
+            },
+        );
+        self.reports_in_flight += 1;
+        let mut stats = self.ctx.stats.borrow_mut();
+        stats.counters.reports_sent += 1;
+        let max = &mut stats.counters.max_reports_in_flight;
+        *max = (*max).max(self.reports_in_flight);
+        true
     }
 
     /// Handles every complete frame in the read buffer.
@@ -595,6 +634,9 @@ impl<'a> Session<'a> {
             self.ctx.stats.borrow_mut().error("unexpected_reply");
             return;
         };
+        if matches!(p.kind, Kind::Report { .. }) {
+            self.reports_in_flight -= 1;
+        }
         let mut stats = self.ctx.stats.borrow_mut();
         match p.kind {
             Kind::Online(k) => {
@@ -609,10 +651,8 @@ impl<'a> Session<'a> {
                 }
                 self.onlining = self.onlining.saturating_sub(1);
                 if self.onlining == 0 && self.phase == Phase::Onlining {
-                    self.phase = Phase::Running;
-                    let online = self.slot.devices.iter().filter(|d| d.online).count();
-                    let rate = self.ctx.profile.report_rate_per_device * online as f64;
-                    self.schedule = Schedule::new(now, rate, self.ctx.profile.jitter, self.rng);
+                    drop(stats);
+                    self.start_reporting(now);
                 }
             }
             Kind::Offline => {
@@ -637,6 +677,8 @@ impl<'a> Session<'a> {
                 } else {
                     stats.error(&format!("report_code_{code}"));
                 }
+                drop(stats);
+                self.next_closed_loop_report(now);
             }
         }
     }
@@ -645,17 +687,24 @@ impl<'a> Session<'a> {
     fn expire(&mut self, age: Option<Duration>) {
         let now = Instant::now();
         let mut stats = self.ctx.stats.borrow_mut();
+        let mut reports = 0;
         self.pending.retain(|_, p| {
             let expired = age.is_none_or(|a| now - p.sent >= a);
             if expired {
                 stats.error(match p.kind {
                     Kind::Online(_) => "timeout_online",
                     Kind::Offline => "timeout_offline",
-                    Kind::Report { .. } => "timeout_report",
+                    Kind::Report { .. } => {
+                        reports += 1;
+                        "timeout_report"
+                    }
                 });
             }
             !expired
         });
+        drop(stats);
+        self.reports_in_flight -= reports;
+        self.next_closed_loop_report(now);
         if let Phase::Onlining = self.phase {
             // An online that timed out leaves its device offline; report with the rest.
             let waiting = self
@@ -665,10 +714,7 @@ impl<'a> Session<'a> {
                 .count();
             if waiting == 0 && self.onlining > 0 {
                 self.onlining = 0;
-                self.phase = Phase::Running;
-                let online = self.slot.devices.iter().filter(|d| d.online).count();
-                let rate = self.ctx.profile.report_rate_per_device * online as f64;
-                self.schedule = Schedule::new(now, rate, self.ctx.profile.jitter, self.rng);
+                self.start_reporting(now);
             }
         }
     }

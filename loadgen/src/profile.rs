@@ -41,10 +41,19 @@ pub struct Profile {
     pub tsl: Option<PathBuf>,
     /// New connections per second while ramping up (default 500; 0 = all at once).
     pub ramp_per_second: f64,
-    /// Reports per second per device, open loop (default 1; 0 = no reports).
+    /// Reports per second per device, open loop (default 1; 0 = no reports). Not used with
+    /// `closed_loop`.
     pub report_rate_per_device: f64,
+    /// Closed loop instead of the open-loop schedule (default false): each connection keeps
+    /// exactly one report in flight and sends the next one as soon as the previous reply (or
+    /// its timeout) arrived, round robin over its online devices. No schedule, no pacing, no
+    /// jitter: throughput is what the server answers with that many outstanding requests, and
+    /// latency is the round trip (the intended send time is the actual one). Onlines, churn
+    /// and downlinks work as in open loop.
+    pub closed_loop: bool,
     /// Spread of report intervals: each interval is `mean * (1 +- jitter)`, uniform (default
-    /// 0.5, range 0..=1). The mean rate is exact whatever the jitter.
+    /// 0.5, range 0..=1). The mean rate is exact whatever the jitter. Not used with
+    /// `closed_loop`.
     pub jitter: f64,
     /// Fraction of reports that are `reportEvent` rather than `reportProperty` (default 0.1).
     pub event_ratio: f64,
@@ -269,6 +278,14 @@ impl Profile {
         if self.tls && self.ca_file.is_none() {
             bail!("tls needs ca_file (the server's certificate or its CA, PEM or DER)");
         }
+        if self.closed_loop && self.report_rate_per_device == 0.0 {
+            bail!("closed_loop sends reports back to back: report_rate_per_device = 0 (no reports) contradicts it");
+        }
+        if self.closed_loop && self.pacing == Pacing::Spin {
+            bail!(
+                "pacing has no effect with closed_loop (no send times to wait for): leave it out"
+            );
+        }
         if let Some(p) = self.thresholds.p99_ms.filter(|v| v.is_nan() || *v <= 0.0) {
             bail!("thresholds.p99_ms must be > 0, not {p}");
         }
@@ -332,6 +349,7 @@ impl Default for Profile {
             tsl: None,
             ramp_per_second: 500.0,
             report_rate_per_device: 1.0,
+            closed_loop: false,
             jitter: 0.5,
             event_ratio: 0.1,
             properties_per_report: 3,
@@ -497,6 +515,8 @@ mod tests {
         assert!(err("procs = 0").contains("procs"));
         assert!(err("connections = 2\nprocs = 3").contains("procs"));
         assert!(err("api = \"nope\"").contains("IP:PORT"));
+        assert!(err("closed_loop = true\nreport_rate_per_device = 0").contains("closed_loop"));
+        assert!(err("closed_loop = true\npacing = \"spin\"").contains("closed_loop"));
         assert!(
             err("api = \"127.0.0.1:1\"\ndownlinks_per_second = 1\n[downlink_mix]\nget = 0\nset = 0\ncall = 0")
                 .contains("downlink_mix")

@@ -32,7 +32,7 @@ pub struct Stats {
     pub errors: BTreeMap<String, u64>,
 }
 
-/// Event counts; merged by adding (except `ramp_us`, the longest).
+/// Event counts; merged by adding (except `ramp_us` and `max_reports_in_flight`, the largest).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     pub reports_sent: u64,
@@ -53,6 +53,9 @@ pub struct Counters {
     pub devices_onlined: u64,
     /// From process start until the last first-time connect was established.
     pub ramp_us: u64,
+    /// The most reports one connection had sent and not yet seen answered (or timed out) at
+    /// once: 1 in a closed loop.
+    pub max_reports_in_flight: u64,
 }
 
 /// Index into [`Stats::hists`].
@@ -191,6 +194,7 @@ impl Counters {
         self.reconnects += o.reconnects;
         self.devices_onlined += o.devices_onlined;
         self.ramp_us = self.ramp_us.max(o.ramp_us);
+        self.max_reports_in_flight = self.max_reports_in_flight.max(o.max_reports_in_flight);
     }
 
     pub fn reports_ok(&self) -> u64 {
@@ -283,6 +287,10 @@ pub struct Summary {
     pub reconnects: u64,
     /// First-time connects per second of ramp.
     pub connect_rate_per_s: f64,
+    /// Closed (one report in flight per connection) or open (on a schedule).
+    pub closed_loop: bool,
+    /// The most reports one connection had in flight at once.
+    pub max_reports_in_flight_per_connection: u64,
     pub downlinks_sent: u64,
     pub downlinks_ok: u64,
     pub downlinks_served: u64,
@@ -360,6 +368,8 @@ impl Summary {
             connects: c.connects,
             reconnects: c.reconnects,
             connect_rate_per_s: connect_rate,
+            closed_loop: p.closed_loop,
+            max_reports_in_flight_per_connection: c.max_reports_in_flight,
             downlinks_sent: c.downlinks_sent,
             downlinks_ok: c.downlinks_ok,
             downlinks_served: c.downlinks_served,
@@ -395,6 +405,12 @@ impl Summary {
             self.connects,
             self.connect_rate_per_s,
             self.reconnects
+        );
+        let _ = writeln!(
+            o,
+            "{} loop; at most {} report(s) in flight on one connection",
+            if self.closed_loop { "closed" } else { "open" },
+            self.max_reports_in_flight_per_connection
         );
         let _ = writeln!(
             o,
@@ -494,6 +510,7 @@ mod tests {
         }
         s.counters.properties_ok = n;
         s.counters.ramp_us = seed * 1000;
+        s.counters.max_reports_in_flight = seed;
         s.error_n("timeout_report", seed);
         s
     }
@@ -524,6 +541,7 @@ mod tests {
             via_wire.counters.ramp_us, 2000,
             "ramp is the longest, not the sum"
         );
+        assert_eq!(via_wire.counters.max_reports_in_flight, 2, "the largest");
         assert_eq!(via_wire.errors["timeout_report"], 3);
         assert!(Stats::from_wire("{").is_err());
     }

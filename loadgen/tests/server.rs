@@ -1,7 +1,8 @@
 //! loadgen against the real ringlink binary: a 3-second mini profile with sub-gateways,
 //! direct devices, downlinks and churn must finish with zero errors and a cross-check where
 //! the server's count of answered reports equals loadgen's; once in one process and once
-//! split over two.
+//! split over two. A closed-loop profile must keep one report in flight per connection and
+//! still answer many.
 //!
 //! The server binary is looked up next to this test's executable (`target/<profile>/ringlink`,
 //! built by `cargo test --workspace` or `cargo build`); without it the test is skipped with a
@@ -37,8 +38,10 @@ fn ringlink_binary() -> Option<PathBuf> {
     bin.is_file().then_some(bin)
 }
 
-fn start_server(bin: &PathBuf) -> Server {
-    let dir = std::env::temp_dir().join(format!("loadgen-it-{}", std::process::id()));
+/// Starts ringlink with its data and the test's files in a folder of its own: `test` tells
+/// apart the tests of this process, which run in parallel.
+fn start_server(bin: &PathBuf, test: &str) -> Server {
+    let dir = std::env::temp_dir().join(format!("loadgen-it-{}-{test}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
@@ -75,11 +78,7 @@ fn start_server(bin: &PathBuf) -> Server {
     server
 }
 
-fn run_loadgen(server: &Server, procs: &str) -> serde_json::Value {
-    let profile = server.dir.join(format!("mini-{procs}.toml"));
-    std::fs::write(
-        &profile,
-        r#"
+const MINI: &str = r#"
         connections = 24
         subgateways = 4
         subgateway_devices = 5
@@ -92,10 +91,27 @@ fn run_loadgen(server: &Server, procs: &str) -> serde_json::Value {
         [thresholds]
         max_errors = 0
         p99_ms = 2000
-        "#,
-    )
-    .expect("write profile");
-    let json = server.dir.join(format!("out-{procs}.json"));
+        "#;
+
+/// Closed loop over sub-gateways and direct devices, with churn: the default open-loop rate
+/// (1 report/s per device) would give about 3 reports per device, the closed loop hundreds.
+const CLOSED: &str = r#"
+        connections = 8
+        subgateways = 2
+        subgateway_devices = 3
+        ramp_per_second = 0
+        closed_loop = true
+        event_ratio = 0.2
+        reconnects_per_second = 1
+        duration_s = 3
+        [thresholds]
+        max_errors = 0
+        "#;
+
+fn run_loadgen(server: &Server, name: &str, text: &str, procs: &str) -> serde_json::Value {
+    let profile = server.dir.join(format!("{name}-{procs}.toml"));
+    std::fs::write(&profile, text).expect("write profile");
+    let json = server.dir.join(format!("{name}-{procs}.json"));
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .arg(&profile)
         .args([
@@ -132,9 +148,9 @@ fn mini_profile_against_the_real_server() {
         );
         return;
     };
-    let server = start_server(&bin);
+    let server = start_server(&bin, "mini");
     for procs in ["1", "2"] {
-        let v = run_loadgen(&server, procs);
+        let v = run_loadgen(&server, "mini", MINI, procs);
         assert_eq!(v["error_total"], 0, "{v:#}");
         assert_eq!(v["cross_check"]["equal"], true, "{v:#}");
         let ok = v["reports_ok"].as_u64().expect("reports_ok");
@@ -147,5 +163,39 @@ fn mini_profile_against_the_real_server() {
         assert_eq!(v["devices"], 40);
         assert_eq!(v["pass"], true);
         assert!(v["latency_ms"]["report"]["count"].as_u64().expect("count") > 100);
+        assert_eq!(v["closed_loop"], false);
+        assert!(
+            v["max_reports_in_flight_per_connection"]
+                .as_u64()
+                .expect("in flight")
+                >= 1
+        );
     }
+}
+
+#[test]
+fn closed_loop_keeps_one_report_in_flight_per_connection() {
+    let Some(bin) = ringlink_binary() else {
+        eprintln!(
+            "SKIPPED: no ringlink binary next to {:?}; build it first (cargo build --workspace)",
+            std::env::current_exe().ok()
+        );
+        return;
+    };
+    let server = start_server(&bin, "closed");
+    let v = run_loadgen(&server, "closed", CLOSED, "1");
+    assert_eq!(v["error_total"], 0, "{v:#}");
+    assert_eq!(v["closed_loop"], true, "{v:#}");
+    // The server's own count of answered reports equals loadgen's.
+    assert_eq!(v["cross_check"]["equal"], true, "{v:#}");
+    assert_eq!(v["max_reports_in_flight_per_connection"], 1, "{v:#}");
+    let ok = v["reports_ok"].as_u64().expect("reports_ok");
+    // Far beyond what the 12 devices would send open loop at the default rate (about 36).
+    assert!(ok > 12 * 30, "{v:#}");
+    assert_eq!(v["cross_check"]["server"], ok, "{v:#}");
+    // One in flight and nothing else: every report sent was answered (none left at the end).
+    assert_eq!(v["reports_sent"], ok, "{v:#}");
+    // Round trips only: the corrected latency equals the service time.
+    let lat = &v["latency_ms"];
+    assert_eq!(lat["report"]["p99"], lat["report_service"]["p99"], "{v:#}");
 }

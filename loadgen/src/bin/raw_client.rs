@@ -5,6 +5,9 @@
 //!
 //! `raw_client --target IP:PORT --connections N --rate MSGS_PER_S_PER_CONNECTION --duration S`
 //! prints one JSON line: `{"msgs_per_s":..,"p50_ms":..,"p99_ms":..,"sent":..,"done":..}`.
+//! With `--closed` each connection instead keeps one message in flight (loadgen's
+//! `closed_loop`): the next is sent when the previous one is back, `--rate` is not used, and
+//! latency is the round trip.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -33,6 +36,9 @@ struct Args {
     /// Wake senders precisely (loadgen's `pacing = "spin"`) instead of with tokio timers.
     #[arg(long)]
     spin: bool,
+    /// Closed loop: one message in flight per connection, no schedule.
+    #[arg(long, conflicts_with = "spin")]
+    closed: bool,
 }
 
 /// One masked report frame, as loadgen sends them.
@@ -74,6 +80,15 @@ fn main() -> anyhow::Result<()> {
                 .await
                 .context("connect to the echo")?;
             stream.set_nodelay(true)?;
+            if args.closed {
+                tasks.push(tokio::task::spawn_local(closed_loop(
+                    stream,
+                    Rc::clone(&frame),
+                    Rc::clone(&shared),
+                    deadline,
+                )));
+                continue;
+            }
             let (mut rd, mut wr) = stream.into_split();
             let queue = Rc::new(RefCell::new(VecDeque::<Instant>::new()));
             let interval = Duration::from_secs_f64(1.0 / args.rate);
@@ -147,4 +162,34 @@ fn main() -> anyhow::Result<()> {
         done
     );
     Ok(())
+}
+
+/// One connection of `--closed`: send, wait for all of it to come back, record, repeat.
+async fn closed_loop(mut stream: TcpStream, frame: Rc<Vec<u8>>, s: Rc<Shared>, deadline: Instant) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let sent = Instant::now();
+        if sent >= deadline || stream.write_all(&frame).await.is_err() {
+            return;
+        }
+        *s.sent.borrow_mut() += 1;
+        let mut got = 0;
+        while got < frame.len() {
+            match tokio::time::timeout_at(
+                (deadline + Duration::from_secs(2)).into(),
+                stream.read(&mut buf),
+            )
+            .await
+            {
+                Ok(Ok(n)) if n > 0 => got += n,
+                _ => return,
+            }
+        }
+        let now = Instant::now();
+        if now <= deadline {
+            let us = now.saturating_duration_since(sent).as_micros() as u64;
+            let _ = s.hist.borrow_mut().record(us.max(1));
+            *s.done.borrow_mut() += 1;
+        }
+    }
 }
