@@ -1050,6 +1050,8 @@ impl Ring {
             self.ready.push_back(sent(slot, buf, Ok(())));
         }
         let Some(front) = s.send_q.front() else {
+            // An idle connection keeps no queue memory (a VecDeque keeps its capacity).
+            s.send_q = VecDeque::new();
             return;
         };
         let rest = &front[s.send_off..];

@@ -516,14 +516,3 @@ fn a_peer_that_does_not_take_its_close_is_aborted_a_pong_timeout_later() {
     w.shards[0].on_timer(w.now);
     assert!(w.shards[0].is_aborted(c.slot));
 }
-
-#[test]
-fn print_sizes() {
-    eprintln!(
-        "Session {} Conn<()> {} Machine {} Tls {}",
-        size_of::<Session>(),
-        size_of::<Conn<()>>(),
-        size_of::<Machine>(),
-        size_of::<Tls>()
-    );
-}
