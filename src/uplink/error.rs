@@ -24,8 +24,9 @@ pub enum UplinkError {
     /// A record line does not decode, or a batch breaks a size limit of the log.
     #[error("bad record: {0}")]
     BadRecord(String),
-    /// The writer thread has stopped; nothing more can be written through it.
-    #[error("uplink writer closed")]
+    /// A shard stopped (with an error, or by a panic) before it had committed everything;
+    /// what it had not committed is not in the log.
+    #[error("a shard stopped before committing its uplinks")]
     Closed,
 }
 
