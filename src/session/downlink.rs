@@ -1,6 +1,7 @@
 //! Downlinks on one connection: validation against the thing model before anything is sent,
 //! messageId allocation, correlation of replies in any order, timeouts (PROTOCOL.md section 8).
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -66,6 +67,17 @@ pub(super) struct Pending {
     request: DownlinkRequest,
 }
 
+/// The downlinks in flight on one connection: allocated with the first, freed with the last
+/// (see [`Core::free_idle_downlinks`]), so an idle connection keeps neither the map nor the
+/// queue.
+#[derive(Debug, Default)]
+pub(super) struct Downlinks {
+    pub(super) pending: HashMap<u32, Pending>,
+    /// Deadlines in insertion order. Every downlink has the same timeout, so this is sorted by
+    /// deadline; entries whose downlink has finished are skipped when popped.
+    pub(super) deadlines: VecDeque<(Instant, u32)>,
+}
+
 /// The largest server messageId (2^31-1): the official client reads ids as signed 32-bit.
 const MAX_ID: u32 = 0x7fff_ffff;
 /// Downlinks one connection may have in flight; more are refused with 100000. Bounds the
@@ -83,7 +95,7 @@ impl Core {
         if self.ended.is_some() || !self.owned.contains(device) {
             return self.downlink_failed(token, Code::DeviceOffline);
         }
-        if self.pending.len() >= MAX_PENDING {
+        if self.pending_downlinks() >= MAX_PENDING {
             return self.downlink_failed(token, Code::Unknown);
         }
         let registry = Arc::clone(&self.ctx.registry);
@@ -123,7 +135,8 @@ impl Core {
         protocol::finish_request(scratch);
         self.send_text(scratch);
         let deadline = now + self.ctx.config.downlink_timeout;
-        self.pending.insert(
+        let d = self.downlinks.get_or_insert_with(Box::default);
+        d.pending.insert(
             id,
             Pending {
                 token,
@@ -132,14 +145,35 @@ impl Core {
                 request,
             },
         );
-        self.deadlines.push_back((deadline, id));
+        d.deadlines.push_back((deadline, id));
+    }
+
+    /// Downlinks sent and not yet finished.
+    pub(super) fn pending_downlinks(&self) -> usize {
+        self.downlinks.as_ref().map_or(0, |d| d.pending.len())
+    }
+
+    /// Frees the downlink state once nothing is pending (the deadlines left are all stale).
+    fn free_idle_downlinks(&mut self) {
+        if self
+            .downlinks
+            .as_ref()
+            .is_some_and(|d| d.pending.is_empty())
+        {
+            self.downlinks = None;
+        }
     }
 
     /// Completes the downlink a client reply answers; false when none is pending under its id.
     pub(super) fn complete_downlink(&mut self, reply: &Reply<'_, '_>) -> bool {
-        let Some(p) = self.pending.remove(&reply.id) else {
+        let Some(p) = self
+            .downlinks
+            .as_mut()
+            .and_then(|d| d.pending.remove(&reply.id))
+        else {
             return false;
         };
+        self.free_idle_downlinks();
         let data = if reply.code.is_success() {
             let model = self.ctx.registry.model(p.device);
             let list = |name| reply.payload.and_then(|pl| pl.get(name));
@@ -173,18 +207,17 @@ impl Core {
 
     /// Times out every downlink whose deadline has passed (100006).
     pub(super) fn expire_downlinks(&mut self, now: Instant) {
-        while let Some(&(deadline, id)) = self.deadlines.front() {
+        let Some(d) = self.downlinks.as_mut() else {
+            return;
+        };
+        while let Some(&(deadline, id)) = d.deadlines.front() {
             if deadline > now {
                 break;
             }
-            self.deadlines.pop_front();
+            d.deadlines.pop_front();
             // The id may have been answered already, and even reused by a later downlink.
-            if self
-                .pending
-                .get(&id)
-                .is_some_and(|p| p.deadline == deadline)
-            {
-                if let Some(p) = self.pending.remove(&id) {
+            if d.pending.get(&id).is_some_and(|p| p.deadline == deadline) {
+                if let Some(p) = d.pending.remove(&id) {
                     self.events.push_back(Event::DownlinkDone {
                         token: p.token,
                         outcome: Outcome::failed(Code::Timeout),
@@ -192,6 +225,7 @@ impl Core {
                 }
             }
         }
+        self.free_idle_downlinks();
     }
 
     /// The next server messageId: 1..=2^31-1, wrapping to 1, skipping ids still pending.
@@ -203,7 +237,11 @@ impl Core {
             } else {
                 self.next_id + 1
             };
-            if !self.pending.contains_key(&self.next_id) {
+            let taken = self
+                .downlinks
+                .as_ref()
+                .is_some_and(|d| d.pending.contains_key(&self.next_id));
+            if !taken {
                 return self.next_id;
             }
         }

@@ -32,7 +32,7 @@ mod devices;
 mod downlink;
 mod stats;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -199,10 +199,8 @@ struct Core {
     peer: IpAddr,
     tx: Vec<u8>,
     owned: Devices,
-    pending: HashMap<u32, Pending>,
-    /// Downlink deadlines in insertion order. Every downlink has the same timeout, so this is
-    /// sorted by deadline; entries whose downlink has finished are skipped when popped.
-    deadlines: VecDeque<(Instant, u32)>,
+    /// Downlinks in flight, if any (boxed: most connections have none most of the time).
+    downlinks: Option<Box<downlink::Downlinks>>,
     /// The last server messageId handed out: 1 <= next_id <= 2^31-1.
     next_id: u32,
     events: VecDeque<Event>,
@@ -230,8 +228,7 @@ impl Session {
                 peer,
                 tx: Vec::new(),
                 owned: Devices::default(),
-                pending: HashMap::new(),
-                deadlines: VecDeque::new(),
+                downlinks: None,
                 next_id: 0,
                 events: VecDeque::new(),
                 held: VecDeque::new(),
@@ -402,7 +399,10 @@ impl Session {
             c.handshake_deadline,
             c.next_ping,
             pong,
-            c.deadlines.front().map(|d| d.0),
+            c.downlinks
+                .as_ref()
+                .and_then(|d| d.deadlines.front())
+                .map(|d| d.0),
         ]
         .into_iter()
         .flatten()
@@ -441,7 +441,7 @@ impl Session {
 
     /// Downlinks sent and not yet finished.
     pub fn pending_downlinks(&self) -> usize {
-        self.core.pending.len()
+        self.core.pending_downlinks()
     }
 }
 
@@ -603,7 +603,11 @@ impl Core {
                 .into_iter()
                 .map(|device| Event::Offline { device, ack: None }),
         );
-        let mut pending: Vec<(u32, Pending)> = self.pending.drain().collect();
+        let mut pending: Vec<(u32, Pending)> = self
+            .downlinks
+            .take()
+            .map(|d| d.pending.into_iter().collect())
+            .unwrap_or_default();
         pending.sort_unstable_by_key(|(id, _)| *id);
         for (_, p) in pending {
             self.events.push_back(Event::DownlinkDone {
@@ -611,7 +615,6 @@ impl Core {
                 outcome: Outcome::failed(Code::ServiceUnreachable),
             });
         }
-        self.deadlines.clear();
     }
 }
 

@@ -220,11 +220,11 @@ pub(crate) struct Conn<D> {
     tls: Option<Box<Tls>>,
     me: ConnRef,
     peer: SocketAddr,
-    /// The deadline registered in `ShardCore::timers` for this connection.
+    /// The deadline registered in `ShardCore::timers` for this connection. Once the
+    /// connection is closed (`lingering`), the only one: when the driver must stop trying to
+    /// flush it (see [`ShardCore::is_aborted`]).
     timer: Option<Instant>,
-    /// Once the connection is closed: when the driver must stop trying to flush it (see
-    /// [`ShardCore::is_aborted`]).
-    abort_at: Option<Instant>,
+    lingering: bool,
     aborted: bool,
     /// In `ShardCore::ready` already.
     flagged: bool,
@@ -363,7 +363,7 @@ impl<D, R> ShardCore<D, R> {
             me,
             peer,
             timer: None,
-            abort_at: None,
+            lingering: false,
             aborted: false,
             flagged: false,
             io,
@@ -525,7 +525,7 @@ impl<D, R> ShardCore<D, R> {
             self.timers.pop_first();
             if let Some(c) = self.conns.get_mut(slot) {
                 c.timer = None;
-                if c.abort_at.is_some_and(|t| t <= now) {
+                if c.lingering {
                     c.aborted = true;
                 } else if let Some(session) = c.machine.link() {
                     session.handle_timeout(now);
@@ -686,8 +686,11 @@ impl<D, R> ShardCore<D, R> {
             // A closed connection's only timer: the end of its time to flush.
             if c.aborted {
                 None
+            } else if c.lingering {
+                c.timer
             } else {
-                Some(*c.abort_at.get_or_insert(now + linger))
+                c.lingering = true;
+                Some(now + linger)
             }
         } else {
             c.machine.poll_timeout()

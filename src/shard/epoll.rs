@@ -18,13 +18,17 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::{spawn_local, LocalSet};
 
-use crate::shard::core::ShardCore;
-use crate::shard::mesh::Reply;
-use crate::shard::partition::ShardLog;
-use crate::shard::{
-    accept_backoff, flusher, inbox_loop, timers, ShardLocal, ShardRun, ShardWakers, Shared,
-};
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::shard::core::{unix_ms, Action, Commit, ShardCore, ShardMsg};
+use crate::shard::mesh::{Msg, Reply};
+use crate::shard::partition::ShardLog;
+use crate::shard::{ShardRun, Shared};
 
 /// The driver's handle on one connection: how to wake its task.
 pub(crate) struct EpollConn {
@@ -45,25 +49,46 @@ struct Local {
     ready: RefCell<Vec<usize>>,
 }
 
-impl ShardLocal<EpollConn> for Local {
-    fn core(&self) -> &RefCell<ShardCore<EpollConn, Reply>> {
-        &self.core
+impl Local {
+    /// After any call into the core: act on the connections it flagged, perform its actions
+    /// until there are none, then [`kick_tasks`](Self::kick_tasks).
+    fn after_core_call(self: &Rc<Self>) {
+        loop {
+            self.act_on_ready();
+            let Some(action) = self.core.borrow_mut().poll_action() else {
+                break;
+            };
+            match action {
+                Action::Send { shard, msg } => {
+                    self.shared.mesh.send(shard, msg);
+                }
+                Action::Answer { reply, outcome } => {
+                    let _ = reply.send(outcome);
+                }
+                Action::Append(commit) => append(self, commit),
+            }
+        }
+        self.kick_tasks();
     }
 
-    fn wakers(&self) -> &ShardWakers {
-        &self.wakers
+    /// Wakes the timer task if the core now has a deadline earlier than the one it sleeps for
+    /// (most calls into the core, a read or a commit, leave the earliest deadline where it was,
+    /// and waking the task for those would cost a task switch and a timer re-arm each time),
+    /// and the flusher if records wait for a commit.
+    fn kick_tasks(&self) {
+        let w = &self.wakers;
+        let core = self.core.borrow();
+        let next = core.poll_timeout();
+        if next.is_some_and(|n| w.timer_armed.get().is_none_or(|armed| n < armed)) {
+            w.timer_kick.notify_one();
+        }
+        if core.commit_wanted() {
+            w.flush_kick.notify_one();
+        }
     }
 
-    fn shared(&self) -> &Shared {
-        &self.shared
-    }
-
-    fn log(&self) -> &RefCell<ShardLog> {
-        &self.log
-    }
-
-    /// Wakes every connection the core flagged, and the timer task.
-    fn act_on_ready(self: &Rc<Self>) {
+    /// Wakes every connection the core flagged.
+    fn act_on_ready(&self) {
         let mut ready = self.ready.borrow_mut();
         let mut core = self.core.borrow_mut();
         core.take_ready(&mut ready);
@@ -76,12 +101,13 @@ impl ShardLocal<EpollConn> for Local {
 }
 
 /// Runs one shard on the epoll driver until it has drained.
-pub(crate) fn run(run: ShardRun<EpollConn>) -> io::Result<()> {
+pub(crate) fn run(run: ShardRun) -> io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let core = run.core();
     let ShardRun {
-        core,
+        id: _,
         log,
         shared,
         listener,
@@ -236,4 +262,152 @@ fn read_once(local: &Rc<Local>, slot: usize, stream: &TcpStream, leftover: &mut 
     drop(buf);
     local.after_core_call();
     true
+}
+
+/// How the shard-wide tasks are woken.
+#[derive(Default)]
+struct ShardWakers {
+    /// Wakes the timer task when a deadline earlier than the one it sleeps for appears.
+    timer_kick: Notify,
+    /// The deadline the timer task sleeps for (`None`: it waits for a kick).
+    timer_armed: Cell<Option<Instant>>,
+    /// Wakes the flusher task (see [`flusher`]).
+    flush_kick: Notify,
+    /// Wakes the accept loop (and anything else that stops) at drain.
+    draining: Notify,
+}
+
+/// Writes a commit to the shard's partition from this thread (a write to the page cache);
+/// under `fsync = "batch"` only the fdatasync goes to a blocking thread, and the commit is
+/// acknowledged when it returns. Meanwhile the shard serves its connections, and what they
+/// report gathers for the next commit.
+fn append(local: &Rc<Local>, commit: Commit) {
+    let prepared = local.log.borrow_mut().prepare(&commit);
+    let p = match prepared {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            let mut core = local.core.borrow_mut();
+            return core.committed(commit, Ok(()), Instant::now());
+        }
+        Err(e) => {
+            local.log.borrow().count_failed(&commit);
+            eprintln!("ringlink: uplink log: {e}");
+            let mut core = local.core.borrow_mut();
+            return core.committed(commit, Err(e), Instant::now());
+        }
+    };
+    let written = ShardLog::write(&p, &commit);
+    if written.is_err() || !p.sync {
+        let result = local.log.borrow_mut().complete(p, &commit, written);
+        if let Err(e) = &result {
+            eprintln!("ringlink: uplink log: {e}");
+        }
+        let mut core = local.core.borrow_mut();
+        return core.committed(commit, result, Instant::now());
+    }
+    let local = Rc::clone(local);
+    spawn_local(async move {
+        let file = Arc::clone(&p.file);
+        let synced = tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let result = local.log.borrow_mut().complete(p, &commit, synced);
+        if let Err(e) = &result {
+            eprintln!("ringlink: uplink log: {e}");
+        }
+        local
+            .core
+            .borrow_mut()
+            .committed(commit, result, Instant::now());
+        local.after_core_call();
+    });
+}
+
+/// The shard's inbox: messages from other threads, until drained, every connection closed and
+/// everything committed.
+async fn inbox_loop(local: Rc<Local>, mut inbox: mpsc::UnboundedReceiver<Msg>) {
+    let mut draining = false;
+    loop {
+        let msg = if draining {
+            // Drained: wait for the last connections to flush their close frames and go, and
+            // for the last commit.
+            if local.core.borrow().is_done() {
+                break;
+            }
+            tokio::select! {
+                m = inbox.recv() => m,
+                () = tokio::time::sleep(Duration::from_millis(20)) => continue,
+            }
+        } else {
+            inbox.recv().await
+        };
+        let Some(msg) = msg else { break };
+        let drain = matches!(msg, ShardMsg::Drain);
+        local.core.borrow_mut().on_message(msg, Instant::now());
+        local.after_core_call();
+        if drain {
+            draining = true;
+            local.wakers.draining.notify_waiters();
+        }
+    }
+}
+
+/// Starts a commit once this turn of the event loop has read every ready connection. Woken
+/// after a read produced records, it runs once the tasks that are ready now have run (they are
+/// ahead of it in the runtime's queue), so one commit carries the records of every connection
+/// read in this turn, not one commit per read.
+async fn flusher(local: Rc<Local>) {
+    loop {
+        local.wakers.flush_kick.notified().await;
+        let now = Instant::now();
+        {
+            let mut core = local.core.borrow_mut();
+            core.set_wall_clock(now, unix_ms());
+            core.end_turn(now);
+        }
+        local.after_core_call();
+    }
+}
+
+/// The shard's timers: every connection's deadline, the batch deadline, metrics publishing.
+async fn timers(local: Rc<Local>) {
+    loop {
+        let deadline = local.core.borrow().poll_timeout();
+        local.wakers.timer_armed.set(deadline);
+        match deadline {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {
+                        let now = Instant::now();
+                        {
+                            let mut core = local.core.borrow_mut();
+                            core.set_wall_clock(now, unix_ms());
+                            core.on_timer(now);
+                        }
+                        local.after_core_call();
+                    }
+                    () = local.wakers.timer_kick.notified() => {}
+                }
+            }
+            None => local.wakers.timer_kick.notified().await,
+        }
+    }
+}
+
+/// After a failed accept: count it, and back off when the process is out of descriptors (the
+/// connection stays in the backlog; accepting again at once would spin).
+async fn accept_backoff(shared: &Shared, e: &io::Error) {
+    let metrics = &shared.env.metrics;
+    metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
+    let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+    let pause = if out_of_fds {
+        Duration::from_millis(100)
+    } else {
+        Duration::from_millis(5)
+    };
+    let n = metrics.accept_errors.load(Ordering::Relaxed);
+    if n.is_power_of_two() {
+        eprintln!("ringlink: accept failed ({e}); {n} accept errors so far, backing off {pause:?}");
+    }
+    tokio::time::sleep(pause).await;
 }

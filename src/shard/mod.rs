@@ -21,25 +21,23 @@ mod partition;
 mod ring;
 mod uring;
 
-use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{broadcast, mpsc};
 
 use crate::config::IoMode;
 use crate::metrics::Metrics;
 use crate::registry::{Owners, Registry};
 use crate::session::{self, Context};
 use crate::shadow::Shadows;
-use crate::shard::core::{Action, Env, ShardCore, ShardMsg};
+use crate::shard::core::{Env, ShardCore, ShardMsg};
 use crate::shard::mesh::{Mesh, Msg, Reply};
 use crate::shard::partition::ShardLog;
 use crate::uplink::{partition_dir, LocalLog, LogOptions, UplinkError};
@@ -189,11 +187,32 @@ impl Server {
             let handle = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || -> io::Result<()> {
-                    let log = ShardLog::new(log, i, Arc::clone(&shared));
-                    let parts = (i as u8, shared, log, listener, inbox, read_buf_bytes);
-                    match driver {
-                        "uring" => uring::run(ShardRun::new(parts)),
-                        _ => epoll::run(ShardRun::new(parts)),
+                    let run = ShardRun {
+                        id: i as u8,
+                        log: ShardLog::new(log, i, Arc::clone(&shared)),
+                        shared,
+                        listener,
+                        inbox,
+                        read_buf_bytes,
+                    };
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match driver {
+                            "uring" => uring::run(run),
+                            _ => epoll::run(run),
+                        }));
+                    // A shard that cannot go on leaves its connections hanging: stop the process
+                    // (what it acknowledged is in its log), so that a supervisor restarts it and
+                    // devices reconnect, rather than serve on with a shard missing.
+                    match result {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => {
+                            eprintln!("ringlink: shard {i} stopped: {e}; exiting");
+                            std::process::exit(70);
+                        }
+                        Err(_) => {
+                            eprintln!("ringlink: shard {i} panicked; exiting");
+                            std::process::exit(70);
+                        }
                     }
                 })
                 .map_err(StartError::Thread)?;
@@ -251,8 +270,8 @@ impl Server {
 }
 
 /// What one shard thread runs.
-pub(crate) struct ShardRun<D> {
-    pub(crate) core: ShardCore<D, Reply>,
+pub(crate) struct ShardRun {
+    pub(crate) id: u8,
     pub(crate) log: ShardLog,
     pub(crate) shared: Arc<Shared>,
     pub(crate) listener: TcpListener,
@@ -261,206 +280,15 @@ pub(crate) struct ShardRun<D> {
     pub(crate) read_buf_bytes: usize,
 }
 
-type RunParts = (
-    u8,
-    Arc<Shared>,
-    ShardLog,
-    TcpListener,
-    mpsc::UnboundedReceiver<Msg>,
-    usize,
-);
-
-impl<D> ShardRun<D> {
-    fn new((id, shared, log, listener, inbox, read_buf_bytes): RunParts) -> Self {
-        let core = ShardCore::new(id, Arc::clone(&shared.env), Instant::now(), core::unix_ms());
-        Self {
-            core,
-            log,
-            shared,
-            listener,
-            inbox,
-            read_buf_bytes,
-        }
-    }
-}
-
-/// How the shard-wide tasks are woken; one per shard, the same for both drivers.
-#[derive(Default)]
-pub(crate) struct ShardWakers {
-    /// Wakes the timer task when a deadline earlier than the one it sleeps for appears.
-    timer_kick: Notify,
-    /// The deadline the timer task sleeps for (`None`: it waits for a kick).
-    timer_armed: Cell<Option<Instant>>,
-    /// Wakes the flusher task (see [`flusher`]).
-    flush_kick: Notify,
-    /// Wakes the accept loop (and anything else that stops) at drain.
-    pub(crate) draining: Notify,
-}
-
-/// What the shard-wide tasks need from a tokio driver's per-shard state.
-pub(crate) trait ShardLocal<D>: 'static {
-    fn core(&self) -> &RefCell<ShardCore<D, Reply>>;
-    fn wakers(&self) -> &ShardWakers;
-    fn shared(&self) -> &Shared;
-    fn log(&self) -> &RefCell<ShardLog>;
-    /// Acts on the connections the core flagged (see [`ShardCore::take_ready`]).
-    fn act_on_ready(self: &Rc<Self>);
-
-    /// After any call into the core: act on the connections it flagged, perform its actions
-    /// until there are none, then [`kick_tasks`](Self::kick_tasks).
-    fn after_core_call(self: &Rc<Self>) {
-        loop {
-            self.act_on_ready();
-            let Some(action) = self.core().borrow_mut().poll_action() else {
-                break;
-            };
-            match action {
-                Action::Send { shard, msg } => {
-                    self.shared().mesh.send(shard, msg);
-                }
-                Action::Answer { reply, outcome } => {
-                    let _ = reply.send(outcome);
-                }
-                Action::Append(commit) => append(self, commit),
-            }
-        }
-        self.kick_tasks();
-    }
-
-    /// Wakes the timer task if the core now has a deadline earlier than the one it sleeps for
-    /// (most calls into the core, a read or a commit, leave the earliest deadline where it was,
-    /// and waking the task for those would cost a task switch and a timer re-arm each time),
-    /// and the flusher if records wait for a commit.
-    fn kick_tasks(&self) {
-        let w = self.wakers();
-        let core = self.core().borrow();
-        let next = core.poll_timeout();
-        if next.is_some_and(|n| w.timer_armed.get().is_none_or(|armed| n < armed)) {
-            w.timer_kick.notify_one();
-        }
-        if core.commit_wanted() {
-            w.flush_kick.notify_one();
-        }
-    }
-}
-
-/// Writes a commit to the shard's partition from this thread (a write to the page cache);
-/// under `fsync = "batch"` only the fdatasync goes to a blocking thread, and the commit is
-/// acknowledged when it returns. Meanwhile the shard serves its connections, and what they
-/// report gathers for the next commit.
-fn append<D, L: ShardLocal<D> + ?Sized>(local: &Rc<L>, commit: core::Commit) {
-    let prepared = local.log().borrow_mut().prepare(&commit);
-    let p = match prepared {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            let mut core = local.core().borrow_mut();
-            return core.committed(commit, Ok(()), Instant::now());
-        }
-        Err(e) => {
-            local.log().borrow().count_failed(&commit);
-            eprintln!("ringlink: uplink log: {e}");
-            let mut core = local.core().borrow_mut();
-            return core.committed(commit, Err(e), Instant::now());
-        }
-    };
-    let written = ShardLog::write(&p, &commit);
-    if written.is_err() || !p.sync {
-        let result = local.log().borrow_mut().complete(p, &commit, written);
-        if let Err(e) = &result {
-            eprintln!("ringlink: uplink log: {e}");
-        }
-        let mut core = local.core().borrow_mut();
-        return core.committed(commit, result, Instant::now());
-    }
-    let local = Rc::clone(local);
-    tokio::task::spawn_local(async move {
-        let file = Arc::clone(&p.file);
-        let synced = tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)));
-        let result = local.log().borrow_mut().complete(p, &commit, synced);
-        if let Err(e) = &result {
-            eprintln!("ringlink: uplink log: {e}");
-        }
-        local
-            .core()
-            .borrow_mut()
-            .committed(commit, result, Instant::now());
-        local.after_core_call();
-    });
-}
-
-/// The shard's inbox: messages from other threads, until drained, every connection closed and
-/// everything committed.
-pub(crate) async fn inbox_loop<D, L: ShardLocal<D>>(
-    local: Rc<L>,
-    mut inbox: mpsc::UnboundedReceiver<Msg>,
-) {
-    let mut draining = false;
-    loop {
-        let msg = if draining {
-            // Drained: wait for the last connections to flush their close frames and go, and
-            // for the last commit.
-            if local.core().borrow().is_done() {
-                break;
-            }
-            tokio::select! {
-                m = inbox.recv() => m,
-                () = tokio::time::sleep(Duration::from_millis(20)) => continue,
-            }
-        } else {
-            inbox.recv().await
-        };
-        let Some(msg) = msg else { break };
-        let drain = matches!(msg, ShardMsg::Drain);
-        local.core().borrow_mut().on_message(msg, Instant::now());
-        local.after_core_call();
-        if drain {
-            draining = true;
-            local.wakers().draining.notify_waiters();
-        }
-    }
-}
-
-/// Starts a commit once this turn of the event loop has read every ready connection. Woken
-/// after a read produced records, it runs once the tasks that are ready now have run (they are
-/// ahead of it in the runtime's queue), so one commit carries the records of every connection
-/// read in this turn, not one commit per read.
-pub(crate) async fn flusher<D, L: ShardLocal<D>>(local: Rc<L>) {
-    loop {
-        local.wakers().flush_kick.notified().await;
-        let now = Instant::now();
-        {
-            let mut core = local.core().borrow_mut();
-            core.set_wall_clock(now, core::unix_ms());
-            core.end_turn(now);
-        }
-        local.after_core_call();
-    }
-}
-
-/// The shard's timers: every connection's deadline, the batch deadline, metrics publishing.
-pub(crate) async fn timers<D, L: ShardLocal<D>>(local: Rc<L>) {
-    loop {
-        let deadline = local.core().borrow().poll_timeout();
-        local.wakers().timer_armed.set(deadline);
-        match deadline {
-            Some(at) => {
-                tokio::select! {
-                    () = tokio::time::sleep_until(at.into()) => {
-                        let now = Instant::now();
-                        {
-                            let mut core = local.core().borrow_mut();
-                            core.set_wall_clock(now, core::unix_ms());
-                            core.on_timer(now);
-                        }
-                        local.after_core_call();
-                    }
-                    () = local.wakers().timer_kick.notified() => {}
-                }
-            }
-            None => local.wakers().timer_kick.notified().await,
-        }
+impl ShardRun {
+    /// The shard's core, its wall clock anchored now.
+    pub(crate) fn core<D>(&self) -> ShardCore<D, Reply> {
+        ShardCore::new(
+            self.id,
+            Arc::clone(&self.shared.env),
+            Instant::now(),
+            core::unix_ms(),
+        )
     }
 }
 
@@ -542,24 +370,6 @@ fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket.into())
-}
-
-/// After a failed accept: count it, and back off when the process is out of descriptors (the
-/// connection stays in the backlog; accepting again at once would spin).
-pub(crate) async fn accept_backoff(shared: &Shared, e: &io::Error) {
-    let metrics = &shared.env.metrics;
-    metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
-    let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
-    let pause = if out_of_fds {
-        Duration::from_millis(100)
-    } else {
-        Duration::from_millis(5)
-    };
-    let n = metrics.accept_errors.load(Ordering::Relaxed);
-    if n.is_power_of_two() {
-        eprintln!("ringlink: accept failed ({e}); {n} accept errors so far, backing off {pause:?}");
-    }
-    tokio::time::sleep(pause).await;
 }
 
 /// The log directory under a data dir.

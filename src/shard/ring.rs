@@ -577,7 +577,6 @@ impl Ring {
         Waker(Arc::clone(&self.wake))
     }
 
-    #[cfg_attr(not(test), allow(dead_code))] // for the tests and diagnostics
     pub(crate) fn stats(&self) -> RingStats {
         self.stats
     }
