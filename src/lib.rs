@@ -8,16 +8,18 @@
 //! - [`registry`]: the known products and devices.
 //! - [`session`]: the per-connection state machine tying the above together. Sans-IO.
 //! - [`uplink`]: record encoding, the batcher (sans-IO), the local log (one partition per shard).
-//! - [`shard`]: one thread per core running a driver (io_uring or epoll) over sessions; the
-//!   only place with sockets, and with the one crossing point between threads (`shard::mesh`).
+//! - [`shard`]: one thread per core: a sans-IO shard core (`shard::core`: connections, routing,
+//!   group commit) under a driver (a hand-written io_uring loop, or epoll); the drivers are the
+//!   only place with sockets, and `shard::mesh` the one crossing point between threads.
 //! - [`api`]: the northbound HTTP API; [`shadow`] and [`metrics`] are what it shows.
 //! - [`config`]: the configuration: defaults, file, environment, flags, one validation.
 //! - [`tls`]: the rustls server configuration from certificate and key files.
 //!
 //! Invariants that hold crate-wide:
 //!
-//! - Nothing in `ws`, `protocol`, `model` or `session` opens a socket or reads the clock; time is
-//!   passed in as `now: Instant`, and bytes to send are returned to the caller.
+//! - Nothing in `ws`, `protocol`, `model`, `session` or `shard::core` opens a socket or a file,
+//!   holds a channel, or reads the clock; time is passed in as `now: Instant`, and bytes
+//!   to send and actions to perform are returned to the caller.
 //! - Input from a peer never panics: it becomes an error value, a Link error code or a close.
 
 pub mod api;
