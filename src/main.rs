@@ -1,6 +1,7 @@
 //! The `ringlink` command: `serve` (the default), `check`, and the `get`/`set`/`call` clients
 //! of the northbound API. Thin: parsing, loading through `ringlink::config`, printing.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -245,7 +246,9 @@ fn serve(
             api.addr,
         );
     })?;
-    println!("ringlink: drained, uplinks flushed, bye");
+    // Whoever read the start line may be gone by now (a closed pipe): that must not turn a
+    // clean drain into a panic.
+    let _ = writeln!(std::io::stdout(), "ringlink: drained, uplinks flushed, bye");
     Ok(())
 }
 
