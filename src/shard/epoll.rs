@@ -102,9 +102,6 @@ impl Local {
 
 /// Runs one shard on the epoll driver until it has drained.
 pub(crate) fn run(run: ShardRun) -> io::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let core = run.core();
     let ShardRun {
         id: _,
@@ -113,10 +110,24 @@ pub(crate) fn run(run: ShardRun) -> io::Result<()> {
         listener,
         inbox,
         read_buf_bytes,
+        ready,
     } = run;
-    listener.set_nonblocking(true)?;
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return setup_failed(&ready, e),
+    };
+    if let Err(e) = listener.set_nonblocking(true) {
+        return setup_failed(&ready, e);
+    }
     LocalSet::new().block_on(&rt, async move {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => return setup_failed(&ready, e),
+        };
+        let _ = ready.send(Ok(()));
         let local = Rc::new(Local {
             core: Rc::new(RefCell::new(core)),
             log: RefCell::new(log),
@@ -131,6 +142,14 @@ pub(crate) fn run(run: ShardRun) -> io::Result<()> {
         inbox_loop(Rc::clone(&local), inbox).await;
         Ok(())
     })
+}
+
+/// Reports a setup error to `Server::start`, which fails the start with it.
+fn setup_failed(
+    ready: &std::sync::mpsc::SyncSender<io::Result<()>>,
+    e: io::Error,
+) -> io::Result<()> {
+    ready.send(Err(e)).map_err(io::Error::other)
 }
 
 async fn accept(local: Rc<Local>, listener: tokio::net::TcpListener) {

@@ -128,6 +128,8 @@ pub enum StartError {
     Log(#[from] UplinkError),
     #[error("cannot start shard thread: {0}")]
     Thread(io::Error),
+    #[error("a shard could not set up its event loop: {0}")]
+    Shard(io::Error),
 }
 
 impl Server {
@@ -180,9 +182,11 @@ impl Server {
             log_stats: LogStats::new(threads),
         });
         let mut shards = Vec::with_capacity(threads);
+        let (ready, setups) = std::sync::mpsc::sync_channel(threads);
         let parts = listeners.into_iter().zip(inboxes).zip(logs).enumerate();
         for (i, ((listener, inbox), log)) in parts {
             let shared = Arc::clone(&shared);
+            let ready = ready.clone();
             let name = format!("ringlink-shard-{i}");
             let handle = std::thread::Builder::new()
                 .name(name)
@@ -194,6 +198,7 @@ impl Server {
                         listener,
                         inbox,
                         read_buf_bytes,
+                        ready,
                     };
                     let result =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match driver {
@@ -217,6 +222,19 @@ impl Server {
                 })
                 .map_err(StartError::Thread)?;
             shards.push(handle);
+        }
+        // Ready means ready: every shard has its ring or runtime (and their descriptors) before
+        // the start line goes out, and a shard that cannot set up fails the start.
+        drop(ready);
+        for _ in 0..threads {
+            match setups.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(StartError::Shard(e)),
+                Err(_) => {
+                    let gone = io::Error::other("a shard thread ended before it was set up");
+                    return Err(StartError::Shard(gone));
+                }
+            }
         }
         Ok(Self {
             listen_addr,
@@ -278,6 +296,8 @@ pub(crate) struct ShardRun {
     pub(crate) inbox: mpsc::UnboundedReceiver<Msg>,
     /// Receive buffer size: the largest frame plus its header.
     pub(crate) read_buf_bytes: usize,
+    /// Where the driver says whether it set up its event loop (before it serves anything).
+    pub(crate) ready: std::sync::mpsc::SyncSender<io::Result<()>>,
 }
 
 impl ShardRun {

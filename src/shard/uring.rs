@@ -76,17 +76,27 @@ pub(crate) fn run(run: ShardRun) -> io::Result<()> {
         listener,
         inbox,
         read_buf_bytes: _,
+        ready,
     } = run;
-    let mut ring = Ring::new(RingConfig {
-        entries: 4096,
-        buffers: BUFFERS,
-        buffer_size: BUFFER_SIZE,
-        accept_backoff: Duration::from_millis(100),
-    })?;
+    let setup = || -> io::Result<Ring> {
+        let mut ring = Ring::new(RingConfig {
+            entries: 4096,
+            buffers: BUFFERS,
+            buffer_size: BUFFER_SIZE,
+            accept_backoff: Duration::from_millis(100),
+        })?;
+        listener.set_nonblocking(true)?;
+        ring.listen(listener);
+        Ok(ring)
+    };
+    let ring = match setup() {
+        Ok(ring) => ring,
+        // The start fails with this error (see `Server::start`).
+        Err(e) => return ready.send(Err(e)).map_err(io::Error::other),
+    };
+    let _ = ready.send(Ok(()));
     let waker = ring.waker();
     shared.mesh.on_send(core.id, Box::new(move || waker.wake()));
-    listener.set_nonblocking(true)?;
-    ring.listen(listener);
     let mut d = Driver {
         core,
         ring,
