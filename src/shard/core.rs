@@ -36,7 +36,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use slab::Slab;
 
@@ -896,13 +896,6 @@ const TLS_READ_BYTES: usize = 4096;
 
 /// How often a shard copies its counters to the shared metrics, at most.
 const PUBLISH_EVERY: Duration = Duration::from_millis(250);
-
-/// Wall-clock milliseconds since the Unix epoch (uplink timestamps).
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 #[cfg(test)]
 mod tests;

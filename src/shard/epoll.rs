@@ -25,10 +25,10 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::shard::core::{unix_ms, Action, Commit, ShardCore, ShardMsg};
+use crate::shard::core::{Action, Commit, ShardCore, ShardMsg};
 use crate::shard::mesh::{Msg, Reply};
 use crate::shard::partition::ShardLog;
-use crate::shard::{ShardRun, Shared};
+use crate::shard::{unix_ms, ShardRun, Shared};
 
 /// The driver's handle on one connection: how to wake its task.
 pub(crate) struct EpollConn {

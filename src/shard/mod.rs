@@ -307,7 +307,7 @@ impl ShardRun {
             self.id,
             Arc::clone(&self.shared.env),
             Instant::now(),
-            core::unix_ms(),
+            unix_ms(),
         )
     }
 }
@@ -390,6 +390,14 @@ fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket.into())
+}
+
+/// Wall-clock milliseconds since the Unix epoch: what drivers anchor their core's clock with
+/// (the core itself reads no clock).
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The log directory under a data dir.

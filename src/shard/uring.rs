@@ -31,11 +31,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use crate::shard::core::{self, Action, Commit, ShardCore};
+use crate::shard::core::{Action, Commit, ShardCore};
 use crate::shard::mesh::Reply;
 use crate::shard::partition::ShardLog;
 use crate::shard::ring::{Completion, Ring, RingConfig};
-use crate::shard::ShardRun;
+use crate::shard::{unix_ms, ShardRun};
 use crate::uplink::{Prepared, UplinkError};
 
 /// Provided receive buffers per shard, and their size. The kernel takes them in ring order, so
@@ -127,7 +127,7 @@ pub(crate) fn run(run: ShardRun) -> io::Result<()> {
             ));
         }
         let now = Instant::now();
-        d.core.set_wall_clock(now, core::unix_ms());
+        d.core.set_wall_clock(now, unix_ms());
         while let Some(c) = d.ring.poll() {
             d.on_completion(c, now);
         }
