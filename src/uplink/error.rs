@@ -24,6 +24,10 @@ pub enum UplinkError {
     /// A record line does not decode, or a batch breaks a size limit of the log.
     #[error("bad record: {0}")]
     BadRecord(String),
+    /// The log is at its size cap and the oldest segment holds records the external sink has
+    /// not acknowledged (`on_full = "block"`): nothing was written.
+    #[error("{}: spool full ({bytes} bytes, the sink has not acknowledged the oldest segment)", path.display())]
+    SpoolFull { path: PathBuf, bytes: u64 },
     /// A shard stopped (with an error, or by a panic) before it had committed everything;
     /// what it had not committed is not in the log.
     #[error("a shard stopped before committing its uplinks")]
@@ -37,6 +41,7 @@ impl UplinkError {
             Self::Io { .. } => "io",
             Self::Corrupt { .. } => "corrupt",
             Self::BadRecord(_) => "bad_record",
+            Self::SpoolFull { .. } => "spool_full",
             Self::Closed => "closed",
         }
     }
@@ -65,6 +70,10 @@ impl Clone for UplinkError {
                 what,
             },
             Self::BadRecord(s) => Self::BadRecord(s.clone()),
+            Self::SpoolFull { path, bytes } => Self::SpoolFull {
+                path: path.clone(),
+                bytes: *bytes,
+            },
             Self::Closed => Self::Closed,
         }
     }

@@ -31,6 +31,7 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Read, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -65,6 +66,78 @@ pub struct LogOptions {
     /// Default [`Fsync::Batch`]: a device's success reply promises the uplink is durable, and
     /// group commit pays one fsync for a whole batch of batches.
     pub fsync: Fsync,
+    /// Default `None` (the log is the last stop). `Some` when a forwarder publishes the log to an
+    /// external sink: the caps then respect what it has not acknowledged yet, per
+    /// [`Outbox::on_full`].
+    pub outbox: Option<Outbox>,
+}
+
+/// The log as the outbox of an external sink: the positions its writer and its forwarder
+/// share, and what a full log does with records the sink has not acknowledged.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    pub marks: Arc<Marks>,
+    pub on_full: OnFull,
+}
+
+/// What the caps do with records the sink has not acknowledged yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFull {
+    /// Delete the oldest segment anyway; its unforwarded records are counted in
+    /// [`Marks::dropped`]. Devices keep being served.
+    DropOldest,
+    /// Keep it: an append that does not fit fails with [`UplinkError::SpoolFull`], so devices
+    /// get an error until the sink catches up.
+    Block,
+}
+
+/// Positions in one partition, by frame sequence number, shared between the thread that writes
+/// the partition and the forwarder that reads it (each only stores its own).
+#[derive(Debug, Default)]
+pub struct Marks {
+    /// Written by the log: frames below this are complete (written, and synced under
+    /// [`Fsync::Batch`]). The forwarder reads no further.
+    committed: AtomicU64,
+    /// Written by the forwarder: frames below this are acknowledged by the sink.
+    forwarded: AtomicU64,
+    /// Written by the forwarder: one more than the first frame of the segment it has open (it
+    /// reads that segment to its end even if the caps delete the file meanwhile); 0 before it
+    /// opened one.
+    reading: AtomicU64,
+    /// Written by the log: records deleted by the caps before the forwarder had read them.
+    dropped: AtomicU64,
+    /// Written by the log: the last append failed with [`UplinkError::SpoolFull`].
+    full: AtomicBool,
+}
+
+impl Marks {
+    pub fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(Ordering::Acquire)
+    }
+
+    /// Frames below `frame` are acknowledged by the sink.
+    pub fn set_forwarded(&self, frame: u64) {
+        self.forwarded.store(frame, Ordering::Release);
+    }
+
+    /// The forwarder is about to open the segment starting at frame `first`.
+    pub fn set_reading(&self, first: u64) {
+        self.reading.store(first + 1, Ordering::Release);
+    }
+
+    /// Records the caps deleted before the forwarder read them.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last append was refused because the spool is full ([`OnFull::Block`]).
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
 }
 
 impl LogOptions {
@@ -76,6 +149,7 @@ impl LogOptions {
             max_bytes: 1 << 30,
             max_age: Duration::from_secs(7 * 24 * 3600),
             fsync: Fsync::Batch,
+            outbox: None,
         }
     }
 }
@@ -159,6 +233,7 @@ impl LocalLog {
             segments.push_back(Segment {
                 first_seq: seq,
                 frames: scan.frames,
+                records: scan.records,
                 bytes: scan.valid_len,
                 modified,
                 path,
@@ -192,6 +267,9 @@ impl LocalLog {
             pending: false,
             broken: false,
         };
+        if let Some(outbox) = &log.opts.outbox {
+            outbox.marks.committed.store(next_seq, Ordering::Release);
+        }
         let deleted = log.enforce_caps(SystemTime::now(), 0)?;
         let recovery = Recovery {
             segments: log.segments.len(),
@@ -240,6 +318,7 @@ impl LocalLog {
         }
         let mut frames = 0u64;
         let mut len = 0u64;
+        let mut records = 0u64;
         for b in batches.iter().filter(|b| !b.is_empty()) {
             if b.len() > MAX_FRAME_PAYLOAD {
                 return Err(UplinkError::BadRecord(format!(
@@ -254,6 +333,7 @@ impl LocalLog {
             }
             frames += 1;
             len += (HEADER + b.len()) as u64;
+            records += count_lines(b);
         }
         if frames == 0 {
             return Ok(None);
@@ -262,7 +342,12 @@ impl LocalLog {
         if self.active().bytes > 0 && self.active().bytes + len > self.opts.segment_bytes {
             self.roll()?;
         }
-        self.enforce_caps(SystemTime::now(), len)?;
+        let capped = self.enforce_caps(SystemTime::now(), len);
+        if let Some(outbox) = &self.opts.outbox {
+            let full = matches!(capped, Err(UplinkError::SpoolFull { .. }));
+            outbox.marks.full.store(full, Ordering::Relaxed);
+        }
+        capped?;
 
         let mut headers = std::mem::take(&mut self.headers);
         headers.clear();
@@ -277,6 +362,7 @@ impl LocalLog {
             headers,
             len,
             frames,
+            records,
         }))
     }
 
@@ -291,6 +377,7 @@ impl LocalLog {
             headers,
             len,
             frames,
+            records,
             ..
         } = p;
         self.headers = headers;
@@ -304,9 +391,16 @@ impl LocalLog {
         let seg = self.active_mut();
         seg.bytes += len;
         seg.frames += frames;
+        seg.records += records;
         seg.modified = now;
         self.next_seq += frames;
         self.total_bytes += len;
+        if let Some(outbox) = &self.opts.outbox {
+            outbox
+                .marks
+                .committed
+                .store(self.next_seq, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -359,7 +453,11 @@ impl LocalLog {
 
     /// Deletes the oldest closed segments while the log plus `incoming` bytes is over
     /// `max_bytes`, or the oldest segment's last write is older than `max_age` at `now`. The
-    /// active segment is never deleted. Returns how many segments were deleted.
+    /// active segment is never deleted. With an [`Outbox`], a segment holding frames the sink
+    /// has not acknowledged is deleted only under [`OnFull::DropOldest`] (its records count as
+    /// dropped unless the forwarder already has it open, and then reads it to its end); under
+    /// [`OnFull::Block`] it stays, and if it had to go to make room for `incoming` bytes the
+    /// append fails with [`UplinkError::SpoolFull`]. Returns how many segments were deleted.
     fn enforce_caps(&mut self, now: SystemTime, incoming: u64) -> Result<usize, UplinkError> {
         let mut deleted = 0;
         while self.segments.len() > 1 {
@@ -370,6 +468,30 @@ impl LocalLog {
                 .is_ok_and(|age| age > self.opts.max_age);
             if !(too_big || too_old) {
                 break;
+            }
+            if let Some(outbox) = &self.opts.outbox {
+                let unforwarded = outbox.marks.forwarded() < oldest.first_seq + oldest.frames;
+                match outbox.on_full {
+                    _ if !unforwarded => {}
+                    OnFull::Block if too_big && incoming > 0 => {
+                        return Err(UplinkError::SpoolFull {
+                            path: self.opts.dir.clone(),
+                            bytes: self.total_bytes,
+                        })
+                    }
+                    OnFull::Block => break,
+                    OnFull::DropOldest => {
+                        // Not the segment the forwarder has open, nor one after it.
+                        let unread =
+                            outbox.marks.reading.load(Ordering::Acquire) <= oldest.first_seq;
+                        if unread {
+                            outbox
+                                .marks
+                                .dropped
+                                .fetch_add(oldest.records, Ordering::Relaxed);
+                        }
+                    }
+                }
             }
             match fs::remove_file(&oldest.path) {
                 Ok(()) => {}
@@ -398,6 +520,7 @@ pub struct Prepared {
     pub headers: Vec<u8>,
     len: u64,
     frames: u64,
+    records: u64,
 }
 
 impl Prepared {
@@ -536,6 +659,8 @@ fn merge_by_time(parts: Vec<Vec<OwnedRecord>>) -> Vec<OwnedRecord> {
 struct Segment {
     first_seq: u64,
     frames: u64,
+    /// Record lines in its frames.
+    records: u64,
     bytes: u64,
     /// The time of its last write (the file's mtime when it was opened).
     modified: SystemTime,
@@ -557,7 +682,7 @@ struct Scan {
 /// Parses the frame at the start of `buf`: `Ok(None)` when `buf` ends before the frame does
 /// (need more), `Err(what)` when the bytes are not a valid frame, else the payload and the
 /// frame's total length.
-fn parse_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, &'static str> {
+pub(super) fn parse_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, &'static str> {
     let Some(magic) = buf.get(..4) else {
         return Ok(None);
     };
@@ -615,7 +740,7 @@ fn scan_segment(
             Ok(Some((payload, used))) => {
                 on_payload(payload)?;
                 scan.frames += 1;
-                scan.records += payload.iter().filter(|&&b| b == b'\n').count() as u64;
+                scan.records += count_lines(payload);
                 scan.valid_len += used as u64;
                 pos += used;
             }
@@ -646,6 +771,11 @@ fn scan_segment(
     }
 }
 
+/// Record lines in a frame payload (every line ends in `\n`).
+pub(crate) fn count_lines(payload: &[u8]) -> u64 {
+    payload.iter().filter(|&&b| b == b'\n').count() as u64
+}
+
 fn read_some(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match file.read(buf) {
@@ -656,7 +786,7 @@ fn read_some(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// The segment files of `dir`, by sequence number. Files not named like a segment are ignored.
-fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, UplinkError> {
+pub(super) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, UplinkError> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| UplinkError::io(dir, e))? {
         let entry = entry.map_err(|e| UplinkError::io(dir, e))?;
@@ -699,6 +829,7 @@ fn create_segment(opts: &LogOptions, seq: u64) -> Result<(Segment, File), Uplink
     let seg = Segment {
         first_seq: seq,
         frames: 0,
+        records: 0,
         bytes: 0,
         modified: SystemTime::now(),
         path,
@@ -747,12 +878,12 @@ fn write_all_vectored_at(file: &File, mut slices: &mut [IoSlice<'_>], at: u64) -
 /// The first four bytes of every frame.
 const MAGIC: [u8; 4] = *b"rlu1";
 /// magic + len + crc.
-const HEADER: usize = 12;
+pub(super) const HEADER: usize = 12;
 /// The size of a frame header, for callers that write [`Prepared`] appends themselves.
 pub const FRAME_HEADER: usize = HEADER;
 /// 16 MiB: far above a batch (`MAX_BATCH_BYTES` plus one record), and low enough that a
 /// garbage length in a torn header is refused instead of read up to 4 GiB.
-const MAX_FRAME_PAYLOAD: usize = 16 << 20;
+pub(super) const MAX_FRAME_PAYLOAD: usize = 16 << 20;
 /// Partition directories are `shard-0`, `shard-1`, ...
 const PARTITION_PREFIX: &str = "shard-";
 /// Recovery reads segments in chunks of this size.

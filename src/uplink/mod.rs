@@ -26,11 +26,15 @@
 mod batch;
 mod error;
 mod log;
+pub mod outbox;
 pub mod record;
 
 pub use batch::{Batch, Batcher, MAX_BATCH_BYTES};
 pub use error::UplinkError;
-pub use log::{partition_dir, Fsync, LocalLog, LogOptions, Prepared, Recovery, FRAME_HEADER};
+pub use log::{
+    partition_dir, Fsync, LocalLog, LogOptions, Marks, OnFull, Outbox, Prepared, Recovery,
+    FRAME_HEADER,
+};
 pub use record::{decode_line, encode, OwnedRecord, Record, RecordBody, RecordKind};
 
 #[cfg(test)]
