@@ -185,9 +185,10 @@ pub struct Api {
 }
 
 /// `[uplink]`: how uplinks (online, offline, reports, events) leave for the edge core.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uplink {
-    /// Where uplinks go (default `local`; `mqtt` and `nats` are not implemented yet).
+    /// Where uplinks go (default `local`; `mqtt` forwards the local log to a broker; `nats` is
+    /// not implemented yet).
     pub sink: SinkKind,
     /// Uplinks per batch (default 256, 1-65536). Bigger batches amortise each write; the cap
     /// bounds the memory and latency of one batch.
@@ -206,6 +207,12 @@ pub struct Uplink {
     pub max_bytes: u64,
     /// Age cap of the local log in seconds (default 604800 = 7 days, 60-315360000).
     pub max_age_s: u64,
+    /// What a full log does with records an external sink has not acknowledged (default
+    /// `drop_oldest`: devices keep being served and the oldest backlog goes, counted; `block`:
+    /// nothing is lost, devices get 100000 until the sink drains).
+    pub on_full: OnFull,
+    /// `[uplink.mqtt]`, used when `sink = "mqtt"`.
+    pub mqtt: Mqtt,
 }
 
 impl Default for Uplink {
@@ -218,6 +225,74 @@ impl Default for Uplink {
             segment_bytes: 64 << 20,
             max_bytes: 1 << 30,
             max_age_s: 7 * 24 * 3600,
+            on_full: OnFull::DropOldest,
+            mqtt: Mqtt::default(),
+        }
+    }
+}
+
+/// What a full uplink log does while an external sink is behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFull {
+    DropOldest,
+    Block,
+}
+
+impl OnFull {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DropOldest => "drop_oldest",
+            Self::Block => "block",
+        }
+    }
+}
+
+/// `[uplink.mqtt]`: the broker of `sink = "mqtt"` (Alink topics, PROTOCOL.md section 13).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mqtt {
+    /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (8883, needs
+    /// `ca_file`). Default `mqtt://127.0.0.1:1883`: a broker on the edge box itself.
+    pub url: String,
+    /// MQTT client id (default `ringlink`). Unique per gateway: a broker disconnects the older of
+    /// two sessions with the same id.
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM CA certificate(s) the broker's certificate must chain to (mqtts).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for brokers that require client authentication.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// MQTT keep-alive in seconds (default 30, 0 = off, up to 65535): a dead broker connection
+    /// is noticed within 1.5 times this.
+    pub keep_alive_s: u16,
+    /// QoS of uplink publishes (default 1: the cursor moves on the broker's PUBACK; 0: on
+    /// handing the message to TCP, which a broker outage can lose).
+    pub qos: u8,
+    /// Put before every topic (default empty: the Alink topics as they are, `/sys/...`).
+    pub topic_prefix: String,
+    /// Publishes awaiting PUBACK at once (default 256, 1-65535). Bounds what a crash replays.
+    pub inflight: u16,
+    /// Backlog replay rate after an outage or a restart, publishes per second (default 5000,
+    /// 1-10000000), so a returning broker is not flattened.
+    pub replay_per_s: u64,
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        Self {
+            url: "mqtt://127.0.0.1:1883".into(),
+            client_id: "ringlink".into(),
+            username: None,
+            password: None,
+            ca_file: None,
+            cert: None,
+            key: None,
+            keep_alive_s: 30,
+            qos: 1,
+            topic_prefix: String::new(),
+            inflight: 256,
+            replay_per_s: 5_000,
         }
     }
 }
@@ -227,7 +302,7 @@ impl Default for Uplink {
 pub enum SinkKind {
     /// Append-only segmented log under `data_dir`, plus the in-memory shadow.
     Local,
-    /// MQTT broker, Alink topics. Not implemented yet: refused by validation.
+    /// MQTT broker, Alink topics; the local log is its outbox.
     Mqtt,
     /// NATS JetStream. Not implemented yet: refused by validation.
     Nats,

@@ -13,8 +13,8 @@ use std::str::FromStr;
 use toml::de::{DeTable, DeValue};
 
 use crate::config::{
-    Api, Config, ConfigError, Fsync, InlineDevice, IoMode, Limits, Listener, Origin, Overrides,
-    RegistrySources, Runtime, SinkKind, TlsFiles, Uplink, DEFAULT_API, DEFAULT_BACKLOG,
+    Api, Config, ConfigError, Fsync, InlineDevice, IoMode, Limits, Listener, Mqtt, OnFull, Origin,
+    Overrides, RegistrySources, Runtime, SinkKind, TlsFiles, Uplink, DEFAULT_API, DEFAULT_BACKLOG,
     DEFAULT_DATA_DIR, DEFAULT_IP, DEFAULT_PORT,
 };
 use crate::registry::DriverListener;
@@ -46,6 +46,19 @@ pub const KNOBS: &[&str] = &[
     "uplink.segment_bytes",
     "uplink.max_bytes",
     "uplink.max_age_s",
+    "uplink.on_full",
+    "uplink.mqtt.url",
+    "uplink.mqtt.client_id",
+    "uplink.mqtt.username",
+    "uplink.mqtt.password",
+    "uplink.mqtt.ca_file",
+    "uplink.mqtt.cert",
+    "uplink.mqtt.key",
+    "uplink.mqtt.keep_alive_s",
+    "uplink.mqtt.qos",
+    "uplink.mqtt.topic_prefix",
+    "uplink.mqtt.inflight",
+    "uplink.mqtt.replay_per_s",
     "registry.products",
     "registry.devices",
     "registry.driver_config",
@@ -445,15 +458,13 @@ impl Draft {
 
         let d = Uplink::default();
         let sink = self.parsed("uplink.sink", Sink(SinkKind::Local), "local, mqtt or nats");
-        if sink.0 != SinkKind::Local {
+        if sink.0 == SinkKind::Nats {
             self.fail(
                 "uplink.sink",
-                format!(
-                    "`{}` is not implemented yet; only `local` is (uplinks would go nowhere)",
-                    sink.0.as_str()
-                ),
+                "`nats` is not implemented yet; `local` and `mqtt` are (uplinks would go nowhere)",
             );
         }
+        let mqtt = self.mqtt(sink.0 == SinkKind::Mqtt);
         let uplink = Uplink {
             sink: sink.0,
             batch_max: self.int("uplink.batch_max", d.batch_max.into(), 1, 65_536) as u32,
@@ -464,6 +475,10 @@ impl Draft {
             segment_bytes: self.int("uplink.segment_bytes", d.segment_bytes, 1 << 20, 4 << 30),
             max_bytes: self.int("uplink.max_bytes", d.max_bytes, 1 << 20, u64::MAX >> 1),
             max_age_s: self.int("uplink.max_age_s", d.max_age_s, 60, 315_360_000),
+            on_full: self
+                .parsed("uplink.on_full", OnFullArg(d.on_full), "drop_oldest or block")
+                .0,
+            mqtt,
         };
         if uplink.max_bytes < uplink.segment_bytes {
             self.fail(
@@ -655,6 +670,85 @@ impl Draft {
         default
     }
 
+    /// A string setting; `default` when unset, an error when set to something else.
+    fn string(&mut self, knob: &str, default: &str) -> String {
+        let Some((raw, origin)) = self.values.get(knob).cloned() else {
+            return default.to_owned();
+        };
+        match raw {
+            Raw::Str(s) | Raw::Text(s) => s,
+            other => {
+                self.errors.push(ConfigError::setting(
+                    origin,
+                    knob,
+                    format!("expected a string, found {}", other.kind()),
+                ));
+                default.to_owned()
+            }
+        }
+    }
+
+    /// `[uplink.mqtt]`; `used`: the sink is `mqtt`, so what it needs must be there.
+    fn mqtt(&mut self, used: bool) -> Mqtt {
+        let d = Mqtt::default();
+        let url = self.string("uplink.mqtt.url", &d.url);
+        let tls = match broker_is_tls(&url) {
+            Ok(tls) => tls,
+            Err(e) => {
+                self.fail("uplink.mqtt.url", e);
+                false
+            }
+        };
+        let client_id = self.string("uplink.mqtt.client_id", &d.client_id);
+        if client_id.is_empty() || client_id.len() > 65_535 {
+            self.fail("uplink.mqtt.client_id", "must be 1 to 65535 bytes");
+        }
+        let username = self
+            .values
+            .contains_key("uplink.mqtt.username")
+            .then(|| self.string("uplink.mqtt.username", ""));
+        let password = self
+            .values
+            .contains_key("uplink.mqtt.password")
+            .then(|| self.string("uplink.mqtt.password", ""));
+        if password.is_some() && username.is_none() {
+            self.fail(
+                "uplink.mqtt.password",
+                "a password needs uplink.mqtt.username (MQTT 3.1.1)",
+            );
+        }
+        let ca_file = self.path("uplink.mqtt.ca_file");
+        if used && tls && ca_file.is_none() {
+            self.fail(
+                "uplink.mqtt.url",
+                "mqtts:// needs uplink.mqtt.ca_file (the CA the broker's certificate chains to)",
+            );
+        }
+        let cert = self.path("uplink.mqtt.cert");
+        let key = self.path("uplink.mqtt.key");
+        if cert.is_some() != key.is_some() {
+            self.fail(
+                if cert.is_some() { "uplink.mqtt.cert" } else { "uplink.mqtt.key" },
+                "a client certificate needs both uplink.mqtt.cert and uplink.mqtt.key",
+            );
+        }
+        Mqtt {
+            url,
+            client_id,
+            username,
+            password,
+            ca_file,
+            cert,
+            key,
+            keep_alive_s: self.int("uplink.mqtt.keep_alive_s", d.keep_alive_s.into(), 0, 65_535)
+                as u16,
+            qos: self.int("uplink.mqtt.qos", d.qos.into(), 0, 1) as u8,
+            topic_prefix: self.string("uplink.mqtt.topic_prefix", &d.topic_prefix),
+            inflight: self.int("uplink.mqtt.inflight", d.inflight.into(), 1, 65_535) as u16,
+            replay_per_s: self.int("uplink.mqtt.replay_per_s", d.replay_per_s, 1, 10_000_000),
+        }
+    }
+
     /// A path, relative to the folder of the file that named it (else the working directory).
     fn path(&mut self, knob: &str) -> Option<PathBuf> {
         let (raw, origin) = self.values.get(knob).cloned()?;
@@ -789,6 +883,35 @@ impl FromStr for Sink {
             "local" => Ok(Self(SinkKind::Local)),
             "mqtt" => Ok(Self(SinkKind::Mqtt)),
             "nats" => Ok(Self(SinkKind::Nats)),
+            _ => Err(()),
+        }
+    }
+}
+
+/// TEMPORARY until crate::mqtt lands: whether a broker URL is mqtts.
+fn broker_is_tls(url: &str) -> Result<bool, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!("expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got {url:?}"));
+    };
+    if rest.is_empty() {
+        return Err(format!("no host in {url:?}"));
+    }
+    Ok(tls)
+}
+
+struct OnFullArg(OnFull);
+
+impl FromStr for OnFullArg {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "drop_oldest" => Ok(Self(OnFull::DropOldest)),
+            "block" => Ok(Self(OnFull::Block)),
             _ => Err(()),
         }
     }

@@ -120,6 +120,20 @@ fsync = "batch"
 segment_bytes = 1048576
 max_bytes = 2097152
 max_age_s = 3600
+on_full = "block"
+[uplink.mqtt]
+url = "mqtts://broker.local:8884"
+client_id = "gw-7"
+username = "gw"
+password = "s3cret"
+ca_file = "certs/ca.pem"
+cert = "certs/client.pem"
+key = "certs/client.key"
+keep_alive_s = 0
+qos = 0
+topic_prefix = "site-3"
+inflight = 1000
+replay_per_s = 200
 "#;
     let (dir, c) = load(text, &[], &Overrides::default());
     let c = c.expect("valid");
@@ -164,6 +178,21 @@ max_age_s = 3600
             segment_bytes: 1 << 20,
             max_bytes: 2 << 20,
             max_age_s: 3600,
+            on_full: OnFull::Block,
+            mqtt: Mqtt {
+                url: "mqtts://broker.local:8884".into(),
+                client_id: "gw-7".into(),
+                username: Some("gw".into()),
+                password: Some("s3cret".into()),
+                ca_file: Some(dir.0.join("certs/ca.pem")),
+                cert: Some(dir.0.join("certs/client.pem")),
+                key: Some(dir.0.join("certs/client.key")),
+                keep_alive_s: 0,
+                qos: 0,
+                topic_prefix: "site-3".into(),
+                inflight: 1000,
+                replay_per_s: 200,
+            },
         }
     );
     assert_eq!(c.file, Some(dir.0.join("ringlink.toml")));
@@ -171,7 +200,7 @@ max_age_s = 3600
 
 #[test]
 fn errors_name_file_line_and_key_and_all_are_reported() {
-    let text = "[listener]\nport = 70000\nprot = 1\n\n[limits]\nmax_connections = 10\nmax_frame_bytes = 0\nauto_online_on_report = \"yes\"\n[runtime]\nio = \"kqueue\"\n[uplink]\nsink = \"mqtt\"\n[nope]\n";
+    let text = "[listener]\nport = 70000\nprot = 1\n\n[limits]\nmax_connections = 10\nmax_frame_bytes = 0\nauto_online_on_report = \"yes\"\n[runtime]\nio = \"kqueue\"\n[uplink]\nsink = \"nats\"\n[nope]\n";
     assert_eq!(
         errors(text),
         [
@@ -180,7 +209,7 @@ fn errors_name_file_line_and_key_and_all_are_reported() {
             "ringlink.toml:7: limits.max_frame_bytes: must be between 125 and 16777216, got 0",
             "ringlink.toml:8: limits.auto_online_on_report: expected true or false, got a string",
             "ringlink.toml:10: runtime.io: expected auto, uring or epoll, got \"kqueue\"",
-            "ringlink.toml:12: uplink.sink: `mqtt` is not implemented yet; only `local` is (uplinks would go nowhere)",
+            "ringlink.toml:12: uplink.sink: `nats` is not implemented yet; `local` and `mqtt` are (uplinks would go nowhere)",
             "ringlink.toml:13: nope: unknown key (known here: listener, runtime, limits, api, data_dir, uplink, registry)",
         ]
     );
@@ -542,8 +571,8 @@ fn the_example_file_uncommented_gives_the_defaults() {
         .count();
     assert_eq!(
         set,
-        KNOBS.len() - 5,
-        "every knob but tls.*, registry.* is set"
+        KNOBS.len() - 10,
+        "every knob but tls.*, registry.* and the optional uplink.mqtt credentials is set"
     );
     let (_dir, c) = load(&uncommented, &[], &Overrides::default());
     let mut c = c.expect("the example is valid");
@@ -571,4 +600,26 @@ fn the_example_file_uncommented_gives_the_defaults() {
         r.device[0].client_ip,
         Some("192.168.1.50".parse().expect("ip"))
     );
+}
+
+#[test]
+fn mqtt_sink_settings_are_checked_when_the_sink_is_mqtt() {
+    let e = errors(
+        "[uplink]\nsink = \"mqtt\"\non_full = \"later\"\n[uplink.mqtt]\nurl = \"mqtts://b:8883\"\n\
+         password = \"p\"\nqos = 2\ninflight = 0\ncert = \"c.pem\"\n",
+    );
+    assert_eq!(
+        e,
+        vec![
+            "ringlink.toml:3: uplink.on_full: expected drop_oldest or block, got \"later\"",
+            "ringlink.toml:5: uplink.mqtt.url: mqtts:// needs uplink.mqtt.ca_file (the CA the broker's certificate chains to)",
+            "ringlink.toml:6: uplink.mqtt.password: a password needs uplink.mqtt.username (MQTT 3.1.1)",
+            "ringlink.toml:7: uplink.mqtt.qos: must be between 0 and 1, got 2",
+            "ringlink.toml:8: uplink.mqtt.inflight: must be between 1 and 65535, got 0",
+            "ringlink.toml:9: uplink.mqtt.cert: a client certificate needs both uplink.mqtt.cert and uplink.mqtt.key",
+        ]
+    );
+    let e = errors("[uplink.mqtt]\nurl = \"tcp://b\"\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("ringlink.toml:2: uplink.mqtt.url: "), "{e:?}");
 }
