@@ -22,6 +22,7 @@
 //!   to send and actions to perform are returned to the caller.
 //! - Input from a peer never panics: it becomes an error value, a Link error code or a close.
 
+pub mod alink;
 pub mod api;
 pub mod config;
 pub mod metrics;

@@ -476,7 +476,11 @@ impl Draft {
             max_bytes: self.int("uplink.max_bytes", d.max_bytes, 1 << 20, u64::MAX >> 1),
             max_age_s: self.int("uplink.max_age_s", d.max_age_s, 60, 315_360_000),
             on_full: self
-                .parsed("uplink.on_full", OnFullArg(d.on_full), "drop_oldest or block")
+                .parsed(
+                    "uplink.on_full",
+                    OnFullArg(d.on_full),
+                    "drop_oldest or block",
+                )
                 .0,
             mqtt,
         };
@@ -728,7 +732,11 @@ impl Draft {
         let key = self.path("uplink.mqtt.key");
         if cert.is_some() != key.is_some() {
             self.fail(
-                if cert.is_some() { "uplink.mqtt.cert" } else { "uplink.mqtt.key" },
+                if cert.is_some() {
+                    "uplink.mqtt.cert"
+                } else {
+                    "uplink.mqtt.key"
+                },
                 "a client certificate needs both uplink.mqtt.cert and uplink.mqtt.key",
             );
         }
@@ -895,7 +903,9 @@ fn broker_is_tls(url: &str) -> Result<bool, String> {
     } else if let Some(r) = url.strip_prefix("mqtt://") {
         (false, r)
     } else {
-        return Err(format!("expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got {url:?}"));
+        return Err(format!(
+            "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got {url:?}"
+        ));
     };
     if rest.is_empty() {
         return Err(format!("no host in {url:?}"));

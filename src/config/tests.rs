@@ -621,5 +621,8 @@ fn mqtt_sink_settings_are_checked_when_the_sink_is_mqtt() {
     );
     let e = errors("[uplink.mqtt]\nurl = \"tcp://b\"\n");
     assert_eq!(e.len(), 1, "{e:?}");
-    assert!(e[0].starts_with("ringlink.toml:2: uplink.mqtt.url: "), "{e:?}");
+    assert!(
+        e[0].starts_with("ringlink.toml:2: uplink.mqtt.url: "),
+        "{e:?}"
+    );
 }

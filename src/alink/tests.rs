@@ -1,0 +1,183 @@
+use super::*;
+use crate::uplink::decode_line;
+
+fn rec(line: &str) -> OwnedRecord {
+    decode_line(line.as_bytes()).expect("a record line")
+}
+
+fn body(v: &[u8]) -> Value {
+    serde_json::from_slice(v).expect("JSON body")
+}
+
+#[test]
+fn property_report_is_a_property_post_with_value_and_time() {
+    let r = rec(
+        r#"{"t":1732570000123,"pk":"a1ThermoPK0","dn":"thermo-01","kind":"property","values":{"roomTemp":21.0,"power":1}}"#,
+    );
+    let mut b = Vec::new();
+    let topic = uplink("", &r, 7, &mut b);
+    assert_eq!(
+        topic,
+        "/sys/a1ThermoPK0/thermo-01/thing/event/property/post"
+    );
+    assert_eq!(
+        body(&b),
+        serde_json::json!({
+            "id": "7", "version": "1.0", "method": "thing.event.property.post",
+            "params": {
+                "roomTemp": {"value": 21.0, "time": 1732570000123u64},
+                "power": {"value": 1, "time": 1732570000123u64},
+            }
+        })
+    );
+    // Floats keep their decimal point on the wire (PROTOCOL.md section 13).
+    let text = String::from_utf8(b).expect("utf8");
+    assert!(text.contains(r#""value":21.0"#), "{text}");
+}
+
+#[test]
+fn event_report_is_an_event_post_on_its_own_topic() {
+    let r =
+        rec(r#"{"t":5,"pk":"pk1","dn":"d 1","kind":"event","event":"alarm","values":{"level":2}}"#);
+    let mut b = Vec::new();
+    let topic = uplink("site-3", &r, 4_294_967_295, &mut b);
+    assert_eq!(topic, "site-3/sys/pk1/d 1/thing/event/alarm/post");
+    assert_eq!(
+        body(&b),
+        serde_json::json!({
+            "id": "4294967295", "version": "1.0", "method": "thing.event.alarm.post",
+            "params": {"value": {"level": 2}, "time": 5}
+        })
+    );
+}
+
+#[test]
+fn online_and_offline_go_to_the_status_topic() {
+    let mut b = Vec::new();
+    let on = rec(r#"{"t":9,"pk":"pk1","dn":"d1","kind":"online","peer":"10.0.0.7:40312"}"#);
+    assert_eq!(uplink("", &on, 1, &mut b), "/as/mqtt/status/pk1/d1");
+    assert_eq!(
+        body(&b),
+        serde_json::json!({"status":"online","productKey":"pk1","deviceName":"d1","time":9,"clientIp":"10.0.0.7"})
+    );
+    let off = rec(r#"{"t":10,"pk":"pk1","dn":"d1","kind":"offline"}"#);
+    assert_eq!(uplink("", &off, 2, &mut b), "/as/mqtt/status/pk1/d1");
+    assert_eq!(
+        body(&b),
+        serde_json::json!({"status":"offline","productKey":"pk1","deviceName":"d1","time":10})
+    );
+}
+
+#[test]
+fn subscriptions_are_wildcards_per_product() {
+    let subs: Vec<String> = subscriptions("", ["pkA", "pkB"]).collect();
+    assert_eq!(subs.len(), 8);
+    assert!(subs.contains(&"/sys/pkA/+/thing/service/property/set".to_owned()));
+    assert!(subs.contains(&"/sys/pkB/+/rrpc/request/+".to_owned()));
+}
+
+#[test]
+fn set_get_and_service_requests_parse_with_their_reply_topics() {
+    let set = parse_downlink(
+        "",
+        "/sys/pk/dn/thing/service/property/set",
+        br#"{"id":"11","version":"1.0","params":{"power":1},"method":"thing.service.property.set"}"#,
+    )
+    .expect("valid")
+    .expect("a downlink");
+    assert_eq!(set.request, DownlinkRequest::SetProperty);
+    assert_eq!(set.params, br#"{"power":1}"#);
+    assert_eq!(set.id, "11");
+    assert_eq!(
+        set.reply_topic,
+        "/sys/pk/dn/thing/service/property/set_reply"
+    );
+    assert_eq!(
+        (set.product_key.as_str(), set.device_name.as_str()),
+        ("pk", "dn")
+    );
+
+    let get = parse_downlink(
+        "",
+        "/sys/pk/dn/thing/service/property/get",
+        br#"{"id":12,"params":["a","b"]}"#,
+    )
+    .expect("valid")
+    .expect("a downlink");
+    assert_eq!(get.request, DownlinkRequest::GetProperty);
+    assert_eq!(get.params, br#"["a","b"]"#);
+    assert_eq!(get.id, "12");
+
+    let call = parse_downlink(
+        "p",
+        "p/sys/pk/dn/thing/service/reboot",
+        br#"{"id":"13","params":{"delay":2}}"#,
+    )
+    .expect("valid")
+    .expect("a downlink");
+    assert_eq!(call.request, DownlinkRequest::CallService("reboot".into()));
+    assert_eq!(call.reply_topic, "p/sys/pk/dn/thing/service/reboot_reply");
+
+    let rrpc = parse_downlink(
+        "",
+        "/sys/pk/dn/rrpc/request/1234567",
+        br#"{"id":"14","params":{},"method":"thing.service.reboot"}"#,
+    )
+    .expect("valid")
+    .expect("a downlink");
+    assert_eq!(rrpc.request, DownlinkRequest::CallService("reboot".into()));
+    assert_eq!(rrpc.reply_topic, "/sys/pk/dn/rrpc/response/1234567");
+    assert_eq!(rrpc.via, "rrpc");
+}
+
+#[test]
+fn replies_and_foreign_topics_are_not_downlinks() {
+    for topic in [
+        "/sys/pk/dn/thing/service/reboot_reply",
+        "/sys/pk/dn/thing/service/property/set_reply",
+        "/sys/pk/dn/thing/event/property/post",
+        "/other/pk/dn/thing/service/x",
+        "/sys/pk/dn/rrpc/response/1",
+    ] {
+        assert_eq!(parse_downlink("", topic, b"{}"), Ok(None), "{topic}");
+    }
+}
+
+#[test]
+fn bad_bodies_are_rejected_with_a_reply() {
+    let e =
+        parse_downlink("", "/sys/pk/dn/thing/service/property/set", b"not json").expect_err("bad");
+    assert_eq!((e.code, e.id.as_str()), (Code::JsonFormat, "0"));
+    assert_eq!(e.reply_topic, "/sys/pk/dn/thing/service/property/set_reply");
+    let e = parse_downlink(
+        "",
+        "/sys/pk/dn/thing/service/property/get",
+        br#"{"id":"5","params":{"a":1}}"#,
+    )
+    .expect_err("bad");
+    assert_eq!((e.code, e.id.as_str()), (Code::InvalidParameter, "5"));
+    let e = parse_downlink(
+        "",
+        "/sys/pk/dn/rrpc/request/9",
+        br#"{"id":"6","method":"thing.event.x.post"}"#,
+    )
+    .expect_err("bad");
+    assert_eq!(e.reply_topic, "/sys/pk/dn/rrpc/response/9");
+}
+
+#[test]
+fn reply_bodies_map_codes() {
+    let mut out = Vec::new();
+    reply("11", Code::Success, Some(r#"{"power":1}"#), &mut out);
+    assert_eq!(
+        body(&out),
+        serde_json::json!({"id":"11","code":200,"data":{"power":1},"message":"success"})
+    );
+    reply("12", Code::Timeout, None, &mut out);
+    assert_eq!(body(&out)["code"], 100006);
+    assert_eq!(body(&out)["message"], Code::Timeout.message());
+    reply("13", Code::ServiceUnreachable, None, &mut out);
+    assert_eq!(body(&out)["code"], 100008);
+    reply("14", Code::DeviceOffline, None, &mut out);
+    assert_eq!(body(&out)["code"], 109001);
+}
