@@ -32,6 +32,7 @@ pub mod registry;
 pub mod session;
 pub mod shadow;
 pub mod shard;
+pub mod sink;
 pub mod tls;
 pub mod uplink;
 pub mod ws;

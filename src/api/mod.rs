@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -27,8 +26,7 @@ use tokio::sync::{broadcast, oneshot};
 use crate::model::Access;
 use crate::protocol::Code;
 use crate::registry::DeviceId;
-use crate::session::{Downlink, DownlinkRequest, Outcome};
-use crate::shard::core::ShardMsg;
+use crate::session::DownlinkRequest;
 use crate::shard::Server;
 use crate::shard::Shared;
 
@@ -112,11 +110,24 @@ fn router(state: Arc<Shared>) -> Router {
         .with_state(state)
 }
 
+/// 200 while devices are served, also while an external sink is down and uplinks spool; 503
+/// while draining, or while the sink is down and the spool refuses appends (`on_full = "block"`).
 async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     if s.draining.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
-    } else {
-        (StatusCode::OK, "ready\n").into_response()
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    let Some(spool) = &s.spool else {
+        return (StatusCode::OK, "ready\n").into_response();
+    };
+    let up = spool.stats.connected.load(Ordering::Relaxed);
+    match (up, spool.is_full()) {
+        (true, _) => (StatusCode::OK, "ready\n").into_response(),
+        (false, false) => (StatusCode::OK, "ready (sink down, spooling)\n").into_response(),
+        (false, true) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sink down and spool full: devices get 100000\n",
+        )
+            .into_response(),
     }
 }
 
@@ -155,15 +166,22 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         ),
         (
             "ringlink_uplink_spool_bytes",
-            "Bytes spooled for an external sink (none is configured).",
-            0.0,
+            "Bytes of the local log the external sink has not acknowledged (0 without one).",
+            s.spool.as_ref().map_or(0.0, |sp| {
+                sp.stats.backlog_bytes.load(Ordering::Relaxed) as f64
+            }),
+        ),
+        (
+            "ringlink_uplink_spool_full_refusals",
+            "Commits refused because the spool was full (uplink.on_full = block).",
+            log.spool_full.load(Ordering::Relaxed) as f64,
         ),
     ];
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.env.metrics.render(&gauges),
-    )
-        .into_response()
+    let mut text = s.env.metrics.render(&gauges);
+    if let Some(spool) = &s.spool {
+        crate::sink::render(spool, crate::shard::unix_ms(), &mut text);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 #[derive(Deserialize)]
@@ -305,31 +323,7 @@ async fn downlink(
     params: Vec<u8>,
     data_field: &str,
 ) -> Response {
-    let Some(conn) = s.env.owners.owner(device) else {
-        return error(Code::DeviceOffline, "device is offline");
-    };
-    let (reply, answer) = oneshot::channel();
-    let msg = ShardMsg::Downlink {
-        conn,
-        downlink: Downlink {
-            token: 0,
-            device,
-            request,
-            params,
-        },
-        started: Instant::now(),
-        reply,
-    };
-    if !s.mesh.send(conn.shard(), msg) {
-        return error(Code::ServiceUnreachable, "gateway is shutting down");
-    }
-    // The session always completes a downlink (reply, timeout or connection loss); the extra
-    // margin only covers a shard that stopped meanwhile.
-    let limit = s.env.ctx.config.downlink_timeout + Duration::from_secs(2);
-    let outcome = match tokio::time::timeout(limit, answer).await {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(_)) | Err(_) => Outcome::failed(Code::ServiceUnreachable),
-    };
+    let outcome = s.downlink(device, request, params).await;
     if !outcome.code.is_success() {
         return error(outcome.code, outcome.code.message());
     }

@@ -309,8 +309,7 @@ fn append(local: &Rc<Local>, commit: Commit) {
             return core.committed(commit, Ok(()), Instant::now());
         }
         Err(e) => {
-            local.log.borrow().count_failed(&commit);
-            eprintln!("ringlink: uplink log: {e}");
+            local.log.borrow_mut().failed(&commit, &e);
             let mut core = local.core.borrow_mut();
             return core.committed(commit, Err(e), Instant::now());
         }

@@ -30,17 +30,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::IoMode;
 use crate::metrics::Metrics;
-use crate::registry::{Owners, Registry};
-use crate::session::{self, Context};
+use crate::protocol::Code;
+use crate::registry::{DeviceId, Owners, Registry};
+use crate::session::{self, Context, Downlink, DownlinkRequest, Outcome};
 use crate::shadow::Shadows;
 use crate::shard::core::{Env, ShardCore, ShardMsg};
 use crate::shard::mesh::{Mesh, Msg, Reply};
 use crate::shard::partition::ShardLog;
-use crate::uplink::{partition_dir, LocalLog, LogOptions, UplinkError};
+use crate::sink::mqtt::{Forwarder, MqttOptions};
+use crate::sink::Spool;
+use crate::uplink::{partition_dir, LocalLog, LogOptions, Marks, OnFull, Outbox, UplinkError};
 
 /// What the shards' threads and the API share.
 pub(crate) struct Shared {
@@ -51,11 +54,49 @@ pub(crate) struct Shared {
     pub(crate) uplink_feed: broadcast::Sender<Arc<str>>,
     pub(crate) draining: AtomicBool,
     pub(crate) log_stats: LogStats,
+    /// With an external sink: what the shards and its forwarder share.
+    pub(crate) spool: Option<Arc<Spool>>,
 }
 
 impl Shared {
     pub(crate) fn registry(&self) -> &Registry {
         self.env.registry()
+    }
+
+    /// Sends a downlink to the shard whose connection owns `device` and waits for its outcome:
+    /// 109001 when the device is online nowhere, else whatever the session ends it with (the
+    /// device's reply, 100006 at the timeout, 100008 when the connection is lost).
+    pub(crate) async fn downlink(
+        &self,
+        device: DeviceId,
+        request: DownlinkRequest,
+        params: Vec<u8>,
+    ) -> Outcome {
+        let Some(conn) = self.env.owners.owner(device) else {
+            return Outcome::failed(Code::DeviceOffline);
+        };
+        let (reply, answer) = oneshot::channel();
+        let msg = ShardMsg::Downlink {
+            conn,
+            downlink: Downlink {
+                token: 0,
+                device,
+                request,
+                params,
+            },
+            started: Instant::now(),
+            reply,
+        };
+        if !self.mesh.send(conn.shard(), msg) {
+            return Outcome::failed(Code::ServiceUnreachable);
+        }
+        // The session always completes a downlink; the margin only covers a shard that stopped
+        // meanwhile.
+        let limit = self.env.ctx.config.downlink_timeout + Duration::from_secs(2);
+        match tokio::time::timeout(limit, answer).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) | Err(_) => Outcome::failed(Code::ServiceUnreachable),
+        }
     }
 }
 
@@ -68,6 +109,8 @@ pub(crate) struct LogStats {
     pub(crate) writes: AtomicU64,
     pub(crate) records: AtomicU64,
     pub(crate) errors: AtomicU64,
+    /// Commits refused because the spool is full (`on_full = "block"`); also in `errors`.
+    pub(crate) spool_full: AtomicU64,
 }
 
 impl LogStats {
@@ -77,6 +120,7 @@ impl LogStats {
             writes: AtomicU64::new(0),
             records: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            spool_full: AtomicU64::new(0),
         }
     }
 
@@ -104,6 +148,20 @@ pub struct ServerOptions {
     pub echo: bool,
     /// TLS for `wss://`; `None` serves `ws://`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Where uplinks go after the local log.
+    pub sink: SinkOptions,
+}
+
+/// The external sink the local log is the outbox of, if any.
+#[derive(Debug, Clone)]
+pub enum SinkOptions {
+    /// None: the log is the last stop.
+    Local,
+    /// An MQTT broker; `on_full` says what the log's caps do with what it has not acknowledged.
+    Mqtt {
+        mqtt: Box<MqttOptions>,
+        on_full: OnFull,
+    },
 }
 
 /// A running gateway (without its API; see [`crate::api`]).
@@ -115,6 +173,7 @@ pub struct Server {
     pub driver_reason: String,
     pub(crate) shared: Arc<Shared>,
     shards: Vec<JoinHandle<io::Result<()>>>,
+    forwarder: Option<Forwarder>,
 }
 
 /// Why a server did not start.
@@ -130,6 +189,8 @@ pub enum StartError {
     Thread(io::Error),
     #[error("a shard could not set up its event loop: {0}")]
     Shard(io::Error),
+    #[error("cannot start the uplink forwarder: {0}")]
+    Forwarder(io::Error),
 }
 
 impl Server {
@@ -146,17 +207,31 @@ impl Server {
                 addr: opts.listen,
                 source,
             })?;
-        // Every partition opens (and recovers) before any shard starts.
+        // Every partition opens (and recovers) before any shard starts; with an external sink,
+        // each gets the marks it shares with the forwarder.
+        let on_full = match &opts.sink {
+            SinkOptions::Local => None,
+            SinkOptions::Mqtt { on_full, .. } => Some(*on_full),
+        };
+        let mut partitions = Vec::new();
         let logs = (0..threads)
             .map(|i| {
+                let dir = partition_dir(&opts.log.dir, i);
+                let outbox = on_full.map(|on_full| {
+                    let marks = Arc::new(Marks::default());
+                    partitions.push((dir.clone(), Arc::clone(&marks)));
+                    Outbox { marks, on_full }
+                });
                 let part = LogOptions {
-                    dir: partition_dir(&opts.log.dir, i),
+                    dir,
                     max_bytes: (opts.log.max_bytes / threads as u64).max(1),
+                    outbox,
                     ..opts.log.clone()
                 };
                 LocalLog::open(part).map(|(log, _recovery)| log)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let spool = on_full.map(|_| Arc::new(Spool::new(partitions)));
         let devices = opts.registry.len();
         let (mesh, inboxes) = Mesh::new(threads);
         let read_buf_bytes = opts.session.limits.max_message_bytes + 64;
@@ -180,6 +255,7 @@ impl Server {
             uplink_feed: broadcast::channel(4096).0,
             draining: AtomicBool::new(false),
             log_stats: LogStats::new(threads),
+            spool,
         });
         let mut shards = Vec::with_capacity(threads);
         let (ready, setups) = std::sync::mpsc::sync_channel(threads);
@@ -236,12 +312,19 @@ impl Server {
                 }
             }
         }
+        let forwarder = match opts.sink {
+            SinkOptions::Local => None,
+            SinkOptions::Mqtt { mqtt, .. } => Some(
+                Forwarder::start(Arc::clone(&shared), *mqtt).map_err(StartError::Forwarder)?,
+            ),
+        };
         Ok(Self {
             listen_addr,
             driver,
             driver_reason,
             shared,
             shards,
+            forwarder,
         })
     }
 
@@ -261,9 +344,9 @@ impl Server {
     /// Waits for every shard to stop (after [`Server::drain`]; each commits everything it
     /// batched before it stops), then stops the API (which answers 503 on `/readyz` until
     /// then).
-    pub fn wait(self, api: Option<crate::api::Api>) -> Result<(), UplinkError> {
+    pub fn wait(mut self, api: Option<crate::api::Api>) -> Result<(), UplinkError> {
         let mut result = Ok(());
-        for handle in self.shards {
+        for handle in self.shards.drain(..) {
             match handle.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -275,6 +358,10 @@ impl Server {
                     result = Err(UplinkError::Closed);
                 }
             }
+        }
+        // Every record is committed now: the forwarder publishes what it can of the rest.
+        if let Some(forwarder) = self.forwarder.take() {
+            forwarder.stop();
         }
         if let Some(api) = api {
             api.stop();

@@ -20,11 +20,18 @@ pub(crate) struct ShardLog {
     log: LocalLog,
     shard: usize,
     shared: Arc<Shared>,
+    /// The last commit was refused for a full spool (and that was said).
+    spool_full: bool,
 }
 
 impl ShardLog {
     pub(crate) fn new(log: LocalLog, shard: usize, shared: Arc<Shared>) -> Self {
-        let s = Self { log, shard, shared };
+        let s = Self {
+            log,
+            shard,
+            shared,
+            spool_full: false,
+        };
         s.publish_bytes();
         s
     }
@@ -51,11 +58,29 @@ impl ShardLog {
     ) -> Result<(), UplinkError> {
         let result = self.log.complete(p, result);
         self.count(commit, &result);
+        if result.is_ok() {
+            self.spool_full = false;
+        }
+        if let (Ok(()), Some(spool)) = (&result, &self.shared.spool) {
+            spool.commits.notify_one();
+        }
         result
     }
 
-    /// A commit that failed before it was written (prepare refused it).
-    pub(crate) fn count_failed(&self, commit: &Commit) {
+    /// A commit that failed before it was written (prepare refused it): counted, and said on
+    /// stderr (a full spool once per episode, not once per refused commit).
+    pub(crate) fn failed(&mut self, commit: &Commit, e: &UplinkError) {
+        let full = matches!(e, UplinkError::SpoolFull { .. });
+        if full {
+            self.shared
+                .log_stats
+                .spool_full
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if !(full && self.spool_full) {
+            eprintln!("ringlink: uplink log: {e}");
+        }
+        self.spool_full = full;
         self.count::<(), ()>(commit, &Err(()));
     }
 

@@ -359,8 +359,7 @@ impl Driver {
             Ok(Some(p)) => p,
             Ok(None) => return self.core.committed(commit, Ok(()), now),
             Err(e) => {
-                self.log.count_failed(&commit);
-                eprintln!("ringlink: uplink log: {e}");
+                self.log.failed(&commit, &e);
                 return self.core.committed(commit, Err(e), now);
             }
         };

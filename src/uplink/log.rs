@@ -129,6 +129,14 @@ impl Marks {
         self.reading.store(first + 1, Ordering::Release);
     }
 
+    /// Marks with only this one's committed position: for a second reader (one that counts,
+    /// say) whose reading must not be taken for the forwarder's.
+    pub fn detached(&self) -> Self {
+        let m = Self::default();
+        m.committed.store(self.committed(), Ordering::Release);
+        m
+    }
+
     /// Records the caps deleted before the forwarder read them.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)

@@ -79,6 +79,7 @@ pub struct Reader {
 
 #[derive(Debug)]
 struct OpenSegment {
+    first: u64,
     file: File,
     path: PathBuf,
     offset: u64,
@@ -103,6 +104,33 @@ impl Reader {
     /// The partition directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Bytes of the partition from the reader's position on (its segment's rest and every later
+    /// segment on disk), for metrics.
+    pub fn backlog_bytes(&self) -> Result<u64, UplinkError> {
+        let found = list_segments(&self.dir)?;
+        let (first, offset) = match &self.seg {
+            Some(s) => (s.first, s.offset),
+            None => {
+                let first = found
+                    .iter()
+                    .rev()
+                    .find(|(f, _)| *f <= self.next_frame)
+                    .map_or(0, |(f, _)| *f);
+                (first, 0)
+            }
+        };
+        let mut bytes = 0u64;
+        for (f, path) in found.iter().filter(|(f, _)| *f >= first) {
+            let len = match fs::metadata(path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(UplinkError::io(path, e)),
+            };
+            bytes += if *f == first { len.saturating_sub(offset) } else { len };
+        }
+        Ok(bytes)
     }
 
     /// The next committed record, without consuming it; `None` when the reader has caught up
@@ -240,6 +268,7 @@ impl Reader {
                 Err(e) => return Err(UplinkError::io(&path, e)),
             };
             let mut seg = OpenSegment {
+                first,
                 file,
                 path,
                 offset: 0,
