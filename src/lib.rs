@@ -14,6 +14,8 @@
 //! - [`api`]: the northbound HTTP API; [`shadow`] and [`metrics`] are what it shows.
 //! - [`config`]: the configuration: defaults, file, environment, flags, one validation.
 //! - [`tls`]: the rustls server configuration from certificate and key files.
+//! - [`mqtt`]: an MQTT 3.1.1 client: a sans-IO codec and client state machine, and a small
+//!   tokio driver (the one place in it with sockets) for the forwarder, loadgen and tests.
 //!
 //! Invariants that hold crate-wide:
 //!
@@ -27,6 +29,7 @@ pub mod api;
 pub mod config;
 pub mod metrics;
 pub mod model;
+pub mod mqtt;
 pub mod protocol;
 pub mod registry;
 pub mod session;
