@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use ringlink::config::{self, Checked, Config, IoMode, Overrides};
+use ringlink::config::{self, Checked, Config, IoMode, Overrides, SinkKind};
+use ringlink::mqtt;
 use ringlink::registry::Registry;
-use ringlink::shard::ServerOptions;
+use ringlink::shard::{ServerOptions, SinkOptions};
+use ringlink::sink::mqtt::MqttOptions;
 use ringlink::uplink::{self, LogOptions};
 use serde_json::{Map, Value};
 
@@ -192,9 +194,10 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         config,
         registry,
         tls,
+        mqtt_tls,
     } = Config::check(args.config.as_deref(), std::env::vars(), &args.overrides())
         .context("configuration")?;
-    serve(config, registry, tls, args.echo)
+    serve(config, registry, tls, mqtt_tls, args.echo)
 }
 
 /// Runs the gateway until SIGINT/SIGTERM, then drains (see `ringlink::shard::serve`).
@@ -202,6 +205,7 @@ fn serve(
     config: Config,
     registry: Registry,
     tls: Option<Arc<rustls::ServerConfig>>,
+    mqtt_tls: Option<Arc<rustls::ClientConfig>>,
     echo: bool,
 ) -> anyhow::Result<()> {
     let devices = registry.len();
@@ -229,6 +233,7 @@ fn serve(
         flush_delay: Duration::from_micros(uplink.flush_us),
         echo,
         tls,
+        sink: sink_options(&config, mqtt_tls)?,
     };
     ringlink::shard::serve(opts, config.api.listen, |server, api| {
         let scheme = if tls_on { "wss" } else { "ws" };
@@ -250,6 +255,47 @@ fn serve(
     // clean drain into a panic.
     let _ = writeln!(std::io::stdout(), "ringlink: drained, uplinks flushed, bye");
     Ok(())
+}
+
+/// The external sink of `[uplink]`, if any, ready to start.
+fn sink_options(
+    config: &Config,
+    mqtt_tls: Option<Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<SinkOptions> {
+    let u = &config.uplink;
+    let on_full = match u.on_full {
+        config::OnFull::DropOldest => uplink::OnFull::DropOldest,
+        config::OnFull::Block => uplink::OnFull::Block,
+    };
+    match u.sink {
+        SinkKind::Local => Ok(SinkOptions::Local),
+        SinkKind::Nats => anyhow::bail!("uplink.sink = \"nats\" is not implemented"),
+        SinkKind::Mqtt => {
+            let m = &u.mqtt;
+            let mut client = mqtt::Options::new(m.client_id.clone());
+            client.username = m.username.clone();
+            client.password = m.password.clone().map(String::into_bytes);
+            client.keep_alive = Duration::from_secs(m.keep_alive_s.into());
+            client.inflight = m.inflight;
+            let opts = MqttOptions {
+                url: m.url.parse().context("uplink.mqtt.url")?,
+                tls: mqtt_tls,
+                client,
+                qos: if m.qos == 0 {
+                    mqtt::QoS::AtMostOnce
+                } else {
+                    mqtt::QoS::AtLeastOnce
+                },
+                topic_prefix: m.topic_prefix.clone(),
+                replay_per_s: m.replay_per_s,
+                sync_cursors: u.fsync == config::Fsync::Batch,
+            };
+            Ok(SinkOptions::Mqtt {
+                mqtt: Box::new(opts),
+                on_full,
+            })
+        }
+    }
 }
 
 fn run_check(file: Option<PathBuf>) -> ExitCode {
@@ -301,12 +347,21 @@ fn summary(shown: &str, checked: &Checked) -> String {
     let u = &c.uplink;
     let _ = writeln!(
         w,
-        "uplink      sink {}, batch_max {}, flush_us {}, fsync {}",
+        "uplink      sink {}, batch_max {}, flush_us {}, fsync {}, on_full {}",
         u.sink.as_str(),
         u.batch_max,
         u.flush_us,
-        u.fsync.as_str()
+        u.fsync.as_str(),
+        u.on_full.as_str()
     );
+    if u.sink == SinkKind::Mqtt {
+        let m = &u.mqtt;
+        let _ = writeln!(
+            w,
+            "mqtt        {} as {:?}, qos {}, inflight {}, replay_per_s {}, keep_alive_s {}, topic_prefix {:?}",
+            m.url, m.client_id, m.qos, m.inflight, m.replay_per_s, m.keep_alive_s, m.topic_prefix
+        );
+    }
     let l = &c.limits;
     let _ = writeln!(
         w,

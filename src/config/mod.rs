@@ -250,15 +250,17 @@ impl OnFull {
 /// `[uplink.mqtt]`: the broker of `sink = "mqtt"` (Alink topics, PROTOCOL.md section 13).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mqtt {
-    /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (8883, needs
-    /// `ca_file`). Default `mqtt://127.0.0.1:1883`: a broker on the edge box itself.
+    /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (8883; the broker's
+    /// certificate must chain to `ca_file`, else to the system's CA bundle). Default
+    /// `mqtt://127.0.0.1:1883`: a broker on the edge box itself.
     pub url: String,
     /// MQTT client id (default `ringlink`). Unique per gateway: a broker disconnects the older of
     /// two sessions with the same id.
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<String>,
-    /// PEM CA certificate(s) the broker's certificate must chain to (mqtts).
+    /// CA certificate(s), PEM or DER, the broker's certificate must chain to (mqtts; default:
+    /// the system's CA bundle).
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate and key, for brokers that require client authentication.
     pub cert: Option<PathBuf>,
@@ -436,6 +438,9 @@ pub enum ConfigError {
     /// The TLS certificate or key file (named in the message).
     #[error("{0}")]
     Tls(TlsError),
+    /// The MQTT sink's CA, client certificate or key file (named in the message).
+    #[error("uplink.mqtt: {0}")]
+    MqttTls(crate::mqtt::io::TlsConfigError),
 }
 
 impl ConfigError {
@@ -516,11 +521,24 @@ impl Config {
                 .map_err(|e| errors.push(ConfigError::Tls(e)))
                 .ok(),
         };
+        let mqtt_tls = match config.as_ref() {
+            Some(c)
+                if c.uplink.sink == SinkKind::Mqtt && c.uplink.mqtt.url.starts_with("mqtts:") =>
+            {
+                let m = &c.uplink.mqtt;
+                let client = m.cert.as_deref().zip(m.key.as_deref());
+                crate::mqtt::io::tls_config(m.ca_file.as_deref(), client)
+                    .map_err(|e| errors.push(ConfigError::MqttTls(e)))
+                    .ok()
+            }
+            _ => None,
+        };
         match (config, registry) {
             (Some(config), Some(registry)) if errors.is_empty() => Ok(Checked {
                 config,
                 registry,
                 tls,
+                mqtt_tls,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -556,6 +574,9 @@ pub struct Checked {
     pub registry: Registry,
     /// Present exactly when `config.listener.tls` is.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The MQTT sink's TLS client configuration: present exactly when the sink is `mqtt` with
+    /// an `mqtts://` URL (CA from `ca_file`, else the system's CA bundle).
+    pub mqtt_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 fn build_registry(sources: Option<&RegistrySources>) -> Result<Registry, Vec<ConfigError>> {

@@ -464,7 +464,7 @@ impl Draft {
                 "`nats` is not implemented yet; `local` and `mqtt` are (uplinks would go nowhere)",
             );
         }
-        let mqtt = self.mqtt(sink.0 == SinkKind::Mqtt);
+        let mqtt = self.mqtt();
         let uplink = Uplink {
             sink: sink.0,
             batch_max: self.int("uplink.batch_max", d.batch_max.into(), 1, 65_536) as u32,
@@ -692,17 +692,13 @@ impl Draft {
         }
     }
 
-    /// `[uplink.mqtt]`; `used`: the sink is `mqtt`, so what it needs must be there.
-    fn mqtt(&mut self, used: bool) -> Mqtt {
+    /// `[uplink.mqtt]`, checked whatever the sink (a typo shows before the switch to mqtt).
+    fn mqtt(&mut self) -> Mqtt {
         let d = Mqtt::default();
         let url = self.string("uplink.mqtt.url", &d.url);
-        let tls = match broker_is_tls(&url) {
-            Ok(tls) => tls,
-            Err(e) => {
-                self.fail("uplink.mqtt.url", e);
-                false
-            }
-        };
+        if let Err(e) = crate::mqtt::BrokerUrl::from_str(&url) {
+            self.fail("uplink.mqtt.url", e.to_string());
+        }
         let client_id = self.string("uplink.mqtt.client_id", &d.client_id);
         if client_id.is_empty() || client_id.len() > 65_535 {
             self.fail("uplink.mqtt.client_id", "must be 1 to 65535 bytes");
@@ -722,12 +718,6 @@ impl Draft {
             );
         }
         let ca_file = self.path("uplink.mqtt.ca_file");
-        if used && tls && ca_file.is_none() {
-            self.fail(
-                "uplink.mqtt.url",
-                "mqtts:// needs uplink.mqtt.ca_file (the CA the broker's certificate chains to)",
-            );
-        }
         let cert = self.path("uplink.mqtt.cert");
         let key = self.path("uplink.mqtt.key");
         if cert.is_some() != key.is_some() {
@@ -894,23 +884,6 @@ impl FromStr for Sink {
             _ => Err(()),
         }
     }
-}
-
-/// TEMPORARY until crate::mqtt lands: whether a broker URL is mqtts.
-fn broker_is_tls(url: &str) -> Result<bool, String> {
-    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
-        (true, r)
-    } else if let Some(r) = url.strip_prefix("mqtt://") {
-        (false, r)
-    } else {
-        return Err(format!(
-            "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got {url:?}"
-        ));
-    };
-    if rest.is_empty() {
-        return Err(format!("no host in {url:?}"));
-    }
-    Ok(tls)
 }
 
 struct OnFullArg(OnFull);

@@ -314,9 +314,9 @@ impl Server {
         }
         let forwarder = match opts.sink {
             SinkOptions::Local => None,
-            SinkOptions::Mqtt { mqtt, .. } => Some(
-                Forwarder::start(Arc::clone(&shared), *mqtt).map_err(StartError::Forwarder)?,
-            ),
+            SinkOptions::Mqtt { mqtt, .. } => {
+                Some(Forwarder::start(Arc::clone(&shared), *mqtt).map_err(StartError::Forwarder)?)
+            }
         };
         Ok(Self {
             listen_addr,

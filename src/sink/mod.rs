@@ -9,7 +9,7 @@
 //!
 //! ```text
 //!   shard N: commit ─▶ log partition shard-N ─(Marks::committed, Spool::commits)─▶ forwarder
-//!   forwarder: Outbox::next ─▶ publish ─▶ broker PUBACK ─▶ Outbox::ack ─▶ cursor ─▶ <part>/mqtt.cursor
+//!   forwarder: Outbox::take_next ─▶ publish ─▶ broker PUBACK ─▶ Outbox::ack ─▶ cursor ─▶ <part>/mqtt.cursor
 //! ```
 
 pub mod mqtt;
@@ -92,7 +92,10 @@ impl SinkStats {
 pub fn render(spool: &Spool, now_ms: u64, out: &mut String) {
     let s = &spool.stats;
     let mut metric = |name: &str, kind: &str, help: &str, v: f64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
     };
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
     metric(

@@ -11,7 +11,7 @@
 //! # One turn
 //!
 //! ```text
-//!   pump: queued replies, then Outbox::next ─▶ alink::uplink ─▶ Client::publish(tag)
+//!   pump: queued replies, then Outbox::take_next ─▶ alink::uplink ─▶ Client::publish(tag)
 //!         while the window has room (and, catching up, the replay bucket has tokens)
 //!   wait (Connection::run_until): a broker event, a commit, a downlink's answer, the tick,
 //!         or stop
@@ -78,7 +78,9 @@ impl Forwarder {
     /// Opens the outbox at the stored cursors and starts forwarding on a thread of its own.
     pub(crate) fn start(shared: Arc<Shared>, opts: MqttOptions) -> io::Result<Self> {
         let Some(spool) = shared.spool.clone() else {
-            return Err(io::Error::other("the server has no spool for an external sink"));
+            return Err(io::Error::other(
+                "the server has no spool for an external sink",
+            ));
         };
         let outbox = Outbox::open("mqtt", &spool.partitions, opts.sync_cursors)
             .map_err(|e| io::Error::other(e.to_string()))?;
@@ -194,10 +196,17 @@ impl Run {
     async fn run(mut self, mut conn: Connection, mut stop: oneshot::Receiver<()>) {
         let filters: Vec<String> = alink::subscriptions(
             &self.opts.topic_prefix,
-            self.shared.registry().products().iter().map(|m| m.product_key()),
+            self.shared
+                .registry()
+                .products()
+                .iter()
+                .map(|m| m.product_key()),
         )
         .collect();
-        let filters: Vec<(&str, QoS)> = filters.iter().map(|f| (f.as_str(), QoS::AtLeastOnce)).collect();
+        let filters: Vec<(&str, QoS)> = filters
+            .iter()
+            .map(|f| (f.as_str(), QoS::AtLeastOnce))
+            .collect();
         if let Err(e) = conn.client().subscribe(&filters) {
             eprintln!("ringlink: mqtt: cannot subscribe to the downlink topics: {e}");
         }
@@ -236,7 +245,10 @@ impl Run {
                 Step::DialFailed(e) => {
                     let e = e.to_string();
                     if self.dial_error.as_ref() != Some(&e) {
-                        eprintln!("ringlink: mqtt: cannot reach {}: {e} (spooling, retrying)", self.opts.url);
+                        eprintln!(
+                            "ringlink: mqtt: cannot reach {}: {e} (spooling, retrying)",
+                            self.opts.url
+                        );
                         self.dial_error = Some(e);
                     }
                 }
@@ -273,11 +285,16 @@ impl Run {
             }
             let (tag, topic, body) = match self.held.take() {
                 Some(held) => held,
-                None => match self.outbox.next() {
+                None => match self.outbox.take_next() {
                     Ok(Some(next)) => {
                         let id = self.next_id;
                         self.next_id = self.next_id.wrapping_add(1);
-                        let topic = alink::uplink(&self.opts.topic_prefix, &next.record, id, &mut self.body);
+                        let topic = alink::uplink(
+                            &self.opts.topic_prefix,
+                            &next.record,
+                            id,
+                            &mut self.body,
+                        );
                         (next.tag, topic, std::mem::take(&mut self.body))
                     }
                     Ok(None) => {
@@ -321,7 +338,8 @@ impl Run {
     }
 
     fn on_event(&mut self, event: Event, client: &mut Client) {
-        let stats = &self.spool.stats;
+        let spool = Arc::clone(&self.spool);
+        let stats = &spool.stats;
         match event {
             Event::Connected { .. } => {
                 stats.connected.store(true, Ordering::Relaxed);
@@ -337,12 +355,18 @@ impl Run {
             }
             Event::Refused { code } => {
                 stats.disconnects.fetch_add(1, Ordering::Relaxed);
-                eprintln!("ringlink: mqtt: {} refused the connection: {code}", self.opts.url);
+                eprintln!(
+                    "ringlink: mqtt: {} refused the connection: {code}",
+                    self.opts.url
+                );
             }
             Event::Lost(why) => {
                 if stats.connected.swap(false, Ordering::Relaxed) {
                     stats.disconnects.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("ringlink: mqtt: connection to {} lost: {why} (spooling)", self.opts.url);
+                    eprintln!(
+                        "ringlink: mqtt: connection to {} lost: {why} (spooling)",
+                        self.opts.url
+                    );
                 }
             }
             Event::Acked(REPLY_TAG) => {}
@@ -353,7 +377,9 @@ impl Run {
             Event::Subscribed { granted } => {
                 let refused = granted.iter().filter(|g| g.is_none()).count();
                 if refused > 0 {
-                    eprintln!("ringlink: mqtt: the broker refused {refused} downlink subscription(s)");
+                    eprintln!(
+                        "ringlink: mqtt: the broker refused {refused} downlink subscription(s)"
+                    );
                 }
             }
             Event::Message { topic, payload, .. } => self.on_downlink(&topic, &payload),
@@ -367,7 +393,8 @@ impl Run {
 
     /// A message on a downlink topic: parse, route to the device's shard, reply when it ends.
     fn on_downlink(&mut self, topic: &str, payload: &[u8]) {
-        let stats = &self.spool.stats;
+        let spool = Arc::clone(&self.spool);
+        let stats = &spool.stats;
         let req = match alink::parse_downlink(&self.opts.topic_prefix, topic, payload) {
             Ok(Some(req)) => req,
             Ok(None) => return,
@@ -382,7 +409,11 @@ impl Run {
                 return;
             }
         };
-        let Some(device) = self.shared.registry().lookup(&req.product_key, &req.device_name) else {
+        let Some(device) = self
+            .shared
+            .registry()
+            .lookup(&req.product_key, &req.device_name)
+        else {
             stats.count_downlink(req.via, Code::DeviceNotRegistered.as_u32());
             let mut body = Vec::new();
             alink::reply(&req.id, Code::DeviceNotRegistered, None, &mut body);

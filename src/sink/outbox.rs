@@ -25,7 +25,7 @@ use crate::uplink::{decode_line, Marks, OwnedRecord, UplinkError};
 const PART_SHIFT: u32 = 48;
 const COUNTER_MASK: u64 = (1 << PART_SHIFT) - 1;
 
-/// The tag of a record handed out by [`Outbox::next`]; it comes back to [`Outbox::ack`].
+/// The tag of a record handed out by [`Outbox::take_next`]; it comes back to [`Outbox::ack`].
 pub type Tag = u64;
 
 /// See the module docs.
@@ -89,7 +89,7 @@ impl Outbox {
     /// every committed record has been handed out. A line that does not decode (a bug, never a
     /// peer's doing: the shards wrote it) is skipped as if acknowledged, and reported in the
     /// error so that the caller can count it; the call after goes on with the next record.
-    pub fn next(&mut self) -> Result<Option<Next>, UplinkError> {
+    pub fn take_next(&mut self) -> Result<Option<Next>, UplinkError> {
         let mut best: Option<(u64, usize)> = None;
         for (i, part) in self.parts.iter_mut().enumerate() {
             if let Some(item) = part.reader.peek()? {
@@ -109,7 +109,8 @@ impl Outbox {
         let next = item.next;
         let decoded = decode_line(item.line);
         part.reader.advance();
-        let tag = ((i as u64) << PART_SHIFT) | ((part.base + part.inflight.len() as u64) & COUNTER_MASK);
+        let tag =
+            ((i as u64) << PART_SHIFT) | ((part.base + part.inflight.len() as u64) & COUNTER_MASK);
         part.inflight.push_back(Slot {
             next,
             at_ms,
@@ -218,7 +219,9 @@ fn record_time(line: &[u8]) -> u64 {
     };
     rest.iter()
         .take_while(|b| b.is_ascii_digit())
-        .fold(0u64, |t, b| t.saturating_mul(10).saturating_add(u64::from(b - b'0')))
+        .fold(0u64, |t, b| {
+            t.saturating_mul(10).saturating_add(u64::from(b - b'0'))
+        })
 }
 
 #[cfg(test)]

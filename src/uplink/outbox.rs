@@ -128,7 +128,11 @@ impl Reader {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
                 Err(e) => return Err(UplinkError::io(path, e)),
             };
-            bytes += if *f == first { len.saturating_sub(offset) } else { len };
+            bytes += if *f == first {
+                len.saturating_sub(offset)
+            } else {
+                len
+            };
         }
         Ok(bytes)
     }

@@ -1,7 +1,9 @@
 use std::path::Path;
 
 use super::*;
-use crate::uplink::{encode, partition_dir, Fsync, LocalLog, LogOptions, OnFull, Record, RecordBody};
+use crate::uplink::{
+    encode, partition_dir, Fsync, LocalLog, LogOptions, OnFull, Record, RecordBody,
+};
 
 struct Dir(PathBuf);
 
@@ -60,7 +62,7 @@ fn frame(dn: &str, times: &[u64]) -> Vec<u8> {
 
 fn take_all(o: &mut Outbox) -> Vec<(Tag, u64)> {
     let mut out = Vec::new();
-    while let Some(n) = o.next().expect("next") {
+    while let Some(n) = o.take_next().expect("next") {
         out.push((n.tag, n.record.at_ms));
     }
     out
@@ -71,10 +73,15 @@ fn partitions_merge_by_time_and_cursors_follow_acks_in_order() {
     let dir = Dir::new("merge");
     let (mut logs, parts) = logs(&dir.0);
     logs[0].append(&[&frame("a", &[1, 4, 5])]).expect("append");
-    logs[1].append(&[&frame("b", &[2, 3]), &frame("b", &[6])]).expect("append");
+    logs[1]
+        .append(&[&frame("b", &[2, 3]), &frame("b", &[6])])
+        .expect("append");
     let mut o = Outbox::open("mqtt", &parts, false).expect("open");
     let got = take_all(&mut o);
-    assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        got.iter().map(|g| g.1).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
     assert_eq!(o.inflight(), 6);
     assert_eq!(o.oldest_inflight_ms(), Some(1));
 
@@ -84,7 +91,11 @@ fn partitions_merge_by_time_and_cursors_follow_acks_in_order() {
     assert_eq!(o.cursors()[0], Position::default());
     o.ack(tag(1));
     assert_eq!(o.cursors()[0], Position { frame: 0, line: 2 });
-    assert_eq!(parts[0].1.forwarded(), 0, "frame 0 is not wholly forwarded yet");
+    assert_eq!(
+        parts[0].1.forwarded(),
+        0,
+        "frame 0 is not wholly forwarded yet"
+    );
     o.ack(tag(5));
     assert_eq!(o.cursors()[0], Position { frame: 1, line: 0 });
     assert_eq!(parts[0].1.forwarded(), 1);
@@ -92,7 +103,13 @@ fn partitions_merge_by_time_and_cursors_follow_acks_in_order() {
     o.ack(tag(5));
     o.ack(u64::MAX);
     o.ack(tag(2));
-    assert_eq!(o.cursors(), vec![Position { frame: 1, line: 0 }, Position { frame: 0, line: 1 }]);
+    assert_eq!(
+        o.cursors(),
+        vec![
+            Position { frame: 1, line: 0 },
+            Position { frame: 0, line: 1 }
+        ]
+    );
     assert_eq!(o.inflight(), 2);
     assert_eq!(o.oldest_inflight_ms(), Some(3));
 }
@@ -125,7 +142,13 @@ fn reopening_resumes_at_the_stored_cursors_and_replays_only_the_unacknowledged()
 
 #[test]
 fn record_time_reads_the_leading_key_only() {
-    assert_eq!(record_time(br#"{"t":1732570000123,"pk":"x"}"#), 1_732_570_000_123);
+    assert_eq!(
+        record_time(br#"{"t":1732570000123,"pk":"x"}"#),
+        1_732_570_000_123
+    );
     assert_eq!(record_time(br#"{"pk":"x","t":5}"#), 0);
-    assert_eq!(record_time(br#"{"t":99999999999999999999999,"pk":"x"}"#), u64::MAX);
+    assert_eq!(
+        record_time(br#"{"t":99999999999999999999999,"pk":"x"}"#),
+        u64::MAX
+    );
 }
