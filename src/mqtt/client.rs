@@ -154,6 +154,10 @@ pub struct Stats {
     pub unknown_acks: u64,
     /// PUBLISH packets received.
     pub messages_in: u64,
+    /// PINGREQs queued (keep-alive).
+    pub pings: u64,
+    /// PINGRESPs received.
+    pub pongs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -405,7 +409,7 @@ impl Client {
                     self.stats.unknown_acks += 1;
                 }
             }
-            (State::Up, Packet::PingResp) => {}
+            (State::Up, Packet::PingResp) => self.stats.pongs += 1,
             (
                 State::Up,
                 Packet::Connect(_)
@@ -587,6 +591,7 @@ impl Client {
             State::Up => {
                 codec::encode(&Packet::PingReq, &mut self.tx);
                 self.ping_sent = Some(now);
+                self.stats.pings += 1;
             }
         }
     }
