@@ -324,6 +324,65 @@ async fn window_is_resent_across_broker_kill9_restarts() {
     }
 }
 
+/// With `persistence true`, a `clean_session: false` subscriber's session (its subscription
+/// and the QoS 1 messages queued while it was away) survives a kill -9 once the broker saved
+/// it; the new client has no subscription of its own, so everything comes from the session.
+#[tokio::test]
+async fn persistent_session_survives_a_kill9_restart() {
+    let mut broker = Mosquitto::start_with(MosquittoConfig {
+        persistence: true,
+        ..MosquittoConfig::default()
+    });
+    let opts = || Options {
+        clean_session: false,
+        ..Options::new("sub-persist")
+    };
+    let mut sub = connection(&broker, opts());
+    subscribed(&mut sub, "up/persist").await;
+    sub.shutdown(Duration::from_secs(1)).await;
+    drop(sub);
+
+    let mut publisher = connection(&broker, Options::new("pub-persist"));
+    for tag in 0..10u64 {
+        publisher
+            .client()
+            .publish(
+                "up/persist",
+                tag.to_string().as_bytes(),
+                QoS::AtLeastOnce,
+                tag,
+            )
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < 10 {
+        if let Event::Acked(_) =
+            wait_for(&mut publisher, "PUBACK", |e| matches!(e, Event::Acked(_))).await
+        {
+            acked += 1;
+        }
+    }
+    broker.save();
+    broker.restart();
+
+    let mut sub = connection(&broker, opts());
+    let e = wait_for(&mut sub, "CONNACK", |_| true).await;
+    assert_eq!(
+        e,
+        Event::Connected {
+            session_present: true
+        }
+    );
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        match next_event(&mut sub, Duration::from_secs(10)).await {
+            Event::Message { payload, .. } => got.push(tag_of(&payload)),
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+}
+
 /// mqtts:// with a CA and a server certificate generated here; a client trusting another CA
 /// cannot connect.
 #[tokio::test]

@@ -314,6 +314,11 @@ impl Client {
                 Some((packet, _)) => self.handle_packet(packet)?,
                 None => self.rx = rx,
             }
+            if self.state == State::Down {
+                // Refused: the rest of this transport's bytes do not matter.
+                self.rx.clear();
+                return Ok(());
+            }
         }
         while !data.is_empty() {
             match codec::decode(data, max)? {
@@ -327,6 +332,7 @@ impl Client {
                 }
             }
             if self.state == State::Down {
+                self.rx.clear();
                 break;
             }
         }

@@ -155,6 +155,31 @@ impl Mosquitto {
         &self.dir
     }
 
+    /// With persistence: forces a save of the in-memory database (SIGUSR1) and waits until the
+    /// database file has been rewritten.
+    pub fn save(&self) {
+        assert!(self.config.persistence, "save() needs persistence");
+        let db = self.dir.join("db/mosquitto.db");
+        let mtime = || std::fs::metadata(&db).and_then(|m| m.modified()).ok();
+        let before = mtime();
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args(["-USR1", &pid.to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -USR1 failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mtime() == before {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not save {}",
+                db.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGKILL, then reap the process.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
