@@ -154,6 +154,10 @@ pub struct Stats {
     pub unknown_acks: u64,
     /// PUBLISH packets received.
     pub messages_in: u64,
+    /// PINGREQs queued (keep-alive).
+    pub pings: u64,
+    /// PINGRESPs received.
+    pub pongs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,6 +314,11 @@ impl Client {
                 Some((packet, _)) => self.handle_packet(packet)?,
                 None => self.rx = rx,
             }
+            if self.state == State::Down {
+                // Refused: the rest of this transport's bytes do not matter.
+                self.rx.clear();
+                return Ok(());
+            }
         }
         while !data.is_empty() {
             match codec::decode(data, max)? {
@@ -323,6 +332,7 @@ impl Client {
                 }
             }
             if self.state == State::Down {
+                self.rx.clear();
                 break;
             }
         }
@@ -405,7 +415,7 @@ impl Client {
                     self.stats.unknown_acks += 1;
                 }
             }
-            (State::Up, Packet::PingResp) => {}
+            (State::Up, Packet::PingResp) => self.stats.pongs += 1,
             (
                 State::Up,
                 Packet::Connect(_)
@@ -587,6 +597,7 @@ impl Client {
             State::Up => {
                 codec::encode(&Packet::PingReq, &mut self.tx);
                 self.ping_sent = Some(now);
+                self.stats.pings += 1;
             }
         }
     }
