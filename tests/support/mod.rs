@@ -66,8 +66,22 @@ impl Gateway {
         Self::start_full(io, &[], &[], Some(fd_limit))
     }
 
+    /// Starts on an existing data directory (a restart after a crash, say).
+    pub fn start_in(io: &str, data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_dir(io, data_dir.to_owned(), args, env, None)
+    }
+
     fn start_full(io: &str, args: &[&str], env: &[(&str, &str)], fd_limit: Option<u32>) -> Self {
-        let data_dir = temp_dir(&format!("gw-{io}"));
+        Self::start_dir(io, temp_dir(&format!("gw-{io}")), args, env, fd_limit)
+    }
+
+    fn start_dir(
+        io: &str,
+        data_dir: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+        fd_limit: Option<u32>,
+    ) -> Self {
         let bin = env!("CARGO_BIN_EXE_ringlink");
         let mut cmd = match fd_limit {
             Some(n) => {
