@@ -20,13 +20,18 @@
 //!   /sys/{pk}/{dn}/rrpc/request/{rrpcId}      {"method":"thing.service.S",..}     ─▶ the same, reply on rrpc/response/{rrpcId}
 //! ```
 //!
-//! Online and offline go to the device status topic of the Alibaba Cloud IoT platform's data
-//! forwarding (`/as/mqtt/status/{pk}/{dn}`), because a sub-device login on
-//! `/ext/session/.../combine/login` must be signed with the device's secret, which the
-//! WebSocket protocol never carries and ringlink's configuration does not hold.
+//! Online and offline are sub-device login and logout on the gateway's session topics
+//! (`/ext/session/{gwPK}/{gwDN}/combine/login|logout`, after a `thing/topo/add` of every device
+//! with a secret when the forwarder first connects) for devices whose secret is configured
+//! ([`Gateway`]): a login is signed with the device's secret, which the WebSocket protocol never
+//! carries. Devices without one go to the device status topic of Alibaba Cloud IoT's data
+//! forwarding (`/as/mqtt/status/{pk}/{dn}`).
 //!
 //! Values are copied verbatim: the session already wrote them the Alink way (float and double
 //! with a decimal point, bool as 0/1).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
 
 use serde_json::{Map, Value};
 
@@ -42,12 +47,154 @@ fn method(rec: &OwnedRecord) -> String {
     }
 }
 
-/// The topic and body of `rec` as an Alink message, request id `id`. Appends the body to
-/// `body` (cleared first) and returns the topic.
-pub fn uplink(prefix: &str, rec: &OwnedRecord, id: u32, body: &mut Vec<u8>) -> String {
+/// The gateway whose session sub-devices log in through, and the secrets of those that do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gateway {
+    pub product_key: String,
+    pub device_name: String,
+    /// `(productKey, deviceName)` to deviceSecret.
+    pub secrets: HashMap<(String, String), String>,
+}
+
+impl Gateway {
+    fn secret(&self, pk: &str, dn: &str) -> Option<&str> {
+        self.secrets
+            .get(&(pk.to_owned(), dn.to_owned()))
+            .map(String::as_str)
+    }
+}
+
+/// Reads a secrets file: `productKey,deviceName,deviceSecret` per line; a first line starting
+/// with `productKey` is a header, blank lines and `#` lines are skipped, fields are trimmed.
+/// Every bad line is returned with its 1-based number.
+pub fn parse_secrets(
+    text: &str,
+) -> Result<HashMap<(String, String), String>, Vec<(usize, String)>> {
+    let mut out = HashMap::new();
+    let mut errors = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        if i == 0 && fields[0].eq_ignore_ascii_case("productKey") {
+            continue;
+        }
+        match fields[..] {
+            [pk, dn, secret] if !pk.is_empty() && !dn.is_empty() && !secret.is_empty() => {
+                let key = (pk.to_owned(), dn.to_owned());
+                if out.insert(key, secret.to_owned()).is_some() {
+                    errors.push((i + 1, format!("{pk}/{dn} is listed twice")));
+                }
+            }
+            _ => errors.push((
+                i + 1,
+                "expected productKey,deviceName,deviceSecret".to_owned(),
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The Alink sign of a sub-device: HMAC-SHA256 keyed with its secret over
+/// `clientId{cid}deviceName{dn}productKey{pk}timestamp{ts}`, as lowercase hex.
+pub fn sign(secret: &str, client_id: &str, pk: &str, dn: &str, timestamp: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let content = format!("clientId{client_id}deviceName{dn}productKey{pk}timestamp{timestamp}");
+    let tag = ring::hmac::sign(&key, content.as_bytes());
+    let mut hex = String::with_capacity(64);
+    for b in tag.as_ref() {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
+}
+
+/// The signed identity of a sub-device, as login and topo/add carry it.
+fn signed(pk: &str, dn: &str, secret: &str, at_ms: u64) -> Map<String, Value> {
+    let client_id = format!("{pk}&{dn}");
+    let timestamp = at_ms.to_string();
+    let mut p = Map::new();
+    p.insert("productKey".into(), pk.into());
+    p.insert("deviceName".into(), dn.into());
+    p.insert(
+        "sign".into(),
+        sign(secret, &client_id, pk, dn, &timestamp).into(),
+    );
+    p.insert("signMethod".into(), "hmacsha256".into());
+    p.insert("timestamp".into(), timestamp.into());
+    p.insert("clientId".into(), client_id.into());
+    p
+}
+
+/// `thing/topo/add` of the gateway for `devices` (productKey, deviceName, secret), at `at_ms`:
+/// the one-time topology registration before sub-devices log in.
+pub fn topo_add(
+    prefix: &str,
+    gw: &Gateway,
+    devices: &[(&str, &str, &str)],
+    id: u32,
+    at_ms: u64,
+    body: &mut Vec<u8>,
+) -> String {
+    body.clear();
+    let params: Vec<Value> = devices
+        .iter()
+        .map(|(pk, dn, secret)| Value::Object(signed(pk, dn, secret, at_ms)))
+        .collect();
+    write(body, &request(id, Value::Array(params), "thing.topo.add"));
+    format!(
+        "{prefix}/sys/{}/{}/thing/topo/add",
+        gw.product_key, gw.device_name
+    )
+}
+
+/// The topic and body of `rec` as an Alink message, request id `id`; online and offline of a
+/// device with a secret in `gw` as its login and logout. Appends the body to `body` (cleared
+/// first) and returns the topic.
+pub fn uplink(
+    prefix: &str,
+    gw: Option<&Gateway>,
+    rec: &OwnedRecord,
+    id: u32,
+    body: &mut Vec<u8>,
+) -> String {
     body.clear();
     let (pk, dn) = (&rec.product_key, &rec.device_name);
     let time = Value::from(rec.at_ms);
+    let session = gw.and_then(|g| g.secret(pk, dn).map(|secret| (g, secret)));
+    match (rec.kind, session) {
+        (RecordKind::Online, Some((gw, secret))) => {
+            let mut params = signed(pk, dn, secret, rec.at_ms);
+            params.insert("cleanSession".into(), "true".into());
+            let mut req = Map::new();
+            req.insert("id".into(), id.to_string().into());
+            req.insert("params".into(), Value::Object(params));
+            write(body, &Value::Object(req));
+            return format!(
+                "{prefix}/ext/session/{}/{}/combine/login",
+                gw.product_key, gw.device_name
+            );
+        }
+        (RecordKind::Offline, Some((gw, _))) => {
+            let mut params = Map::new();
+            params.insert("productKey".into(), pk.as_str().into());
+            params.insert("deviceName".into(), dn.as_str().into());
+            let mut req = Map::new();
+            req.insert("id".into(), id.to_string().into());
+            req.insert("params".into(), Value::Object(params));
+            write(body, &Value::Object(req));
+            return format!(
+                "{prefix}/ext/session/{}/{}/combine/logout",
+                gw.product_key, gw.device_name
+            );
+        }
+        _ => {}
+    }
     match rec.kind {
         RecordKind::Online | RecordKind::Offline => {
             let online = rec.kind == RecordKind::Online;

@@ -195,9 +195,10 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         registry,
         tls,
         mqtt_tls,
+        mqtt_gateway,
     } = Config::check(args.config.as_deref(), std::env::vars(), &args.overrides())
         .context("configuration")?;
-    serve(config, registry, tls, mqtt_tls, args.echo)
+    serve(config, registry, tls, mqtt_tls, mqtt_gateway, args.echo)
 }
 
 /// Runs the gateway until SIGINT/SIGTERM, then drains (see `ringlink::shard::serve`).
@@ -206,6 +207,7 @@ fn serve(
     registry: Registry,
     tls: Option<Arc<rustls::ServerConfig>>,
     mqtt_tls: Option<Arc<rustls::ClientConfig>>,
+    mqtt_gateway: Option<ringlink::alink::Gateway>,
     echo: bool,
 ) -> anyhow::Result<()> {
     let devices = registry.len();
@@ -233,7 +235,7 @@ fn serve(
         flush_delay: Duration::from_micros(uplink.flush_us),
         echo,
         tls,
-        sink: sink_options(&config, mqtt_tls)?,
+        sink: sink_options(&config, mqtt_tls, mqtt_gateway)?,
     };
     ringlink::shard::serve(opts, config.api.listen, |server, api| {
         let scheme = if tls_on { "wss" } else { "ws" };
@@ -261,6 +263,7 @@ fn serve(
 fn sink_options(
     config: &Config,
     mqtt_tls: Option<Arc<rustls::ClientConfig>>,
+    gateway: Option<ringlink::alink::Gateway>,
 ) -> anyhow::Result<SinkOptions> {
     let u = &config.uplink;
     let on_full = match u.on_full {
@@ -289,6 +292,7 @@ fn sink_options(
                 topic_prefix: m.topic_prefix.clone(),
                 replay_per_s: m.replay_per_s,
                 sync_cursors: u.fsync == config::Fsync::Batch,
+                gateway,
             };
             Ok(SinkOptions::Mqtt {
                 mqtt: Box::new(opts),
@@ -361,6 +365,16 @@ fn summary(shown: &str, checked: &Checked) -> String {
             "mqtt        {} as {:?}, qos {}, inflight {}, replay_per_s {}, keep_alive_s {}, topic_prefix {:?}",
             m.url, m.client_id, m.qos, m.inflight, m.replay_per_s, m.keep_alive_s, m.topic_prefix
         );
+        let logins = match &checked.mqtt_gateway {
+            Some(g) => format!(
+                "{} devices log in through gateway {}/{}, the others",
+                g.secrets.len(),
+                g.product_key,
+                g.device_name
+            ),
+            None => "all devices".to_owned(),
+        };
+        let _ = writeln!(w, "            online/offline: {logins} on /as/mqtt/status");
     }
     let l = &c.limits;
     let _ = writeln!(

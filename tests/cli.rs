@@ -63,7 +63,7 @@ fn check_bad_config_prints_every_error_with_file_and_line() {
         format!(
             "{dir}/bad.toml:7: limits.max_frame_bytes: must be between 125 and 16777216, got 0"
         ),
-        format!("{dir}/bad.toml:10: uplink.sink: `mqtt` is not implemented yet"),
+        format!("{dir}/bad.toml:10: uplink.sink: `nats` is not implemented yet"),
         format!(
             "{dir}/bad-model.json: at $.properties[0].dataType.specs.min: min 10 is greater than max 1"
         ),
@@ -113,6 +113,49 @@ fn env_overrides_the_file_and_flags_are_not_needed_for_check() {
         ),
         "{stderr}"
     );
+}
+
+#[test]
+fn check_reads_the_mqtt_sinks_device_secrets() {
+    let out = ringlink(
+        &["check", "--config", "tests/data/config/mqtt-bad.toml"],
+        &[],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(
+            "tests/data/config/mqtt-bad-secrets.csv:2: expected productKey,deviceName,deviceSecret"
+        ),
+        "{stderr}"
+    );
+    // A good file: the summary says who logs in through the gateway.
+    let dir = std::env::temp_dir().join(format!("ringlink-cli-mqtt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let secrets = dir.join("s.csv");
+    std::fs::write(&secrets, "a1ThermoPK0,thermo-00001,abc\n").expect("write");
+    let env = [
+        ("RINGLINK_UPLINK_SINK", "mqtt"),
+        ("RINGLINK_UPLINK_MQTT_GATEWAY_PRODUCT_KEY", "gwPK"),
+        ("RINGLINK_UPLINK_MQTT_GATEWAY_DEVICE_NAME", "gw-1"),
+        (
+            "RINGLINK_UPLINK_MQTT_DEVICE_SECRETS",
+            secrets.to_str().expect("utf8"),
+        ),
+    ];
+    let out = ringlink(&["check"], &env);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("mqtt        mqtt://127.0.0.1:1883 as \"ringlink\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .contains("1 devices log in through gateway gwPK/gw-1, the others on /as/mqtt/status"),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -40,7 +40,11 @@ impl Subscriber {
         let url = broker.url().parse().expect("url");
         let mut conn = Connection::new(url, opts, None).expect("connection");
         conn.client()
-            .subscribe(&[("/sys/#", QoS::AtLeastOnce), ("/as/#", QoS::AtLeastOnce)])
+            .subscribe(&[
+                ("/sys/#", QoS::AtLeastOnce),
+                ("/as/#", QoS::AtLeastOnce),
+                ("/ext/#", QoS::AtLeastOnce),
+            ])
             .expect("filters");
         // Wait for the SUBACK before anything is published.
         loop {
@@ -343,6 +347,102 @@ fn drained(gw: &Gateway, within: Duration) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[tokio::test]
+async fn devices_with_a_secret_log_in_and_out_as_signed_sub_devices() {
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "sub-login").await;
+    let dir = support::temp_dir("secrets");
+    let secrets = dir.join("secrets.csv");
+    std::fs::write(
+        &secrets,
+        format!(
+            "productKey,deviceName,deviceSecret\n{THERMO},{},s3cr3t\n",
+            dn(7)
+        ),
+    )
+    .expect("write secrets");
+    let mut env = sink_env(&broker);
+    env.push((
+        "RINGLINK_UPLINK_MQTT_GATEWAY_PRODUCT_KEY",
+        "gwPK".to_owned(),
+    ));
+    env.push((
+        "RINGLINK_UPLINK_MQTT_GATEWAY_DEVICE_NAME",
+        "gw-1".to_owned(),
+    ));
+    env.push((
+        "RINGLINK_UPLINK_MQTT_DEVICE_SECRETS",
+        secrets.display().to_string(),
+    ));
+    let gw = start_gateway("uring", None, &[], &env);
+
+    let mut dev = Client::connect(gw.ws).await;
+    assert_eq!(dev.online(THERMO, &dn(7)).await, 0);
+    assert_eq!(dev.online(THERMO, &dn(8)).await, 0);
+    dev.close().await;
+    let got = sub
+        .wait(
+            Duration::from_secs(10),
+            "topo/add, login, logout, status",
+            |g| {
+                g.iter()
+                    .filter(|m| m.topic.starts_with("/ext/session/"))
+                    .count()
+                    == 2
+                    && g.iter()
+                        .filter(|m| m.topic.starts_with("/as/mqtt/status/"))
+                        .count()
+                        == 2
+                    && g.iter().any(|m| m.topic.ends_with("/thing/topo/add"))
+            },
+        )
+        .await;
+    let topo = got
+        .iter()
+        .find(|m| m.topic == "/sys/gwPK/gw-1/thing/topo/add")
+        .expect("topo/add");
+    assert_eq!(topo.body["method"], "thing.topo.add");
+    assert_eq!(topo.body["params"][0]["deviceName"], dn(7));
+    let login = got
+        .iter()
+        .find(|m| m.topic == "/ext/session/gwPK/gw-1/combine/login")
+        .expect("login");
+    let p = &login.body["params"];
+    assert_eq!(p["productKey"], THERMO);
+    assert_eq!(p["deviceName"], dn(7));
+    assert_eq!(p["signMethod"], "hmacsha256");
+    // The sign, recomputed here: HMAC-SHA256(secret, clientId..deviceName..productKey..timestamp).
+    let content = format!(
+        "clientId{}deviceName{}productKey{}timestamp{}",
+        p["clientId"].as_str().expect("clientId"),
+        dn(7),
+        THERMO,
+        p["timestamp"].as_str().expect("timestamp")
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"s3cr3t");
+    let want: String = ring::hmac::sign(&key, content.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(p["sign"], want);
+    let logout = got
+        .iter()
+        .find(|m| m.topic == "/ext/session/gwPK/gw-1/combine/logout")
+        .expect("logout");
+    assert_eq!(
+        logout.body["params"],
+        json!({"productKey": THERMO, "deviceName": dn(7)})
+    );
+    // The device without a secret: the status topic, online then offline.
+    let status: Vec<&Value> = got
+        .iter()
+        .filter(|m| m.topic == format!("/as/mqtt/status/{THERMO}/{}", dn(8)))
+        .map(|m| &m.body["status"])
+        .collect();
+    assert_eq!(status, [&json!("online"), &json!("offline")]);
 }
 
 /// Devices reporting numbered labels as fast as they are answered, until `stop`; returns the

@@ -15,7 +15,7 @@ fn property_report_is_a_property_post_with_value_and_time() {
         r#"{"t":1732570000123,"pk":"a1ThermoPK0","dn":"thermo-01","kind":"property","values":{"roomTemp":21.0,"power":1}}"#,
     );
     let mut b = Vec::new();
-    let topic = uplink("", &r, 7, &mut b);
+    let topic = uplink("", None, &r, 7, &mut b);
     assert_eq!(
         topic,
         "/sys/a1ThermoPK0/thermo-01/thing/event/property/post"
@@ -40,7 +40,7 @@ fn event_report_is_an_event_post_on_its_own_topic() {
     let r =
         rec(r#"{"t":5,"pk":"pk1","dn":"d 1","kind":"event","event":"alarm","values":{"level":2}}"#);
     let mut b = Vec::new();
-    let topic = uplink("site-3", &r, 4_294_967_295, &mut b);
+    let topic = uplink("site-3", None, &r, 4_294_967_295, &mut b);
     assert_eq!(topic, "site-3/sys/pk1/d 1/thing/event/alarm/post");
     assert_eq!(
         body(&b),
@@ -55,13 +55,13 @@ fn event_report_is_an_event_post_on_its_own_topic() {
 fn online_and_offline_go_to_the_status_topic() {
     let mut b = Vec::new();
     let on = rec(r#"{"t":9,"pk":"pk1","dn":"d1","kind":"online","peer":"10.0.0.7:40312"}"#);
-    assert_eq!(uplink("", &on, 1, &mut b), "/as/mqtt/status/pk1/d1");
+    assert_eq!(uplink("", None, &on, 1, &mut b), "/as/mqtt/status/pk1/d1");
     assert_eq!(
         body(&b),
         serde_json::json!({"status":"online","productKey":"pk1","deviceName":"d1","time":9,"clientIp":"10.0.0.7"})
     );
     let off = rec(r#"{"t":10,"pk":"pk1","dn":"d1","kind":"offline"}"#);
-    assert_eq!(uplink("", &off, 2, &mut b), "/as/mqtt/status/pk1/d1");
+    assert_eq!(uplink("", None, &off, 2, &mut b), "/as/mqtt/status/pk1/d1");
     assert_eq!(
         body(&b),
         serde_json::json!({"status":"offline","productKey":"pk1","deviceName":"d1","time":10})
@@ -180,4 +180,88 @@ fn reply_bodies_map_codes() {
     assert_eq!(body(&out)["code"], 100008);
     reply("14", Code::DeviceOffline, None, &mut out);
     assert_eq!(body(&out)["code"], 109001);
+}
+
+fn gateway() -> Gateway {
+    let secrets =
+        parse_secrets("productKey,deviceName,deviceSecret\npk1, dn1 ,secret123\n# none\n\n")
+            .expect("valid");
+    Gateway {
+        product_key: "gwPK".into(),
+        device_name: "gw-1".into(),
+        secrets,
+    }
+}
+
+#[test]
+fn sign_is_hmac_sha256_of_the_alink_content() {
+    // python3: hmac.new(b"secret123", b"clientIdpk1&dn1deviceNamedn1productKeypk1timestamp1700000000000", sha256)
+    assert_eq!(
+        sign("secret123", "pk1&dn1", "pk1", "dn1", "1700000000000"),
+        "90b96ec185fafece5860ac59d0180e58b23c36c5f3a0171ad5e9ea8731f65ad7"
+    );
+}
+
+#[test]
+fn devices_with_a_secret_log_in_and_out_through_the_gateway_session() {
+    let gw = gateway();
+    let mut b = Vec::new();
+    let on =
+        rec(r#"{"t":1700000000000,"pk":"pk1","dn":"dn1","kind":"online","peer":"10.0.0.7:1"}"#);
+    assert_eq!(
+        uplink("", Some(&gw), &on, 5, &mut b),
+        "/ext/session/gwPK/gw-1/combine/login"
+    );
+    assert_eq!(
+        body(&b),
+        serde_json::json!({"id": "5", "params": {
+            "productKey": "pk1", "deviceName": "dn1", "clientId": "pk1&dn1",
+            "timestamp": "1700000000000", "signMethod": "hmacsha256", "cleanSession": "true",
+            "sign": "90b96ec185fafece5860ac59d0180e58b23c36c5f3a0171ad5e9ea8731f65ad7",
+        }})
+    );
+    let off = rec(r#"{"t":1,"pk":"pk1","dn":"dn1","kind":"offline"}"#);
+    assert_eq!(
+        uplink("p", Some(&gw), &off, 6, &mut b),
+        "p/ext/session/gwPK/gw-1/combine/logout"
+    );
+    assert_eq!(
+        body(&b),
+        serde_json::json!({"id": "6", "params": {"productKey": "pk1", "deviceName": "dn1"}})
+    );
+    // A device without a secret keeps the status topic.
+    let other = rec(r#"{"t":1,"pk":"pk1","dn":"dn2","kind":"offline"}"#);
+    assert_eq!(
+        uplink("", Some(&gw), &other, 7, &mut b),
+        "/as/mqtt/status/pk1/dn2"
+    );
+
+    let topic = topo_add(
+        "",
+        &gw,
+        &[("pk1", "dn1", "secret123")],
+        8,
+        1_700_000_000_000,
+        &mut b,
+    );
+    assert_eq!(topic, "/sys/gwPK/gw-1/thing/topo/add");
+    let t = body(&b);
+    assert_eq!(t["method"], "thing.topo.add");
+    assert_eq!(
+        t["params"][0]["sign"],
+        "90b96ec185fafece5860ac59d0180e58b23c36c5f3a0171ad5e9ea8731f65ad7"
+    );
+}
+
+#[test]
+fn bad_secret_lines_are_reported_with_their_numbers() {
+    let e = parse_secrets("pk,dn\npk,dn,s\npk,dn,t\n,x,y\n").expect_err("bad");
+    assert_eq!(
+        e,
+        vec![
+            (1, "expected productKey,deviceName,deviceSecret".to_owned()),
+            (3, "pk/dn is listed twice".to_owned()),
+            (4, "expected productKey,deviceName,deviceSecret".to_owned()),
+        ]
+    );
 }

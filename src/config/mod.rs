@@ -278,6 +278,13 @@ pub struct Mqtt {
     /// Backlog replay rate after an outage or a restart, publishes per second (default 5000,
     /// 1-10000000), so a returning broker is not flattened.
     pub replay_per_s: u64,
+    /// The gateway's own `(productKey, deviceName)` (`gateway_product_key`,
+    /// `gateway_device_name`): sub-devices log in through its session topics.
+    pub gateway: Option<(String, String)>,
+    /// CSV `productKey,deviceName,deviceSecret`: devices listed log in and out as sub-devices
+    /// of `gateway` (signed with their secret); the others go to the status topic. Needs
+    /// `gateway`.
+    pub device_secrets: Option<PathBuf>,
 }
 
 impl Default for Mqtt {
@@ -295,6 +302,8 @@ impl Default for Mqtt {
             topic_prefix: String::new(),
             inflight: 256,
             replay_per_s: 5_000,
+            gateway: None,
+            device_secrets: None,
         }
     }
 }
@@ -441,6 +450,13 @@ pub enum ConfigError {
     /// The MQTT sink's CA, client certificate or key file (named in the message).
     #[error("uplink.mqtt: {0}")]
     MqttTls(crate::mqtt::io::TlsConfigError),
+    /// A line of the MQTT sink's device secrets file (`uplink.mqtt.device_secrets`).
+    #[error("{}:{line}: {message}", file.display())]
+    Secrets {
+        file: PathBuf,
+        line: usize,
+        message: String,
+    },
 }
 
 impl ConfigError {
@@ -533,12 +549,22 @@ impl Config {
             }
             _ => None,
         };
+        let mqtt_gateway = match (&config, &registry) {
+            (Some(c), Some(r)) if c.uplink.sink == SinkKind::Mqtt => {
+                mqtt_gateway(&c.uplink.mqtt, r)
+                    .map_err(|e| errors.extend(e))
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
         match (config, registry) {
             (Some(config), Some(registry)) if errors.is_empty() => Ok(Checked {
                 config,
                 registry,
                 tls,
                 mqtt_tls,
+                mqtt_gateway,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -577,6 +603,41 @@ pub struct Checked {
     /// The MQTT sink's TLS client configuration: present exactly when the sink is `mqtt` with
     /// an `mqtts://` URL (CA from `ca_file`, else the system's CA bundle).
     pub mqtt_tls: Option<Arc<rustls::ClientConfig>>,
+    /// The MQTT sink's gateway and device secrets: present when the sink is `mqtt` and
+    /// `device_secrets` is set.
+    pub mqtt_gateway: Option<crate::alink::Gateway>,
+}
+
+/// Reads `uplink.mqtt.device_secrets`: every line must parse and name a registered device.
+fn mqtt_gateway(
+    m: &Mqtt,
+    registry: &Registry,
+) -> Result<Option<crate::alink::Gateway>, Vec<ConfigError>> {
+    let (Some(file), Some((pk, dn))) = (&m.device_secrets, &m.gateway) else {
+        return Ok(None);
+    };
+    let text = read_text(file, "uplink.mqtt.device_secrets").map_err(|e| vec![e])?;
+    let bad = |line, message| ConfigError::Secrets {
+        file: file.clone(),
+        line,
+        message,
+    };
+    let secrets = crate::alink::parse_secrets(&text)
+        .map_err(|e| e.into_iter().map(|(l, m)| bad(l, m)).collect::<Vec<_>>())?;
+    let mut unknown: Vec<ConfigError> = secrets
+        .keys()
+        .filter(|(p, d)| registry.lookup(p, d).is_none())
+        .map(|(p, d)| bad(0, format!("{p}/{d} is not in the registry")))
+        .collect();
+    if !unknown.is_empty() {
+        unknown.sort_by_key(ToString::to_string);
+        return Err(unknown);
+    }
+    Ok(Some(crate::alink::Gateway {
+        product_key: pk.clone(),
+        device_name: dn.clone(),
+        secrets,
+    }))
 }
 
 fn build_registry(sources: Option<&RegistrySources>) -> Result<Registry, Vec<ConfigError>> {

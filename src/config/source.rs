@@ -59,6 +59,9 @@ pub const KNOBS: &[&str] = &[
     "uplink.mqtt.topic_prefix",
     "uplink.mqtt.inflight",
     "uplink.mqtt.replay_per_s",
+    "uplink.mqtt.gateway_product_key",
+    "uplink.mqtt.gateway_device_name",
+    "uplink.mqtt.device_secrets",
     "registry.products",
     "registry.devices",
     "registry.driver_config",
@@ -730,7 +733,41 @@ impl Draft {
                 "a client certificate needs both uplink.mqtt.cert and uplink.mqtt.key",
             );
         }
+        let gw_pk = self
+            .values
+            .contains_key("uplink.mqtt.gateway_product_key")
+            .then(|| self.string("uplink.mqtt.gateway_product_key", ""));
+        let gw_dn = self
+            .values
+            .contains_key("uplink.mqtt.gateway_device_name")
+            .then(|| self.string("uplink.mqtt.gateway_device_name", ""));
+        let gateway = match (gw_pk, gw_dn) {
+            (Some(pk), Some(dn)) if !pk.is_empty() && !dn.is_empty() => Some((pk, dn)),
+            (None, None) => None,
+            (pk, _) => {
+                let set = if pk.is_some() {
+                    "uplink.mqtt.gateway_product_key"
+                } else {
+                    "uplink.mqtt.gateway_device_name"
+                };
+                self.fail(
+                    set,
+                    "the gateway needs both gateway_product_key and gateway_device_name",
+                );
+                None
+            }
+        };
+        let device_secrets = self.path("uplink.mqtt.device_secrets");
+        if device_secrets.is_some() && gateway.is_none() {
+            self.fail(
+                "uplink.mqtt.device_secrets",
+                "sub-device logins need the gateway: set uplink.mqtt.gateway_product_key and \
+                 gateway_device_name",
+            );
+        }
         Mqtt {
+            gateway,
+            device_secrets,
             url,
             client_id,
             username,

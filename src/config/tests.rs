@@ -134,6 +134,9 @@ qos = 0
 topic_prefix = "site-3"
 inflight = 1000
 replay_per_s = 200
+gateway_product_key = "gwPK"
+gateway_device_name = "gw-1"
+device_secrets = "secrets.csv"
 "#;
     let (dir, c) = load(text, &[], &Overrides::default());
     let c = c.expect("valid");
@@ -192,6 +195,8 @@ replay_per_s = 200
                 topic_prefix: "site-3".into(),
                 inflight: 1000,
                 replay_per_s: 200,
+                gateway: Some(("gwPK".into(), "gw-1".into())),
+                device_secrets: Some(dir.0.join("secrets.csv")),
             },
         }
     );
@@ -571,7 +576,7 @@ fn the_example_file_uncommented_gives_the_defaults() {
         .count();
     assert_eq!(
         set,
-        KNOBS.len() - 10,
+        KNOBS.len() - 13,
         "every knob but tls.*, registry.* and the optional uplink.mqtt credentials is set"
     );
     let (_dir, c) = load(&uncommented, &[], &Overrides::default());
@@ -616,6 +621,14 @@ fn mqtt_sink_settings_are_checked_when_the_sink_is_mqtt() {
             "ringlink.toml:7: uplink.mqtt.qos: must be between 0 and 1, got 2",
             "ringlink.toml:8: uplink.mqtt.inflight: must be between 1 and 65535, got 0",
             "ringlink.toml:9: uplink.mqtt.cert: a client certificate needs both uplink.mqtt.cert and uplink.mqtt.key",
+        ]
+    );
+    let e = errors("[uplink.mqtt]\ndevice_secrets = \"s.csv\"\ngateway_product_key = \"gw\"\n");
+    assert_eq!(
+        e,
+        vec![
+            "ringlink.toml:2: uplink.mqtt.device_secrets: sub-device logins need the gateway: set uplink.mqtt.gateway_product_key and gateway_device_name",
+            "ringlink.toml:3: uplink.mqtt.gateway_product_key: the gateway needs both gateway_product_key and gateway_device_name",
         ]
     );
     let e = errors("[uplink.mqtt]\nurl = \"tcp://b\"\n");

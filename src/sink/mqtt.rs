@@ -66,7 +66,12 @@ pub struct MqttOptions {
     pub replay_per_s: u64,
     /// fsync cursor files (the log's `fsync = "batch"`).
     pub sync_cursors: bool,
+    /// Sub-devices with a secret log in through this gateway's session.
+    pub gateway: Option<alink::Gateway>,
 }
+
+/// Devices per `thing/topo/add` message.
+const TOPO_CHUNK: usize = 50;
 
 /// The running forwarder.
 pub struct Forwarder {
@@ -291,6 +296,7 @@ impl Run {
                         self.next_id = self.next_id.wrapping_add(1);
                         let topic = alink::uplink(
                             &self.opts.topic_prefix,
+                            self.opts.gateway.as_ref(),
                             &next.record,
                             id,
                             &mut self.body,
@@ -344,8 +350,12 @@ impl Run {
             Event::Connected { .. } => {
                 stats.connected.store(true, Ordering::Relaxed);
                 stats.connects.fetch_add(1, Ordering::Relaxed);
-                if self.dial_error.take().is_some() || stats.connects.load(Ordering::Relaxed) == 1 {
+                let first = stats.connects.load(Ordering::Relaxed) == 1;
+                if self.dial_error.take().is_some() || first {
                     eprintln!("ringlink: mqtt: connected to {}", self.opts.url);
+                }
+                if first {
+                    self.topo_add();
                 }
                 // Whatever waited meanwhile is a backlog to replay at the replay rate.
                 if self.outbox.inflight() > 0 || !self.dry {
@@ -389,6 +399,26 @@ impl Run {
             .resent
             .fetch_add(resent.saturating_sub(self.resent_base), Ordering::Relaxed);
         self.resent_base = resent;
+    }
+
+    /// Registers every device with a secret as a sub-device of the gateway (once per process,
+    /// before anything else is published, since replies go first).
+    fn topo_add(&mut self) {
+        let Some(gw) = &self.opts.gateway else { return };
+        let mut devices: Vec<(&str, &str, &str)> = gw
+            .secrets
+            .iter()
+            .map(|((pk, dn), s)| (pk.as_str(), dn.as_str(), s.as_str()))
+            .collect();
+        devices.sort_unstable();
+        let now = unix_ms();
+        for chunk in devices.chunks(TOPO_CHUNK) {
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1);
+            let mut body = Vec::new();
+            let topic = alink::topo_add(&self.opts.topic_prefix, gw, chunk, id, now, &mut body);
+            self.replies.push_back(Reply { topic, body });
+        }
     }
 
     /// A message on a downlink topic: parse, route to the device's shard, reply when it ends.
