@@ -47,13 +47,15 @@ fn method(rec: &OwnedRecord) -> String {
     }
 }
 
+/// `(productKey, deviceName)` to deviceSecret.
+pub type Secrets = HashMap<(String, String), String>;
+
 /// The gateway whose session sub-devices log in through, and the secrets of those that do.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Gateway {
     pub product_key: String,
     pub device_name: String,
-    /// `(productKey, deviceName)` to deviceSecret.
-    pub secrets: HashMap<(String, String), String>,
+    pub secrets: Secrets,
 }
 
 impl Gateway {
@@ -67,9 +69,7 @@ impl Gateway {
 /// Reads a secrets file: `productKey,deviceName,deviceSecret` per line; a first line starting
 /// with `productKey` is a header, blank lines and `#` lines are skipped, fields are trimmed.
 /// Every bad line is returned with its 1-based number.
-pub fn parse_secrets(
-    text: &str,
-) -> Result<HashMap<(String, String), String>, Vec<(usize, String)>> {
+pub fn parse_secrets(text: &str) -> Result<Secrets, Vec<(usize, String)>> {
     let mut out = HashMap::new();
     let mut errors = Vec::new();
     for (i, raw) in text.lines().enumerate() {
