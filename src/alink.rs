@@ -33,11 +33,14 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
+use serde::de::{Deserializer as _, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::protocol::Code;
+use crate::protocol::{json, Code};
 use crate::session::DownlinkRequest;
-use crate::uplink::{OwnedRecord, RecordKind};
+use crate::uplink::{decode_line, OwnedRecord, RecordKind, UplinkError};
 
 /// The Alink request `method` of an uplink record.
 fn method(rec: &OwnedRecord) -> String {
@@ -153,10 +156,120 @@ pub fn topo_add(
     )
 }
 
-/// The topic and body of `rec` as an Alink message, request id `id`; online and offline of a
+/// The topic and body of the uplink record `line` (the log's format, see
+/// [`crate::uplink::record`]) as an Alink message, request id `id`; online and offline of a
 /// device with a secret in `gw` as its login and logout. Appends the body to `body` (cleared
-/// first) and returns the topic.
+/// first) and returns the topic; a line that is not a record is an error.
+///
+/// Reports and events, nearly every record, take a borrowed path: the line's strings and its
+/// values are copied from the line into the body without building a JSON tree. Anything else
+/// (online, offline, escaped strings) is decoded in full.
 pub fn uplink(
+    prefix: &str,
+    gw: Option<&Gateway>,
+    line: &[u8],
+    id: u32,
+    body: &mut Vec<u8>,
+) -> Result<String, UplinkError> {
+    if let Ok(rec) = serde_json::from_slice::<Line<'_>>(line) {
+        if let Some(topic) = fast(prefix, &rec, id, body) {
+            return Ok(topic);
+        }
+    }
+    let rec = decode_line(line)?;
+    Ok(uplink_record(prefix, gw, &rec, id, body))
+}
+
+/// A record line, borrowed: only lines whose strings have no escapes parse this way.
+#[derive(Deserialize)]
+struct Line<'a> {
+    t: u64,
+    pk: &'a str,
+    dn: &'a str,
+    kind: &'a str,
+    #[serde(default)]
+    event: Option<&'a str>,
+    #[serde(default, borrow)]
+    values: Option<&'a RawValue>,
+}
+
+/// Property and event posts straight from the borrowed line; `None` for any other record,
+/// or values that are not an object of unescaped keys.
+fn fast(prefix: &str, rec: &Line<'_>, id: u32, body: &mut Vec<u8>) -> Option<String> {
+    body.clear();
+    let values = rec.values?.get();
+    body.extend_from_slice(b"{\"id\":\"");
+    json::write_int(body, u64::from(id));
+    body.extend_from_slice(b"\",\"version\":\"1.0\",\"params\":");
+    let topic = match (rec.kind, rec.event) {
+        ("property", None) => {
+            let mut de = serde_json::Deserializer::from_str(values);
+            de.deserialize_map(PropertyParams {
+                out: body,
+                time: rec.t,
+            })
+            .ok()?;
+            body.extend_from_slice(b",\"method\":\"thing.event.property.post\"}");
+            format!(
+                "{prefix}/sys/{}/{}/thing/event/property/post",
+                rec.pk, rec.dn
+            )
+        }
+        ("event", Some(event)) => {
+            body.extend_from_slice(b"{\"value\":");
+            body.extend_from_slice(values.as_bytes());
+            body.extend_from_slice(b",\"time\":");
+            json::write_int(body, rec.t);
+            body.extend_from_slice(b"},\"method\":");
+            json::write_str(body, &format!("thing.event.{event}.post"));
+            body.push(b'}');
+            format!(
+                "{prefix}/sys/{}/{}/thing/event/{event}/post",
+                rec.pk, rec.dn
+            )
+        }
+        _ => return None,
+    };
+    Some(topic)
+}
+
+/// Writes a record's `values` object as property-post params: each member `k: v` as
+/// `k: {"value": v, "time": t}`, in the record's order, values copied verbatim.
+struct PropertyParams<'o> {
+    out: &'o mut Vec<u8>,
+    time: u64,
+}
+
+impl<'de> Visitor<'de> for PropertyParams<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object of property values")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.out.push(b'{');
+        let mut first = true;
+        while let Some(key) = map.next_key::<&'de str>()? {
+            let value: &'de RawValue = map.next_value()?;
+            if !first {
+                self.out.push(b',');
+            }
+            first = false;
+            json::write_str(self.out, key);
+            self.out.extend_from_slice(b":{\"value\":");
+            self.out.extend_from_slice(value.get().as_bytes());
+            self.out.extend_from_slice(b",\"time\":");
+            json::write_int(self.out, self.time);
+            self.out.push(b'}');
+        }
+        self.out.push(b'}');
+        Ok(())
+    }
+}
+
+/// [`uplink`] for a decoded record.
+fn uplink_record(
     prefix: &str,
     gw: Option<&Gateway>,
     rec: &OwnedRecord,

@@ -1,8 +1,10 @@
 use super::*;
 use crate::uplink::decode_line;
 
-fn rec(line: &str) -> OwnedRecord {
-    decode_line(line.as_bytes()).expect("a record line")
+/// A record line, checked to be one.
+fn rec(line: &str) -> &[u8] {
+    decode_line(line.as_bytes()).expect("a record line");
+    line.as_bytes()
 }
 
 fn body(v: &[u8]) -> Value {
@@ -15,7 +17,7 @@ fn property_report_is_a_property_post_with_value_and_time() {
         r#"{"t":1732570000123,"pk":"a1ThermoPK0","dn":"thermo-01","kind":"property","values":{"roomTemp":21.0,"power":1}}"#,
     );
     let mut b = Vec::new();
-    let topic = uplink("", None, &r, 7, &mut b);
+    let topic = uplink("", None, r, 7, &mut b).expect("a record");
     assert_eq!(
         topic,
         "/sys/a1ThermoPK0/thermo-01/thing/event/property/post"
@@ -40,7 +42,7 @@ fn event_report_is_an_event_post_on_its_own_topic() {
     let r =
         rec(r#"{"t":5,"pk":"pk1","dn":"d 1","kind":"event","event":"alarm","values":{"level":2}}"#);
     let mut b = Vec::new();
-    let topic = uplink("site-3", None, &r, 4_294_967_295, &mut b);
+    let topic = uplink("site-3", None, r, 4_294_967_295, &mut b).expect("a record");
     assert_eq!(topic, "site-3/sys/pk1/d 1/thing/event/alarm/post");
     assert_eq!(
         body(&b),
@@ -55,13 +57,19 @@ fn event_report_is_an_event_post_on_its_own_topic() {
 fn online_and_offline_go_to_the_status_topic() {
     let mut b = Vec::new();
     let on = rec(r#"{"t":9,"pk":"pk1","dn":"d1","kind":"online","peer":"10.0.0.7:40312"}"#);
-    assert_eq!(uplink("", None, &on, 1, &mut b), "/as/mqtt/status/pk1/d1");
+    assert_eq!(
+        uplink("", None, on, 1, &mut b).expect("a record"),
+        "/as/mqtt/status/pk1/d1"
+    );
     assert_eq!(
         body(&b),
         serde_json::json!({"status":"online","productKey":"pk1","deviceName":"d1","time":9,"clientIp":"10.0.0.7"})
     );
     let off = rec(r#"{"t":10,"pk":"pk1","dn":"d1","kind":"offline"}"#);
-    assert_eq!(uplink("", None, &off, 2, &mut b), "/as/mqtt/status/pk1/d1");
+    assert_eq!(
+        uplink("", None, off, 2, &mut b).expect("a record"),
+        "/as/mqtt/status/pk1/d1"
+    );
     assert_eq!(
         body(&b),
         serde_json::json!({"status":"offline","productKey":"pk1","deviceName":"d1","time":10})
@@ -209,7 +217,7 @@ fn devices_with_a_secret_log_in_and_out_through_the_gateway_session() {
     let on =
         rec(r#"{"t":1700000000000,"pk":"pk1","dn":"dn1","kind":"online","peer":"10.0.0.7:1"}"#);
     assert_eq!(
-        uplink("", Some(&gw), &on, 5, &mut b),
+        uplink("", Some(&gw), on, 5, &mut b).expect("a record"),
         "/ext/session/gwPK/gw-1/combine/login"
     );
     assert_eq!(
@@ -222,7 +230,7 @@ fn devices_with_a_secret_log_in_and_out_through_the_gateway_session() {
     );
     let off = rec(r#"{"t":1,"pk":"pk1","dn":"dn1","kind":"offline"}"#);
     assert_eq!(
-        uplink("p", Some(&gw), &off, 6, &mut b),
+        uplink("p", Some(&gw), off, 6, &mut b).expect("a record"),
         "p/ext/session/gwPK/gw-1/combine/logout"
     );
     assert_eq!(
@@ -232,7 +240,7 @@ fn devices_with_a_secret_log_in_and_out_through_the_gateway_session() {
     // A device without a secret keeps the status topic.
     let other = rec(r#"{"t":1,"pk":"pk1","dn":"dn2","kind":"offline"}"#);
     assert_eq!(
-        uplink("", Some(&gw), &other, 7, &mut b),
+        uplink("", Some(&gw), other, 7, &mut b).expect("a record"),
         "/as/mqtt/status/pk1/dn2"
     );
 
@@ -264,4 +272,29 @@ fn bad_secret_lines_are_reported_with_their_numbers() {
             (4, "expected productKey,deviceName,deviceSecret".to_owned()),
         ]
     );
+}
+
+#[test]
+fn the_borrowed_path_and_the_full_decode_give_the_same_message() {
+    let lines = [
+        r#"{"t":7,"pk":"pk","dn":"dn","kind":"property","values":{"a":1,"b":2.0,"s":"x\"y","o":{"lo":1}}}"#,
+        r#"{"t":8,"pk":"pk","dn":"dn","kind":"event","event":"alarm","values":{"level":2}}"#,
+        // An escaped key or name: not borrowable, decoded in full.
+        r#"{"t":9,"pk":"pk","dn":"d\u0041","kind":"property","values":{"k\"":1}}"#,
+    ];
+    for line in lines {
+        let mut fast = Vec::new();
+        let t1 = uplink("", None, line.as_bytes(), 3, &mut fast).expect("record");
+        let mut slow = Vec::new();
+        let t2 = uplink_record(
+            "",
+            None,
+            &decode_line(line.as_bytes()).expect("decodes"),
+            3,
+            &mut slow,
+        );
+        assert_eq!(t1, t2, "{line}");
+        assert_eq!(body(&fast), body(&slow), "{line}");
+    }
+    assert!(uplink("", None, b"{\"t\":1}", 1, &mut Vec::new()).is_err());
 }

@@ -291,17 +291,21 @@ impl Run {
             let (tag, topic, body) = match self.held.take() {
                 Some(held) => held,
                 None => match self.outbox.take_next() {
-                    Ok(Some(next)) => {
+                    Ok(Some((tag, line))) => {
                         let id = self.next_id;
                         self.next_id = self.next_id.wrapping_add(1);
-                        let topic = alink::uplink(
-                            &self.opts.topic_prefix,
-                            self.opts.gateway.as_ref(),
-                            &next.record,
-                            id,
-                            &mut self.body,
-                        );
-                        (next.tag, topic, std::mem::take(&mut self.body))
+                        let prefix = &self.opts.topic_prefix;
+                        let gw = self.opts.gateway.as_ref();
+                        match alink::uplink(prefix, gw, line, id, &mut self.body) {
+                            Ok(topic) => (tag, topic, std::mem::take(&mut self.body)),
+                            Err(e) => {
+                                // Never expected: the shards wrote the line.
+                                self.spool.stats.bad_records.fetch_add(1, Ordering::Relaxed);
+                                eprintln!("ringlink: mqtt: skipped a log record: {e}");
+                                self.outbox.ack(tag);
+                                continue;
+                            }
+                        }
                     }
                     Ok(None) => {
                         self.dry = true;
@@ -309,9 +313,9 @@ impl Run {
                         return None;
                     }
                     Err(e) => {
-                        self.spool.stats.bad_records.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("ringlink: mqtt: skipped a log record: {e}");
-                        continue;
+                        eprintln!("ringlink: mqtt: cannot read the log: {e}");
+                        self.dry = true;
+                        return None;
                     }
                 },
             };

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::uplink::outbox::{load_cursor, store_cursor, Position, Reader};
-use crate::uplink::{decode_line, Marks, OwnedRecord, UplinkError};
+use crate::uplink::{Marks, UplinkError};
 
 /// Tags carry the partition in their top 16 bits and a per-partition counter below.
 const PART_SHIFT: u32 = 48;
@@ -54,13 +54,6 @@ struct Slot {
     acked: bool,
 }
 
-/// One record to publish.
-#[derive(Debug)]
-pub struct Next {
-    pub tag: Tag,
-    pub record: OwnedRecord,
-}
-
 impl Outbox {
     /// Opens every partition at its stored cursor (sink `name`, e.g. `mqtt`; a partition without
     /// one starts at its oldest record). `sync`: fsync cursor files (the log's `fsync = batch`).
@@ -85,11 +78,10 @@ impl Outbox {
         Ok(Self { name, sync, parts })
     }
 
-    /// The next record to publish, the earliest of every partition's next one; `None` when
-    /// every committed record has been handed out. A line that does not decode (a bug, never a
-    /// peer's doing: the shards wrote it) is skipped as if acknowledged, and reported in the
-    /// error so that the caller can count it; the call after goes on with the next record.
-    pub fn take_next(&mut self) -> Result<Option<Next>, UplinkError> {
+    /// The next record line to publish, the earliest of every partition's next one, with its
+    /// tag; `None` when every committed record has been handed out. A line the caller cannot
+    /// publish is [`Outbox::ack`]ed right away (skipped).
+    pub fn take_next(&mut self) -> Result<Option<(Tag, &[u8])>, UplinkError> {
         let mut best: Option<(u64, usize)> = None;
         for (i, part) in self.parts.iter_mut().enumerate() {
             if let Some(item) = part.reader.peek()? {
@@ -103,26 +95,17 @@ impl Outbox {
             return Ok(None);
         };
         let part = &mut self.parts[i];
-        let Some(item) = part.reader.peek()? else {
-            return Ok(None);
-        };
-        let next = item.next;
-        let decoded = decode_line(item.line);
-        part.reader.advance();
         let tag =
             ((i as u64) << PART_SHIFT) | ((part.base + part.inflight.len() as u64) & COUNTER_MASK);
+        let Some(item) = part.reader.take()? else {
+            return Ok(None);
+        };
         part.inflight.push_back(Slot {
-            next,
+            next: item.next,
             at_ms,
             acked: false,
         });
-        match decoded {
-            Ok(record) => Ok(Some(Next { tag, record })),
-            Err(e) => {
-                self.ack(tag);
-                Err(e)
-            }
-        }
+        Ok(Some((tag, item.line)))
     }
 
     /// The sink acknowledged the record `tag`. Unknown or repeated tags are ignored.

@@ -146,6 +146,24 @@ impl Reader {
         Ok(self.current())
     }
 
+    /// The next committed record, consumed; `None` when the reader has caught up. The line
+    /// stays valid until the next call on the reader.
+    pub fn take(&mut self) -> Result<Option<Item<'_>>, UplinkError> {
+        if self.at.is_none() && !self.read_frame()? {
+            return Ok(None);
+        }
+        let (Some((start, _)), Some(item)) = (self.at, self.current()) else {
+            return Ok(None);
+        };
+        let (pos, next, len) = (item.pos, item.next, item.line.len());
+        self.advance();
+        Ok(Some(Item {
+            pos,
+            next,
+            line: &self.payload()[start..start + len],
+        }))
+    }
+
     /// Consumes the record [`Reader::peek`] returned.
     pub fn advance(&mut self) {
         let Some(item) = self.current() else { return };
