@@ -197,7 +197,11 @@ pub struct Subscriber {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SubCounts {
     pub connects: u64,
-    pub sessions_lost: u64,
+    /// Connections to the broker lost (or refused) after the first.
+    pub connections_lost: u64,
+    /// Reconnects where the broker had not kept the session (`session_present` false):
+    /// posts published while the subscriber was away were dropped by the broker.
+    pub sessions_not_kept: u64,
 }
 
 impl Subscriber {
@@ -291,6 +295,9 @@ async fn subscribe_loop(
             Step::Event(Event::Message { .. } | Event::Acked(_)) => {}
             Step::Event(Event::Connected { session_present }) => {
                 counts.connects += 1;
+                if counts.connects > 1 && !session_present {
+                    counts.sessions_not_kept += 1;
+                }
                 if counts.connects > 1 {
                     eprintln!(
                         "loadgen: mqtt subscriber reconnected (session_present={session_present})"
@@ -309,7 +316,7 @@ async fn subscribe_loop(
                 }
             }
             Step::Event(Event::Lost(why)) => {
-                counts.sessions_lost += 1;
+                counts.connections_lost += 1;
                 eprintln!(
                     "loadgen: mqtt subscriber lost the broker: {why} ({})",
                     conn.last_error().unwrap_or("-")

@@ -297,10 +297,10 @@ pub fn run(
             .lock()
             .map_err(|_| anyhow::anyhow!("mqtt tracker lock poisoned"))?
             .finish();
-        if sub.sessions_lost > 0 {
+        if sub.connections_lost > 0 {
             eprintln!(
                 "loadgen: mqtt subscriber connected {} time(s), lost the broker {} time(s)",
-                sub.connects, sub.sessions_lost
+                sub.connects, sub.connections_lost
             );
         }
         let _ = stats.hists[Hist::MqttE2e as usize].add(&hist);
@@ -310,6 +310,8 @@ pub fn run(
         c.mqtt_duplicates += counts.duplicates;
         c.mqtt_unexpected += counts.unexpected;
         c.mqtt_lost += counts.lost;
+        c.mqtt_subscriber_lost += sub.connections_lost;
+        c.mqtt_sessions_not_kept += sub.sessions_not_kept;
     }
     Ok(stats)
 }

@@ -74,6 +74,10 @@ pub struct Counters {
     pub mqtt_unexpected: u64,
     /// Reports whose post never arrived.
     pub mqtt_lost: u64,
+    /// Times the subscriber lost its broker connection.
+    pub mqtt_subscriber_lost: u64,
+    /// Subscriber reconnects where the broker had not kept its session.
+    pub mqtt_sessions_not_kept: u64,
 }
 
 /// Index into [`Stats::hists`].
@@ -219,6 +223,8 @@ impl Counters {
         self.mqtt_duplicates += o.mqtt_duplicates;
         self.mqtt_unexpected += o.mqtt_unexpected;
         self.mqtt_lost += o.mqtt_lost;
+        self.mqtt_subscriber_lost += o.mqtt_subscriber_lost;
+        self.mqtt_sessions_not_kept += o.mqtt_sessions_not_kept;
     }
 
     pub fn reports_ok(&self) -> u64 {
@@ -303,6 +309,12 @@ pub struct MqttSummary {
     pub reported_per_s: f64,
     /// `forwarded_per_s / reported_per_s` (0 when nothing was reported).
     pub ratio: f64,
+    /// Times the subscriber lost its broker connection (it reconnects to its persistent
+    /// session).
+    pub subscriber_connections_lost: u64,
+    /// Reconnects where the broker had not kept that session (a restart without
+    /// persistence): what it received for loadgen meanwhile is gone.
+    pub subscriber_sessions_not_kept: u64,
 }
 
 /// One threshold and whether it held.
@@ -389,6 +401,8 @@ impl Summary {
                 } else {
                     0.0
                 },
+                subscriber_connections_lost: c.mqtt_subscriber_lost,
+                subscriber_sessions_not_kept: c.mqtt_sessions_not_kept,
             }
         });
         let initial = c.connects - c.reconnects.min(c.connects);
@@ -568,6 +582,13 @@ impl Summary {
                 "mqtt forwarded {:.1}/s vs reported {:.1}/s: ratio {:.4}",
                 m.forwarded_per_s, m.reported_per_s, m.ratio
             );
+            if m.subscriber_connections_lost > 0 {
+                let _ = writeln!(
+                    o,
+                    "mqtt subscriber lost the broker {} time(s); {} reconnect(s) found the session gone",
+                    m.subscriber_connections_lost, m.subscriber_sessions_not_kept
+                );
+            }
         }
         for c in &self.thresholds {
             let _ = writeln!(
