@@ -12,6 +12,17 @@ fuzz_seconds=${FUZZ_SECONDS:-20}
 
 step() { printf '\n== %s\n' "$*"; }
 
+# Mosquitto: the MQTT integration tests and the MQTT load step run a broker.
+step "mosquitto"
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto
+fi
+mosquitto_bin="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+"$mosquitto_bin" -h 2>/dev/null | head -n 1 || true
+
 step "toolchain"
 cargo --version
 rustc --version
@@ -86,6 +97,51 @@ if [ "${SKIP_LOAD:-0}" != 1 ]; then
         wait "$server" || { echo "ringlink --io $io did not exit cleanly" >&2; exit 1; }
         [ "$status" = 0 ] || { echo "smoke profile failed on --io $io (exit $status)" >&2; exit 1; }
     done
+
+    # The MQTT sink end to end: every report answered 0 must reach the broker, in time.
+    step "loadgen profiles/mqtt.toml against ringlink --io uring with uplink.sink = mqtt"
+    port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    conf="$root/target/mqtt-smoke-mosquitto.conf"
+    printf 'listener %s 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nmax_queued_messages 0\n' "$port" >"$conf"
+    "$mosquitto_bin" -c "$conf" >"$root/target/mqtt-smoke-mosquitto.log" 2>&1 &
+    broker=$!
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        sleep 0.1
+    done
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || {
+        echo "mosquitto did not start:" >&2; cat "$root/target/mqtt-smoke-mosquitto.log" >&2
+        kill "$broker" 2>/dev/null || true; exit 1
+    }
+    data="$root/target/mqtt-smoke"
+    rm -rf "$data"
+    log="$root/target/mqtt-smoke.log"
+    RINGLINK_UPLINK_SINK=mqtt RINGLINK_UPLINK_MQTT_URL="mqtt://127.0.0.1:$port" \
+        target/release/ringlink serve --io uring --listen 127.0.0.1:0 --api 127.0.0.1:0 \
+        --data-dir "$data" >"$log" 2>&1 &
+    server=$!
+    line=""
+    for _ in $(seq 1 100); do
+        line="$(grep -m1 'listening on' "$log" || true)"
+        [ -n "$line" ] && break
+        sleep 0.1
+    done
+    [ -n "$line" ] || {
+        echo "ringlink did not start:" >&2; cat "$log" >&2
+        kill "$server" "$broker" 2>/dev/null || true; exit 1
+    }
+    ws="$(echo "$line" | sed -n 's/.*listening on \(ws:\/\/[0-9.:]*\).*/\1/p')"
+    api="$(echo "$line" | sed -n 's/.*api http:\/\/\([0-9.:]*\).*/\1/p')"
+    status=0
+    target/release/loadgen profiles/mqtt.toml --target "$ws" --api "$api" \
+        --mqtt "mqtt://127.0.0.1:$port" --json "$root/target/mqtt-smoke.json" || status=$?
+    kill -TERM "$server"
+    server_status=0
+    wait "$server" || server_status=$?
+    kill -TERM "$broker"
+    wait "$broker" || true
+    [ "$server_status" = 0 ] || { echo "ringlink with the mqtt sink did not exit cleanly" >&2; cat "$log" >&2; exit 1; }
+    [ "$status" = 0 ] || { echo "mqtt profile failed (exit $status)" >&2; exit 1; }
 fi
 
 step "all checks passed"

@@ -23,7 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,7 @@ use tokio::time::sleep_until;
 
 use crate::device::{self, Device, Served};
 use crate::model::Model;
+use crate::mqtt::Tracker;
 use crate::pace::{self, Pacer, Waiter};
 use crate::profile::Profile;
 use crate::schedule::Schedule;
@@ -58,6 +59,8 @@ pub struct Ctx {
     pub timeout: Duration,
     /// The thread's pacer when the profile asks for `pacing = "spin"`.
     pub pacer: Option<Rc<Pacer>>,
+    /// With `mqtt`: the process's send times awaiting their Alink posts.
+    pub mqtt: Option<Arc<Mutex<Tracker>>>,
 }
 
 /// Process-wide live numbers for the progress line.
@@ -279,7 +282,7 @@ enum Phase {
 enum Kind {
     Online(usize),
     Offline,
-    Report { event: bool },
+    Report { event: bool, device: usize },
 }
 
 struct Pending {
@@ -538,10 +541,15 @@ impl<'a> Session<'a> {
             device.write_report(model, id, count, self.rng, &mut self.scratch);
         }
         self.ws.send_text(&mut self.tx, &self.scratch);
+        if let Some(t) = &self.ctx.mqtt {
+            if let Ok(mut t) = t.lock() {
+                t.sent(&self.slot.devices[k].name, id, now);
+            }
+        }
         self.pending.insert(
             id,
             Pending {
-                kind: Kind::Report { event },
+                kind: Kind::Report { event, device: k },
                 intended,
                 sent: now,
             },
@@ -660,7 +668,7 @@ impl<'a> Session<'a> {
                     stats.error(&format!("offline_code_{code}"));
                 }
             }
-            Kind::Report { event } => {
+            Kind::Report { event, device } => {
                 if code == 0 {
                     if event {
                         stats.counters.events_ok += 1;
@@ -676,6 +684,9 @@ impl<'a> Session<'a> {
                     }
                 } else {
                     stats.error(&format!("report_code_{code}"));
+                    if let Some(Ok(mut t)) = self.ctx.mqtt.as_ref().map(|t| t.lock()) {
+                        t.refused(&self.slot.devices[device].name, id);
+                    }
                 }
                 drop(stats);
                 self.next_closed_loop_report(now);

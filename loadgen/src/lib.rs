@@ -7,6 +7,7 @@
 //! - [`schedule`]: open-loop intended send times. Sans-IO.
 //! - [`pace`]: waking senders at those times, by tokio timer or precisely (spinning).
 //! - [`conn`]: one client connection's life over tokio (TCP, TLS, WebSocket, Link).
+//! - [`mqtt`]: end-to-end latency through the server's MQTT sink (subscriber, matching).
 //! - [`downlink`]: downlinks through the server's HTTP API; [`http`] is its small client.
 //! - [`run`]: one process's share of a run: threads, ramp, churn, progress.
 //! - [`stats`]: histograms, counters, merging across processes, the summary and thresholds.
@@ -17,6 +18,7 @@ pub mod device;
 pub mod downlink;
 pub mod http;
 pub mod model;
+pub mod mqtt;
 pub mod pace;
 pub mod profile;
 pub mod run;

@@ -54,6 +54,10 @@ struct Cli {
     /// Run length in seconds (overrides the profile's `duration_s`).
     #[arg(long, value_name = "SECONDS")]
     duration: Option<f64>,
+    /// The broker of the server's MQTT sink, mqtt://HOST:PORT (overrides the profile's
+    /// `mqtt`): measure each report's way to its Alink post there.
+    #[arg(long, value_name = "URL")]
+    mqtt: Option<String>,
     /// The server's pid: sample its RSS each second (like the profile's `server_pid_file`).
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
@@ -77,6 +81,7 @@ fn real_main() -> anyhow::Result<bool> {
         api: cli.api.clone(),
         procs: cli.procs,
         duration_s: cli.duration,
+        mqtt: cli.mqtt.clone(),
     };
     let profile = Arc::new(Profile::load(&cli.profile, &overrides)?);
     if let Ok(slice) = std::env::var(SLICE_ENV) {

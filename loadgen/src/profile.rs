@@ -93,6 +93,13 @@ pub struct Profile {
     pub request_timeout_ms: u64,
     /// A file holding the server's pid; when given, the server's RSS is sampled each second.
     pub server_pid_file: Option<PathBuf>,
+    /// The broker the server's MQTT sink publishes to, `mqtt://HOST:PORT` (default: none).
+    /// When set, loadgen subscribes to `/sys/#` there before the devices start and measures
+    /// each report's way to its Alink post (see [`crate::mqtt`]).
+    pub mqtt: Option<String>,
+    /// With `mqtt`: after the load, how long the subscriber may stay quiet before the reports
+    /// still waiting for their post count as lost (default 10).
+    pub mqtt_quiet_s: f64,
     /// Pass/fail limits; a missed one makes loadgen exit 1.
     pub thresholds: Thresholds,
 }
@@ -134,6 +141,14 @@ pub struct Thresholds {
     pub max_errors: Option<u64>,
     /// Answered reports per second at least this many.
     pub min_throughput: Option<f64>,
+    /// With `mqtt`: report sent -> Alink post received p99 at most this (ms).
+    pub mqtt_p99_ms: Option<f64>,
+    /// With `mqtt`: reports whose post never arrived at most this many (default 0 when `mqtt`
+    /// is set).
+    pub max_mqtt_lost: Option<u64>,
+    /// With `mqtt`: posts received per second over reports answered per second (both before
+    /// the deadline) at least this, e.g. 0.95.
+    pub min_mqtt_ratio: Option<f64>,
 }
 
 /// What the command line may override.
@@ -143,6 +158,7 @@ pub struct Overrides {
     pub api: Option<String>,
     pub procs: Option<usize>,
     pub duration_s: Option<f64>,
+    pub mqtt: Option<String>,
 }
 
 impl Profile {
@@ -187,6 +203,9 @@ impl Profile {
         }
         if let Some(d) = o.duration_s {
             self.duration_s = d;
+        }
+        if let Some(m) = &o.mqtt {
+            self.mqtt = Some(m.clone());
         }
     }
 
@@ -289,6 +308,38 @@ impl Profile {
         if let Some(p) = self.thresholds.p99_ms.filter(|v| v.is_nan() || *v <= 0.0) {
             bail!("thresholds.p99_ms must be > 0, not {p}");
         }
+        match &self.mqtt {
+            Some(url) => {
+                url.parse::<ringlink::mqtt::BrokerUrl>()
+                    .map_err(|e| anyhow::anyhow!("mqtt: {e}"))?;
+            }
+            None => {
+                let t = &self.thresholds;
+                if t.mqtt_p99_ms.is_some()
+                    || t.max_mqtt_lost.is_some()
+                    || t.min_mqtt_ratio.is_some()
+                {
+                    bail!("the mqtt thresholds need mqtt (profile `mqtt` or --mqtt)");
+                }
+            }
+        }
+        if !(self.mqtt_quiet_s.is_finite() && self.mqtt_quiet_s > 0.0) {
+            bail!("mqtt_quiet_s must be > 0, not {}", self.mqtt_quiet_s);
+        }
+        if let Some(p) = self
+            .thresholds
+            .mqtt_p99_ms
+            .filter(|v| v.is_nan() || *v <= 0.0)
+        {
+            bail!("thresholds.mqtt_p99_ms must be > 0, not {p}");
+        }
+        if let Some(r) = self
+            .thresholds
+            .min_mqtt_ratio
+            .filter(|v| !(0.0..=1.0).contains(v))
+        {
+            bail!("thresholds.min_mqtt_ratio must be between 0 and 1, not {r}");
+        }
         Ok(self)
     }
 
@@ -366,6 +417,8 @@ impl Default for Profile {
             source_addrs: Vec::new(),
             request_timeout_ms: 10_000,
             server_pid_file: None,
+            mqtt: None,
+            mqtt_quiet_s: 10.0,
             thresholds: Thresholds::default(),
         }
     }
@@ -400,6 +453,9 @@ impl Default for Thresholds {
             downlink_p99_ms: None,
             max_errors: Some(0),
             min_throughput: None,
+            mqtt_p99_ms: None,
+            max_mqtt_lost: None,
+            min_mqtt_ratio: None,
         }
     }
 }
@@ -531,11 +587,27 @@ mod tests {
             api: Some("127.0.0.1:10".to_owned()),
             procs: Some(2),
             duration_s: Some(3.0),
+            mqtt: Some("mqtt://127.0.0.1:1884".to_owned()),
         });
         let p = p.validate().expect("valid");
         assert_eq!(p.procs, 2);
         assert_eq!(p.api.as_deref(), Some("127.0.0.1:10"));
         assert_eq!(p.duration_s, 3.0);
+        assert_eq!(p.mqtt.as_deref(), Some("mqtt://127.0.0.1:1884"));
+    }
+
+    #[test]
+    fn mqtt_keys() {
+        let p = check("mqtt = \"mqtt://127.0.0.1:1883\"\n[thresholds]\nmqtt_p99_ms = 100\nmin_mqtt_ratio = 0.95")
+            .expect("valid");
+        assert_eq!(p.thresholds.max_mqtt_lost, None);
+        assert_eq!(p.mqtt_quiet_s, 10.0);
+        assert!(err("mqtt = \"http://127.0.0.1:1\"").contains("mqtt://"));
+        assert!(err("[thresholds]\nmax_mqtt_lost = 0").contains("need mqtt"));
+        assert!(
+            err("mqtt = \"mqtt://h\"\n[thresholds]\nmin_mqtt_ratio = 2").contains("min_mqtt_ratio")
+        );
+        assert!(err("mqtt = \"mqtt://h\"\nmqtt_quiet_s = 0").contains("mqtt_quiet_s"));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::conn::{run_slot, Ctx, Gauges, OnlineSet, Slot};
 use crate::device::Device;
 use crate::downlink::Downlinks;
 use crate::model::Model;
+use crate::mqtt::{Subscriber, Tracker};
 use crate::pace::{Pacer, Pacing};
 use crate::profile::Profile;
 use crate::schedule::Schedule;
@@ -120,8 +121,38 @@ pub fn run(
     let gauges = Arc::new(Gauges::default());
     let global = Arc::new(Mutex::new(Stats::new()));
     let threads = profile.threads_per_proc();
+    // With `mqtt`, subscribe before any device starts, so that no post is missed.
+    let mqtt = match &profile.mqtt {
+        Some(url) => {
+            let now = Instant::now();
+            let tracker = Arc::new(Mutex::new(Tracker::new(
+                &model.product_key,
+                (first_device..end_device).map(|i| profile.device_name(i)),
+                now,
+                now + profile.duration(),
+            )));
+            let client_id = format!(
+                "loadgen-{}-{}-{}",
+                std::process::id(),
+                slice.index,
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
+            );
+            let sub = Subscriber::start(url, client_id, tracker.clone(), SUBSCRIBE_WITHIN)?;
+            Some((tracker, sub))
+        }
+        None => None,
+    };
     let start = Instant::now();
     let deadline = start + profile.duration();
+    let measure_from = start + Duration::from_secs_f64(profile.warmup_s);
+    let tracker = mqtt.as_ref().map(|(t, _)| t.clone());
+    if let Some(t) = &tracker {
+        if let Ok(mut t) = t.lock() {
+            t.set_window(measure_from, deadline);
+        }
+    }
     let lanes = (threads * slice.count) as f64;
 
     let mut handles = Vec::new();
@@ -133,6 +164,7 @@ pub fn run(
         let gauges = gauges.clone();
         let online = online.clone();
         let global = global.clone();
+        let tracker = tracker.clone();
         let downlink_rate = profile.downlinks_per_second / slice.count as f64;
         let handle = std::thread::Builder::new()
             .name(format!("loadgen-{t}"))
@@ -152,10 +184,11 @@ pub fn run(
                         gauges,
                         online: online.clone(),
                         start,
-                        measure_from: start + Duration::from_secs_f64(profile.warmup_s),
+                        measure_from,
                         deadline,
                         timeout: Duration::from_millis(profile.request_timeout_ms),
                         pacer: (profile.pacing == Pacing::Spin).then(Pacer::new),
+                        mqtt: tracker,
                     });
                     let pacer = ctx.pacer.clone().map(|p| tokio::task::spawn_local(p.run()));
                     // Flush this thread's numbers into the process total a few times a second.
@@ -241,12 +274,50 @@ pub fn run(
             .map_err(|_| anyhow::anyhow!("a loadgen thread panicked"))??;
     }
     tick(snapshot(&global, &gauges, start));
-    let stats = global
+    let mut stats = global
         .lock()
         .map_err(|_| anyhow::anyhow!("stats lock poisoned"))?
         .clone();
+    if let Some((tracker, sub)) = mqtt {
+        let quiet = Duration::from_secs_f64(profile.mqtt_quiet_s);
+        let waiting_since = Instant::now();
+        loop {
+            let (waiting, last) = match tracker.lock() {
+                Ok(t) => (t.waiting(), t.last_post()),
+                Err(_) => break,
+            };
+            let since = last.map_or(waiting_since, |l| l.max(waiting_since));
+            if waiting == 0 || since.elapsed() >= quiet {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let sub = sub.stop();
+        let (hist, counts) = tracker
+            .lock()
+            .map_err(|_| anyhow::anyhow!("mqtt tracker lock poisoned"))?
+            .finish();
+        if sub.connections_lost > 0 {
+            eprintln!(
+                "loadgen: mqtt subscriber connected {} time(s), lost the broker {} time(s)",
+                sub.connects, sub.connections_lost
+            );
+        }
+        let _ = stats.hists[Hist::MqttE2e as usize].add(&hist);
+        let c = &mut stats.counters;
+        c.mqtt_received += counts.received;
+        c.mqtt_received_in_time += counts.received_in_time;
+        c.mqtt_duplicates += counts.duplicates;
+        c.mqtt_unexpected += counts.unexpected;
+        c.mqtt_lost += counts.lost;
+        c.mqtt_subscriber_lost += sub.connections_lost;
+        c.mqtt_sessions_not_kept += sub.sessions_not_kept;
+    }
     Ok(stats)
 }
+
+/// How long the subscriber may take to connect and subscribe before the run is refused.
+const SUBSCRIBE_WITHIN: Duration = Duration::from_secs(10);
 
 fn load_model(profile: &Profile) -> anyhow::Result<Model> {
     match &profile.tsl {

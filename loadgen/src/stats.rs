@@ -17,7 +17,14 @@ use serde::{Deserialize, Serialize};
 use crate::profile::Profile;
 
 /// Every histogram of a run, by name.
-pub const HISTOGRAMS: [&str; 5] = ["report", "report_service", "downlink", "connect", "online"];
+pub const HISTOGRAMS: [&str; 6] = [
+    "report",
+    "report_service",
+    "downlink",
+    "connect",
+    "online",
+    "mqtt_e2e",
+];
 
 /// Measurements of one thread, one process or a whole run.
 #[derive(Debug, Clone)]
@@ -25,8 +32,9 @@ pub struct Stats {
     /// Report request -> reply, from the *intended* send time (corrected for coordinated
     /// omission), in the order of [`HISTOGRAMS`]: report, report service time (actual send ->
     /// reply, uncorrected), downlink (API round trip from its intended time), connect (TCP +
-    /// TLS + WebSocket handshake), online (onlineDevice -> reply).
-    pub hists: [Histogram<u64>; 5],
+    /// TLS + WebSocket handshake), online (onlineDevice -> reply), mqtt e2e (report sent ->
+    /// its Alink post received from the broker, see [`crate::mqtt`]).
+    pub hists: [Histogram<u64>; 6],
     pub counters: Counters,
     /// Errors by kind, e.g. `timeout_report`, `connect`, `report_code_109001`, `lost`.
     pub errors: BTreeMap<String, u64>,
@@ -56,6 +64,20 @@ pub struct Counters {
     /// The most reports one connection had sent and not yet seen answered (or timed out) at
     /// once: 1 in a closed loop.
     pub max_reports_in_flight: u64,
+    /// Alink posts from the broker matched to a sent report (see [`crate::mqtt`]).
+    pub mqtt_received: u64,
+    /// Of those, received before the run's deadline.
+    pub mqtt_received_in_time: u64,
+    /// Posts repeating an Alink id already received for their device.
+    pub mqtt_duplicates: u64,
+    /// New posts for a device with no report waiting for one.
+    pub mqtt_unexpected: u64,
+    /// Reports whose post never arrived.
+    pub mqtt_lost: u64,
+    /// Times the subscriber lost its broker connection.
+    pub mqtt_subscriber_lost: u64,
+    /// Subscriber reconnects where the broker had not kept its session.
+    pub mqtt_sessions_not_kept: u64,
 }
 
 /// Index into [`Stats::hists`].
@@ -66,6 +88,7 @@ pub enum Hist {
     Downlink = 2,
     Connect = 3,
     Online = 4,
+    MqttE2e = 5,
 }
 
 impl Stats {
@@ -195,6 +218,13 @@ impl Counters {
         self.devices_onlined += o.devices_onlined;
         self.ramp_us = self.ramp_us.max(o.ramp_us);
         self.max_reports_in_flight = self.max_reports_in_flight.max(o.max_reports_in_flight);
+        self.mqtt_received += o.mqtt_received;
+        self.mqtt_received_in_time += o.mqtt_received_in_time;
+        self.mqtt_duplicates += o.mqtt_duplicates;
+        self.mqtt_unexpected += o.mqtt_unexpected;
+        self.mqtt_lost += o.mqtt_lost;
+        self.mqtt_subscriber_lost += o.mqtt_subscriber_lost;
+        self.mqtt_sessions_not_kept += o.mqtt_sessions_not_kept;
     }
 
     pub fn reports_ok(&self) -> u64 {
@@ -257,6 +287,36 @@ pub struct ServerRss {
     pub per_connection_kib: f64,
 }
 
+/// The MQTT sink end to end: reports sent -> their Alink posts received from the broker.
+#[derive(Debug, Clone, Serialize)]
+pub struct MqttSummary {
+    pub broker: String,
+    /// Report sent -> its post received by loadgen's subscriber.
+    pub e2e_latency_ms: Latency,
+    /// Posts matched to a sent report.
+    pub received: u64,
+    /// Reports answered with code 0 (each should reach the broker once).
+    pub expected: u64,
+    /// Reports still waiting for their post when the subscriber had gone quiet.
+    pub lost: u64,
+    /// Posts repeating an Alink id already received for their device (redeliveries).
+    pub duplicates: u64,
+    /// New posts for a device with no report waiting for one.
+    pub unexpected: u64,
+    /// Posts received before the deadline, per second of the run.
+    pub forwarded_per_s: f64,
+    /// Reports answered with code 0 before the deadline, per second of the run.
+    pub reported_per_s: f64,
+    /// `forwarded_per_s / reported_per_s` (0 when nothing was reported).
+    pub ratio: f64,
+    /// Times the subscriber lost its broker connection (it reconnects to its persistent
+    /// session).
+    pub subscriber_connections_lost: u64,
+    /// Reconnects where the broker had not kept that session (a restart without
+    /// persistence): what it received for loadgen meanwhile is gone.
+    pub subscriber_sessions_not_kept: u64,
+}
+
 /// One threshold and whether it held.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -298,6 +358,8 @@ pub struct Summary {
     pub error_total: u64,
     pub cross_check: Option<CrossCheck>,
     pub server_rss: Option<ServerRss>,
+    /// With `mqtt`: the broker end of the run.
+    pub mqtt: Option<MqttSummary>,
     pub thresholds: Vec<Check>,
     pub pass: bool,
 }
@@ -318,9 +380,31 @@ impl Summary {
         let latency_ms = HISTOGRAMS
             .iter()
             .zip(&stats.hists)
+            .filter(|(n, _)| **n != "mqtt_e2e")
             .map(|(n, h)| ((*n).to_owned(), Latency::of(h)))
             .collect::<BTreeMap<_, _>>();
         let throughput = c.reports_ok_in_time as f64 / p.duration_s;
+        let mqtt = p.mqtt.as_ref().map(|broker| {
+            let forwarded = c.mqtt_received_in_time as f64 / p.duration_s;
+            MqttSummary {
+                broker: broker.clone(),
+                e2e_latency_ms: Latency::of(&stats.hists[Hist::MqttE2e as usize]),
+                received: c.mqtt_received,
+                expected: c.reports_ok(),
+                lost: c.mqtt_lost,
+                duplicates: c.mqtt_duplicates,
+                unexpected: c.mqtt_unexpected,
+                forwarded_per_s: forwarded,
+                reported_per_s: throughput,
+                ratio: if throughput > 0.0 {
+                    forwarded / throughput
+                } else {
+                    0.0
+                },
+                subscriber_connections_lost: c.mqtt_subscriber_lost,
+                subscriber_sessions_not_kept: c.mqtt_sessions_not_kept,
+            }
+        });
         let initial = c.connects - c.reconnects.min(c.connects);
         let connect_rate = if c.ramp_us > 0 {
             initial as f64 / (c.ramp_us as f64 / 1e6)
@@ -352,6 +436,22 @@ impl Summary {
                 pass: throughput >= limit,
             });
         }
+        if let Some(m) = &mqtt {
+            if let Some(limit) = t.mqtt_p99_ms {
+                checks.push(Check::max("mqtt e2e p99 ms", limit, m.e2e_latency_ms.p99));
+            }
+            // Default 0: every report answered 0 must reach the broker.
+            let limit = t.max_mqtt_lost.unwrap_or(0);
+            checks.push(Check::max("mqtt lost", limit as f64, m.lost as f64));
+            if let Some(limit) = t.min_mqtt_ratio {
+                checks.push(Check {
+                    name: "mqtt fwd/report".to_owned(),
+                    limit,
+                    value: m.ratio,
+                    pass: m.ratio >= limit,
+                });
+            }
+        }
         let pass = checks.iter().all(|c| c.pass);
         Self {
             profile: p.name.clone(),
@@ -377,6 +477,7 @@ impl Summary {
             error_total: stats.error_total(),
             cross_check,
             server_rss,
+            mqtt,
             thresholds: checks,
             pass,
         }
@@ -422,12 +523,17 @@ impl Summary {
             "{:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "latency ms", "count", "p50", "p90", "p99", "p99.9", "max"
         );
-        for name in HISTOGRAMS {
-            let l = &self.latency_ms[name];
-            let label = match name {
-                "report" => "report (CO-corr)",
-                other => other,
-            };
+        let rows = HISTOGRAMS
+            .iter()
+            .filter_map(|name| {
+                let label = match *name {
+                    "report" => "report (CO-corr)",
+                    other => other,
+                };
+                Some((label, self.latency_ms.get(*name)?))
+            })
+            .chain(self.mqtt.as_ref().map(|m| ("mqtt e2e", &m.e2e_latency_ms)));
+        for (label, l) in rows {
             let _ = writeln!(
                 o,
                 "{label:<16} {:>9} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
@@ -464,6 +570,25 @@ impl Summary {
                 "server RSS: {} KiB before, {} KiB with {} connections open ({:.1} KiB per connection), {} KiB peak",
                 r.before_kib, r.held_kib, r.connections_held, r.per_connection_kib, r.peak_kib
             );
+        }
+        if let Some(m) = &self.mqtt {
+            let _ = writeln!(
+                o,
+                "mqtt {}: received {} of {} expected, lost {}, duplicates {}, unexpected {}",
+                m.broker, m.received, m.expected, m.lost, m.duplicates, m.unexpected
+            );
+            let _ = writeln!(
+                o,
+                "mqtt forwarded {:.1}/s vs reported {:.1}/s: ratio {:.4}",
+                m.forwarded_per_s, m.reported_per_s, m.ratio
+            );
+            if m.subscriber_connections_lost > 0 {
+                let _ = writeln!(
+                    o,
+                    "mqtt subscriber lost the broker {} time(s); {} reconnect(s) found the session gone",
+                    m.subscriber_connections_lost, m.subscriber_sessions_not_kept
+                );
+            }
         }
         for c in &self.thresholds {
             let _ = writeln!(
