@@ -70,6 +70,8 @@ pub struct MqttOptions {
     pub gateway: Option<alink::Gateway>,
 }
 
+/// At most this many free window slots are waited for before a full window is refilled.
+const REFILL_BATCH: usize = 64;
 /// Devices per `thing/topo/add` message.
 const TOPO_CHUNK: usize = 50;
 
@@ -278,6 +280,13 @@ impl Run {
         }
         let committed = self.shared.log_stats.records.load(Ordering::Relaxed);
         self.bucket.refill(now, committed);
+        // Under load the window is the limit: refill it in batches rather than one PUBACK at a
+        // time, so that a turn's publishes share one send and the acks one read.
+        let window = usize::from(self.opts.client.inflight.max(1));
+        let batch = (window / 4).clamp(1, REFILL_BATCH);
+        if qos == QoS::AtLeastOnce && client.window_free() < batch && client.inflight() > 0 {
+            return None;
+        }
         loop {
             if qos == QoS::AtMostOnce && !client.is_connected() {
                 return None;
