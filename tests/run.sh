@@ -23,6 +23,20 @@ fi
 mosquitto_bin="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 "$mosquitto_bin" -h 2>/dev/null | head -n 1 || true
 
+# NATS: the NATS integration tests (tests/nats_cluster.rs) run a 3-server JetStream cluster.
+step "nats-server"
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ] \
+    && [ ! -x /usr/bin/nats-server ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y nats-server
+fi
+nats_bin="$(command -v nats-server || true)"
+[ -n "$nats_bin" ] || [ ! -x /usr/sbin/nats-server ] || nats_bin=/usr/sbin/nats-server
+[ -n "$nats_bin" ] || nats_bin=/usr/bin/nats-server
+"$nats_bin" --version
+
 step "toolchain"
 cargo --version
 rustc --version
