@@ -15,6 +15,7 @@ use ringlink::mqtt;
 use ringlink::registry::Registry;
 use ringlink::shard::{ServerOptions, SinkOptions};
 use ringlink::sink::mqtt::MqttOptions;
+use ringlink::sink::nats::NatsOptions;
 use ringlink::uplink::{self, LogOptions};
 use serde_json::{Map, Value};
 
@@ -272,7 +273,27 @@ fn sink_options(
     };
     match u.sink {
         SinkKind::Local => Ok(SinkOptions::Local),
-        SinkKind::Nats => anyhow::bail!("uplink.sink = \"nats\" is not implemented"),
+        SinkKind::Nats => {
+            let n = &u.nats;
+            let opts = NatsOptions {
+                urls: n.urls.clone(),
+                node: n.node.clone(),
+                stream: n.stream.clone(),
+                prefix: n.subject_prefix.clone(),
+                owners_bucket: n.owners_bucket.clone(),
+                node_timeout: Duration::from_millis(n.node_timeout_ms),
+                replicas: n.replicas.into(),
+                inflight: n.inflight.into(),
+                token: n.token.clone(),
+                creds_file: n.creds_file.clone(),
+                ca_file: n.ca_file.clone(),
+                sync_cursors: u.fsync == config::Fsync::Batch,
+            };
+            Ok(SinkOptions::Nats {
+                nats: Box::new(opts),
+                on_full,
+            })
+        }
         SinkKind::Mqtt => {
             let m = &u.mqtt;
             let mut client = mqtt::Options::new(m.client_id.clone());
@@ -358,6 +379,14 @@ fn summary(shown: &str, checked: &Checked) -> String {
         u.fsync.as_str(),
         u.on_full.as_str()
     );
+    if u.sink == SinkKind::Nats {
+        let n = &u.nats;
+        let _ = writeln!(
+            w,
+            "nats        {} as node {:?}, stream {}, subjects {}.*, owners {}, node_timeout_ms {}, replicas {}",
+            n.urls.join(","), n.node, n.stream, n.subject_prefix, n.owners_bucket, n.node_timeout_ms, n.replicas
+        );
+    }
     if u.sink == SinkKind::Mqtt {
         let m = &u.mqtt;
         let _ = writeln!(

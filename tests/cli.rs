@@ -63,7 +63,7 @@ fn check_bad_config_prints_every_error_with_file_and_line() {
         format!(
             "{dir}/bad.toml:7: limits.max_frame_bytes: must be between 125 and 16777216, got 0"
         ),
-        format!("{dir}/bad.toml:10: uplink.sink: `nats` is not implemented yet"),
+        format!("{dir}/bad.toml:10: uplink.sink: expected local, mqtt or nats, got \"kafka\""),
         format!(
             "{dir}/bad-model.json: at $.properties[0].dataType.specs.min: min 10 is greater than max 1"
         ),

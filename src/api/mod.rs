@@ -181,6 +181,9 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     if let Some(spool) = &s.spool {
         crate::sink::render(spool, crate::shard::unix_ms(), &mut text);
     }
+    if let Some(cluster) = s.cluster.get() {
+        crate::sink::nats::render(cluster, &mut text);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -194,21 +197,43 @@ async fn devices(
     Query(filter): Query<DeviceFilter>,
 ) -> Json<Vec<Value>> {
     let registry = s.registry();
+    let cluster = s.cluster.get();
     let list = registry
         .ids()
         .filter_map(|id| {
-            let online = s.env.owners.owner(id).is_some();
+            let local = s.env.owners.owner(id).is_some();
+            // With a cluster: online on another node counts too (the list is cluster-wide).
+            let remote = (!local)
+                .then(|| cluster.and_then(|c| c.remote_owner(id)))
+                .flatten();
+            let online = local || remote.is_some();
             if filter.online.is_some_and(|want| want != online) {
                 return None;
             }
-            let shadow = s.env.shadows.snapshot(id);
-            Some(json!({
-                "productKey": registry.product_key(id),
-                "deviceName": registry.device_name(id),
-                "online": online,
-                "peer": shadow.peer.map(|p| p.to_string()),
-                "since": shadow.since_ms,
-            }))
+            let mut entry = match remote {
+                Some(owner) => json!({
+                    "productKey": registry.product_key(id),
+                    "deviceName": registry.device_name(id),
+                    "online": true,
+                    "peer": owner.peer,
+                    "since": owner.since,
+                    "node": owner.node,
+                }),
+                None => {
+                    let shadow = s.env.shadows.snapshot(id);
+                    json!({
+                        "productKey": registry.product_key(id),
+                        "deviceName": registry.device_name(id),
+                        "online": online,
+                        "peer": shadow.peer.map(|p| p.to_string()),
+                        "since": shadow.since_ms,
+                    })
+                }
+            };
+            if let (Some(c), true) = (cluster, local) {
+                entry["node"] = Value::from(c.node.as_str());
+            }
+            Some(entry)
         })
         .collect();
     Json(list)
@@ -235,7 +260,8 @@ async fn device(State(s): State<Arc<Shared>>, Path((pk, dn)): Path<(String, Stri
     Json(json!({
         "productKey": pk,
         "deviceName": dn,
-        "online": s.env.owners.owner(id).is_some(),
+        "online": s.env.owners.owner(id).is_some()
+            || s.cluster.get().and_then(|c| c.remote_owner(id)).is_some(),
         "peer": shadow.peer.map(|p| p.to_string()),
         "since": shadow.since_ms,
         "properties": properties,

@@ -213,6 +213,8 @@ pub struct Uplink {
     pub on_full: OnFull,
     /// `[uplink.mqtt]`, used when `sink = "mqtt"`.
     pub mqtt: Mqtt,
+    /// `[uplink.nats]`, used when `sink = "nats"`.
+    pub nats: Nats,
 }
 
 impl Default for Uplink {
@@ -227,6 +229,58 @@ impl Default for Uplink {
             max_age_s: 7 * 24 * 3600,
             on_full: OnFull::DropOldest,
             mqtt: Mqtt::default(),
+            nats: Nats::default(),
+        }
+    }
+}
+
+/// `[uplink.nats]`: the NATS cluster of `sink = "nats"`, through which several ringlink nodes
+/// form one gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nats {
+    /// Servers to connect to (`url`, or `urls` for several; `nats://host[:port]`, `tls://` for
+    /// TLS). Default `nats://127.0.0.1:4222`.
+    pub urls: Vec<String>,
+    /// This node's name, unique in the cluster (default `node-1`): it is the owner written into
+    /// the ownership bucket and part of every uplink's message id.
+    pub node: String,
+    /// JetStream stream of the uplinks (default `RINGLINK_UP`), created if missing.
+    pub stream: String,
+    /// Subjects start with it (default `ringlink`): uplinks `ringlink.up.{pk}.{dn}.{kind}`,
+    /// downlinks `ringlink.down.{pk}.{dn}.{get|set|service.ID}`.
+    pub subject_prefix: String,
+    /// JetStream key-value bucket of device ownership (default `ringlink_owners`); node
+    /// heartbeats go to `<owners_bucket>_nodes`.
+    pub owners_bucket: String,
+    /// A node silent this long is dead: its devices are offline cluster-wide (default 10000,
+    /// 1000-600000 ms). Heartbeats go every third of it.
+    pub node_timeout_ms: u64,
+    /// Replicas of the stream and buckets when ringlink creates them (default 1, 1-5; 3 for a
+    /// 3-server cluster that must survive losing one).
+    pub replicas: u8,
+    /// Uplink publishes awaiting their JetStream acknowledgement at once (default 256): bounds
+    /// what a crash or an outage re-publishes (JetStream drops those repeats by message id).
+    pub inflight: u16,
+    /// Authentication: a token, or a `.creds` file; TLS roots for `tls://` from `ca_file`.
+    pub token: Option<String>,
+    pub creds_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for Nats {
+    fn default() -> Self {
+        Self {
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            node: "node-1".into(),
+            stream: "RINGLINK_UP".into(),
+            subject_prefix: "ringlink".into(),
+            owners_bucket: "ringlink_owners".into(),
+            node_timeout_ms: 10_000,
+            replicas: 1,
+            inflight: 256,
+            token: None,
+            creds_file: None,
+            ca_file: None,
         }
     }
 }

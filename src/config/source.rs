@@ -13,9 +13,9 @@ use std::str::FromStr;
 use toml::de::{DeTable, DeValue};
 
 use crate::config::{
-    Api, Config, ConfigError, Fsync, InlineDevice, IoMode, Limits, Listener, Mqtt, OnFull, Origin,
-    Overrides, RegistrySources, Runtime, SinkKind, TlsFiles, Uplink, DEFAULT_API, DEFAULT_BACKLOG,
-    DEFAULT_DATA_DIR, DEFAULT_IP, DEFAULT_PORT,
+    Api, Config, ConfigError, Fsync, InlineDevice, IoMode, Limits, Listener, Mqtt, Nats, OnFull,
+    Origin, Overrides, RegistrySources, Runtime, SinkKind, TlsFiles, Uplink, DEFAULT_API,
+    DEFAULT_BACKLOG, DEFAULT_DATA_DIR, DEFAULT_IP, DEFAULT_PORT,
 };
 use crate::registry::DriverListener;
 
@@ -62,6 +62,18 @@ pub const KNOBS: &[&str] = &[
     "uplink.mqtt.gateway_product_key",
     "uplink.mqtt.gateway_device_name",
     "uplink.mqtt.device_secrets",
+    "uplink.nats.url",
+    "uplink.nats.urls",
+    "uplink.nats.node",
+    "uplink.nats.stream",
+    "uplink.nats.subject_prefix",
+    "uplink.nats.owners_bucket",
+    "uplink.nats.node_timeout_ms",
+    "uplink.nats.replicas",
+    "uplink.nats.inflight",
+    "uplink.nats.token",
+    "uplink.nats.creds_file",
+    "uplink.nats.ca_file",
     "registry.products",
     "registry.devices",
     "registry.driver_config",
@@ -461,13 +473,8 @@ impl Draft {
 
         let d = Uplink::default();
         let sink = self.parsed("uplink.sink", Sink(SinkKind::Local), "local, mqtt or nats");
-        if sink.0 == SinkKind::Nats {
-            self.fail(
-                "uplink.sink",
-                "`nats` is not implemented yet; `local` and `mqtt` are (uplinks would go nowhere)",
-            );
-        }
         let mqtt = self.mqtt();
+        let nats = self.nats();
         let uplink = Uplink {
             sink: sink.0,
             batch_max: self.int("uplink.batch_max", d.batch_max.into(), 1, 65_536) as u32,
@@ -486,6 +493,7 @@ impl Draft {
                 )
                 .0,
             mqtt,
+            nats,
         };
         if uplink.max_bytes < uplink.segment_bytes {
             self.fail(
@@ -784,6 +792,116 @@ impl Draft {
         }
     }
 
+    /// `[uplink.nats]`, checked whatever the sink.
+    fn nats(&mut self) -> Nats {
+        let d = Nats::default();
+        let mut urls = match (
+            self.values.contains_key("uplink.nats.url"),
+            self.values.contains_key("uplink.nats.urls"),
+        ) {
+            (true, true) => {
+                self.fail(
+                    "uplink.nats.urls",
+                    "set uplink.nats.url or uplink.nats.urls, not both",
+                );
+                d.urls.clone()
+            }
+            (true, false) => vec![self.string("uplink.nats.url", "")],
+            (false, true) => self.strings("uplink.nats.urls"),
+            (false, false) => d.urls.clone(),
+        };
+        urls.retain(|u| !u.is_empty());
+        let knob = if self.values.contains_key("uplink.nats.urls") {
+            "uplink.nats.urls"
+        } else {
+            "uplink.nats.url"
+        };
+        if urls.is_empty() {
+            self.fail(knob, "no NATS server");
+        }
+        for u in &urls {
+            if let Err(e) = check_nats_url(u) {
+                self.fail(knob, e);
+            }
+        }
+        let token_word = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        let node = self.string("uplink.nats.node", &d.node);
+        if !token_word(&node) {
+            self.fail(
+                "uplink.nats.node",
+                "letters, digits, - and _ only (it is a subject token)",
+            );
+        }
+        let stream = self.string("uplink.nats.stream", &d.stream);
+        if !token_word(&stream) {
+            self.fail("uplink.nats.stream", "letters, digits, - and _ only");
+        }
+        let subject_prefix = self.string("uplink.nats.subject_prefix", &d.subject_prefix);
+        if subject_prefix.is_empty()
+            || subject_prefix
+                .split('.')
+                .any(|t| t.is_empty() || t.contains(['*', '>', ' ']))
+        {
+            self.fail(
+                "uplink.nats.subject_prefix",
+                "dot-separated tokens without spaces or wildcards",
+            );
+        }
+        let owners_bucket = self.string("uplink.nats.owners_bucket", &d.owners_bucket);
+        if !token_word(&owners_bucket) {
+            self.fail("uplink.nats.owners_bucket", "letters, digits, - and _ only");
+        }
+        let token = self
+            .values
+            .contains_key("uplink.nats.token")
+            .then(|| self.string("uplink.nats.token", ""));
+        let creds_file = self.path("uplink.nats.creds_file");
+        if token.is_some() && creds_file.is_some() {
+            self.fail("uplink.nats.token", "set a token or a creds file, not both");
+        }
+        Nats {
+            urls,
+            node,
+            stream,
+            subject_prefix,
+            owners_bucket,
+            node_timeout_ms: self.int(
+                "uplink.nats.node_timeout_ms",
+                d.node_timeout_ms,
+                1_000,
+                600_000,
+            ),
+            replicas: self.int("uplink.nats.replicas", d.replicas.into(), 1, 5) as u8,
+            inflight: self.int("uplink.nats.inflight", d.inflight.into(), 1, 65_535) as u16,
+            token,
+            creds_file,
+            ca_file: self.path("uplink.nats.ca_file"),
+        }
+    }
+
+    /// A list of strings: a TOML array, or comma-separated in the environment.
+    fn strings(&mut self, knob: &str) -> Vec<String> {
+        let Some((raw, origin)) = self.values.get(knob).cloned() else {
+            return Vec::new();
+        };
+        match raw {
+            Raw::List(items) => items,
+            Raw::Text(s) | Raw::Str(s) => s.split(',').map(|p| p.trim().to_owned()).collect(),
+            other => {
+                self.errors.push(ConfigError::setting(
+                    origin,
+                    knob,
+                    format!("expected an array of strings, found {}", other.kind()),
+                ));
+                Vec::new()
+            }
+        }
+    }
+
     /// A path, relative to the folder of the file that named it (else the working directory).
     fn path(&mut self, knob: &str) -> Option<PathBuf> {
         let (raw, origin) = self.values.get(knob).cloned()?;
@@ -921,6 +1039,23 @@ impl FromStr for Sink {
             _ => Err(()),
         }
     }
+}
+
+/// `nats://host[:port]` or `tls://host[:port]` (what async-nats takes).
+fn check_nats_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("nats://")
+        .or_else(|| url.strip_prefix("tls://"))
+        .ok_or_else(|| format!("{url:?}: expected nats://HOST[:PORT] or tls://HOST[:PORT]"))?;
+    let host =
+        rest.rsplit_once(':')
+            .map_or(rest, |(h, p)| if p.parse::<u16>().is_ok() { h } else { "" });
+    if host.is_empty() || rest.contains(['/', '?', ' ']) {
+        return Err(format!(
+            "{url:?}: expected nats://HOST[:PORT] or tls://HOST[:PORT]"
+        ));
+    }
+    Ok(())
 }
 
 struct OnFullArg(OnFull);

@@ -137,6 +137,17 @@ replay_per_s = 200
 gateway_product_key = "gwPK"
 gateway_device_name = "gw-1"
 device_secrets = "secrets.csv"
+[uplink.nats]
+urls = ["nats://10.0.0.1:4222", "tls://10.0.0.2"]
+node = "edge-7"
+stream = "UP"
+subject_prefix = "site3.rl"
+owners_bucket = "owners"
+node_timeout_ms = 3000
+replicas = 3
+inflight = 64
+token = "t0k"
+ca_file = "certs/nats-ca.pem"
 "#;
     let (dir, c) = load(text, &[], &Overrides::default());
     let c = c.expect("valid");
@@ -198,6 +209,19 @@ device_secrets = "secrets.csv"
                 gateway: Some(("gwPK".into(), "gw-1".into())),
                 device_secrets: Some(dir.0.join("secrets.csv")),
             },
+            nats: Nats {
+                urls: vec!["nats://10.0.0.1:4222".into(), "tls://10.0.0.2".into()],
+                node: "edge-7".into(),
+                stream: "UP".into(),
+                subject_prefix: "site3.rl".into(),
+                owners_bucket: "owners".into(),
+                node_timeout_ms: 3000,
+                replicas: 3,
+                inflight: 64,
+                token: Some("t0k".into()),
+                creds_file: None,
+                ca_file: Some(dir.0.join("certs/nats-ca.pem")),
+            },
         }
     );
     assert_eq!(c.file, Some(dir.0.join("ringlink.toml")));
@@ -205,7 +229,7 @@ device_secrets = "secrets.csv"
 
 #[test]
 fn errors_name_file_line_and_key_and_all_are_reported() {
-    let text = "[listener]\nport = 70000\nprot = 1\n\n[limits]\nmax_connections = 10\nmax_frame_bytes = 0\nauto_online_on_report = \"yes\"\n[runtime]\nio = \"kqueue\"\n[uplink]\nsink = \"nats\"\n[nope]\n";
+    let text = "[listener]\nport = 70000\nprot = 1\n\n[limits]\nmax_connections = 10\nmax_frame_bytes = 0\nauto_online_on_report = \"yes\"\n[runtime]\nio = \"kqueue\"\n[uplink]\nsink = \"kafka\"\n[nope]\n";
     assert_eq!(
         errors(text),
         [
@@ -214,7 +238,7 @@ fn errors_name_file_line_and_key_and_all_are_reported() {
             "ringlink.toml:7: limits.max_frame_bytes: must be between 125 and 16777216, got 0",
             "ringlink.toml:8: limits.auto_online_on_report: expected true or false, got a string",
             "ringlink.toml:10: runtime.io: expected auto, uring or epoll, got \"kqueue\"",
-            "ringlink.toml:12: uplink.sink: `nats` is not implemented yet; `local` and `mqtt` are (uplinks would go nowhere)",
+            "ringlink.toml:12: uplink.sink: expected local, mqtt or nats, got \"kafka\"",
             "ringlink.toml:13: nope: unknown key (known here: listener, runtime, limits, api, data_dir, uplink, registry)",
         ]
     );
@@ -576,7 +600,7 @@ fn the_example_file_uncommented_gives_the_defaults() {
         .count();
     assert_eq!(
         set,
-        KNOBS.len() - 13,
+        KNOBS.len() - 17,
         "every knob but tls.*, registry.* and the optional uplink.mqtt credentials is set"
     );
     let (_dir, c) = load(&uncommented, &[], &Overrides::default());

@@ -25,7 +25,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,7 @@ use crate::shard::core::{Env, ShardCore, ShardMsg};
 use crate::shard::mesh::{Mesh, Msg, Reply};
 use crate::shard::partition::ShardLog;
 use crate::sink::mqtt::{Forwarder, MqttOptions};
+use crate::sink::nats::{Cluster, Forwarder as NatsForwarder, NatsOptions};
 use crate::sink::Spool;
 use crate::uplink::{partition_dir, LocalLog, LogOptions, Marks, OnFull, Outbox, UplinkError};
 
@@ -56,6 +57,8 @@ pub(crate) struct Shared {
     pub(crate) log_stats: LogStats,
     /// With an external sink: what the shards and its forwarder share.
     pub(crate) spool: Option<Arc<Spool>>,
+    /// With the NATS sink: this node's view of the cluster (set once its forwarder started).
+    pub(crate) cluster: OnceLock<Arc<Cluster>>,
 }
 
 impl Shared {
@@ -73,6 +76,15 @@ impl Shared {
         params: Vec<u8>,
     ) -> Outcome {
         let Some(conn) = self.env.owners.owner(device) else {
+            // Online on another node of the cluster?
+            if let Some(cluster) = self.cluster.get() {
+                if cluster.remote_owner(device).is_some() {
+                    let registry = self.registry();
+                    let (pk, dn) = (registry.product_key(device), registry.device_name(device));
+                    let limit = self.env.ctx.config.downlink_timeout + Duration::from_secs(2);
+                    return cluster.downlink(pk, dn, &request, &params, limit).await;
+                }
+            }
             return Outcome::failed(Code::DeviceOffline);
         };
         let (reply, answer) = oneshot::channel();
@@ -162,6 +174,17 @@ pub enum SinkOptions {
         mqtt: Box<MqttOptions>,
         on_full: OnFull,
     },
+    /// A NATS JetStream cluster shared with other ringlink nodes.
+    Nats {
+        nats: Box<NatsOptions>,
+        on_full: OnFull,
+    },
+}
+
+/// The forwarder of the external sink, if any.
+enum Forwarders {
+    Mqtt(Forwarder),
+    Nats(NatsForwarder),
 }
 
 /// A running gateway (without its API; see [`crate::api`]).
@@ -173,7 +196,7 @@ pub struct Server {
     pub driver_reason: String,
     pub(crate) shared: Arc<Shared>,
     shards: Vec<JoinHandle<io::Result<()>>>,
-    forwarder: Option<Forwarder>,
+    forwarder: Option<Forwarders>,
 }
 
 /// Why a server did not start.
@@ -211,7 +234,7 @@ impl Server {
         // each gets the marks it shares with the forwarder.
         let on_full = match &opts.sink {
             SinkOptions::Local => None,
-            SinkOptions::Mqtt { on_full, .. } => Some(*on_full),
+            SinkOptions::Mqtt { on_full, .. } | SinkOptions::Nats { on_full, .. } => Some(*on_full),
         };
         let mut partitions = Vec::new();
         let logs = (0..threads)
@@ -256,6 +279,7 @@ impl Server {
             draining: AtomicBool::new(false),
             log_stats: LogStats::new(threads),
             spool,
+            cluster: OnceLock::new(),
         });
         let mut shards = Vec::with_capacity(threads);
         let (ready, setups) = std::sync::mpsc::sync_channel(threads);
@@ -314,8 +338,14 @@ impl Server {
         }
         let forwarder = match opts.sink {
             SinkOptions::Local => None,
-            SinkOptions::Mqtt { mqtt, .. } => {
-                Some(Forwarder::start(Arc::clone(&shared), *mqtt).map_err(StartError::Forwarder)?)
+            SinkOptions::Mqtt { mqtt, .. } => Some(Forwarders::Mqtt(
+                Forwarder::start(Arc::clone(&shared), *mqtt).map_err(StartError::Forwarder)?,
+            )),
+            SinkOptions::Nats { nats, .. } => {
+                let (forwarder, cluster) = NatsForwarder::start(Arc::clone(&shared), *nats)
+                    .map_err(StartError::Forwarder)?;
+                let _ = shared.cluster.set(cluster);
+                Some(Forwarders::Nats(forwarder))
             }
         };
         Ok(Self {
@@ -360,8 +390,10 @@ impl Server {
             }
         }
         // Every record is committed now: the forwarder publishes what it can of the rest.
-        if let Some(forwarder) = self.forwarder.take() {
-            forwarder.stop();
+        match self.forwarder.take() {
+            Some(Forwarders::Mqtt(f)) => f.stop(),
+            Some(Forwarders::Nats(f)) => f.stop(),
+            None => {}
         }
         if let Some(api) = api {
             api.stop();

@@ -13,6 +13,7 @@
 //! ```
 
 pub mod mqtt;
+pub mod nats;
 pub mod outbox;
 
 use std::collections::BTreeMap;
@@ -52,6 +53,30 @@ impl Spool {
     /// Records the caps deleted before they were forwarded (`on_full = "drop_oldest"`).
     pub fn dropped(&self) -> u64 {
         self.partitions.iter().map(|(_, m)| m.dropped()).sum()
+    }
+}
+
+/// Committed records a sink has not acknowledged: those unforwarded when its forwarder started
+/// (counted once, from the cursors), plus every record committed since, minus those forwarded
+/// or dropped by the caps since.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backlog {
+    at_start: u64,
+    committed_at_start: u64,
+}
+
+impl Backlog {
+    pub(crate) fn new(outbox: &outbox::Outbox, committed: u64) -> Self {
+        Self {
+            at_start: outbox.count_unforwarded().unwrap_or(0),
+            committed_at_start: committed,
+        }
+    }
+
+    /// The backlog now, given the log's record count now.
+    pub(crate) fn records(&self, spool: &Spool, committed: u64) -> u64 {
+        let done = spool.stats.forwarded.load(Ordering::Relaxed) + spool.dropped();
+        (self.at_start + committed.saturating_sub(self.committed_at_start)).saturating_sub(done)
     }
 }
 

@@ -46,7 +46,7 @@ use crate::mqtt::{self, BrokerUrl, Client, Connection, Event, PublishError, QoS,
 use crate::protocol::Code;
 use crate::shard::{unix_ms, Shared};
 use crate::sink::outbox::{Outbox, Tag};
-use crate::sink::Spool;
+use crate::sink::{Backlog, Spool};
 
 /// How long a stopping forwarder keeps publishing what is left.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
@@ -162,9 +162,7 @@ struct Run {
     bucket: Bucket,
     /// Whether the outbox ran dry in the last pump (then a commit is worth waiting for).
     dry: bool,
-    /// Records counted as backlog at start, and the log's record count then.
-    backlog_base: u64,
-    committed_base: u64,
+    backlog: Backlog,
     resent_base: u64,
     dial_error: Option<String>,
 }
@@ -174,8 +172,8 @@ impl Run {
         let (reply_tx, reply_rx) = mpsc::unbounded_channel();
         let rate = opts.replay_per_s as f64;
         let burst = f64::from(opts.client.inflight.max(1));
-        let backlog_base = outbox.count_unforwarded().unwrap_or(0);
         let committed_base = shared.log_stats.records.load(Ordering::Relaxed);
+        let backlog = Backlog::new(&outbox, committed_base);
         // Alink ids are unique per device per day: start from the second of the day, spread
         // over the u32 range, so that a restart does not reuse the ids of the hours before.
         let day_s = (unix_ms() / 1000 % 86_400) as u32;
@@ -192,8 +190,7 @@ impl Run {
             catching_up: true,
             bucket: Bucket::new(rate, burst, Instant::now(), committed_base),
             dry: false,
-            backlog_base,
-            committed_base,
+            backlog,
             resent_base: 0,
             dial_error: None,
             opts,
@@ -300,7 +297,8 @@ impl Run {
             let (tag, topic, body) = match self.held.take() {
                 Some(held) => held,
                 None => match self.outbox.take_next() {
-                    Ok(Some((tag, line))) => {
+                    Ok(Some(taken)) => {
+                        let (tag, line) = (taken.tag, taken.line);
                         let id = self.next_id;
                         self.next_id = self.next_id.wrapping_add(1);
                         let prefix = &self.opts.topic_prefix;
@@ -497,8 +495,7 @@ impl Run {
         };
         stats.oldest_unforwarded_ms.store(oldest, Ordering::Relaxed);
         let committed = self.shared.log_stats.records.load(Ordering::Relaxed);
-        let done = stats.forwarded.load(Ordering::Relaxed) + self.spool.dropped();
-        let backlog = (self.backlog_base + committed - self.committed_base).saturating_sub(done);
+        let backlog = self.backlog.records(&self.spool, committed);
         stats.backlog_records.store(backlog, Ordering::Relaxed);
         if let Ok(bytes) = self.outbox.backlog_bytes() {
             stats.backlog_bytes.store(bytes, Ordering::Relaxed);

@@ -28,6 +28,18 @@ const COUNTER_MASK: u64 = (1 << PART_SHIFT) - 1;
 /// The tag of a record handed out by [`Outbox::take_next`]; it comes back to [`Outbox::ack`].
 pub type Tag = u64;
 
+/// A record handed out by [`Outbox::take_next`].
+#[derive(Debug, Clone, Copy)]
+pub struct Taken<'a> {
+    pub tag: Tag,
+    /// Its partition (the shard that wrote it) and its place there: together a name for the
+    /// record that stays the same when it is read again after a restart.
+    pub part: usize,
+    pub pos: Position,
+    /// The record line, without its `\n`.
+    pub line: &'a [u8],
+}
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct Outbox {
@@ -81,7 +93,7 @@ impl Outbox {
     /// The next record line to publish, the earliest of every partition's next one, with its
     /// tag; `None` when every committed record has been handed out. A line the caller cannot
     /// publish is [`Outbox::ack`]ed right away (skipped).
-    pub fn take_next(&mut self) -> Result<Option<(Tag, &[u8])>, UplinkError> {
+    pub fn take_next(&mut self) -> Result<Option<Taken<'_>>, UplinkError> {
         let mut best: Option<(u64, usize)> = None;
         for (i, part) in self.parts.iter_mut().enumerate() {
             if let Some(item) = part.reader.peek()? {
@@ -105,7 +117,12 @@ impl Outbox {
             at_ms,
             acked: false,
         });
-        Ok(Some((tag, item.line)))
+        Ok(Some(Taken {
+            tag,
+            part: i,
+            pos: item.pos,
+            line: item.line,
+        }))
     }
 
     /// The sink acknowledged the record `tag`. Unknown or repeated tags are ignored.

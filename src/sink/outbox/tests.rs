@@ -62,9 +62,9 @@ fn frame(dn: &str, times: &[u64]) -> Vec<u8> {
 
 fn take_all(o: &mut Outbox) -> Vec<(Tag, u64)> {
     let mut out = Vec::new();
-    while let Some((tag, line)) = o.take_next().expect("next") {
-        let rec = crate::uplink::decode_line(line).expect("a record");
-        out.push((tag, rec.at_ms));
+    while let Some(t) = o.take_next().expect("next") {
+        let rec = crate::uplink::decode_line(t.line).expect("a record");
+        out.push((t.tag, rec.at_ms));
     }
     out
 }
