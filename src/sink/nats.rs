@@ -385,8 +385,7 @@ async fn run(
             }
         }
     };
-    let (ops_tx, ops_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(write_owners(owners.clone(), ops_rx, Arc::clone(&cluster)));
+    let ops_tx = Lanes::spawn(&owners, &cluster);
     tokio::spawn(watch_owners(
         owners,
         Arc::clone(&shared),
@@ -534,7 +533,7 @@ async fn open_bucket(
 fn next_record(
     outbox: &mut Outbox,
     opts: &NatsOptions,
-    ops: &tokio::sync::mpsc::UnboundedSender<OwnerOp>,
+    ops: &Lanes,
     spool: &Spool,
 ) -> Option<InFlight> {
     loop {
@@ -564,13 +563,13 @@ fn next_record(
                     "since": rec.at_ms,
                     "peer": rec.peer.map(|p| p.to_string()),
                 });
-                let _ = ops.send(OwnerOp::Online {
+                ops.send(OwnerOp::Online {
                     key,
                     value: Bytes::from(value.to_string()),
                 });
             }
             RecordKind::Offline => {
-                let _ = ops.send(OwnerOp::Offline { key });
+                ops.send(OwnerOp::Offline { key });
             }
             RecordKind::Property | RecordKind::Event => {}
         }
@@ -632,8 +631,42 @@ fn tick(outbox: &mut Outbox, shared: &Shared, spool: &Spool, backlog: &Backlog, 
         .store(backlog.records(spool, committed), Ordering::Relaxed);
 }
 
-/// Applies ownership changes in the order the log has them. An offline deletes the key only
-/// while this node's own put is still the latest (another node may own the device by now).
+/// Ownership writers: a change goes to the lane of its key, so changes of one device keep the
+/// log's order while different devices' writes (each a round trip to the JetStream leader) run
+/// side by side: a reconnect storm of thousands of onlines is not written one at a time.
+struct Lanes(Vec<tokio::sync::mpsc::UnboundedSender<OwnerOp>>);
+
+/// Ownership writes in flight at once.
+const LANES: usize = 32;
+
+impl Lanes {
+    fn spawn(store: &kv::Store, cluster: &Arc<Cluster>) -> Self {
+        Self(
+            (0..LANES)
+                .map(|_| {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    tokio::spawn(write_owners(store.clone(), rx, Arc::clone(cluster)));
+                    tx
+                })
+                .collect(),
+        )
+    }
+
+    fn send(&self, op: OwnerOp) {
+        let key = match &op {
+            OwnerOp::Online { key, .. } | OwnerOp::Offline { key } => key,
+        };
+        let lane = key
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)))
+            % self.0.len();
+        let _ = self.0[lane].send(op);
+    }
+}
+
+/// Applies one lane's ownership changes in the order the log has them. An offline deletes the
+/// key only while this node's own put is still the latest (another node may own the device by
+/// now).
 async fn write_owners(
     store: kv::Store,
     mut ops: tokio::sync::mpsc::UnboundedReceiver<OwnerOp>,
