@@ -68,7 +68,7 @@ impl TlsError {
 
 /// The server configuration for a certificate chain file and its private key file.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let chain = load_chain(cert)?;
+    let chain = load_certs(cert)?;
     let key_der = load_key(key)?;
     let provider = Arc::new(crypto_provider());
     let signing_key = provider
@@ -147,7 +147,9 @@ fn is_pem(bytes: &[u8]) -> bool {
     bytes.windows(10).any(|w| w == b"-----BEGIN")
 }
 
-fn load_chain(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The certificates of `file`, PEM (every CERTIFICATE section, in order) or DER (one); for the
+/// server's chain and for the CA files of clients (the MQTT sink).
+pub fn load_certs(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = read(file)?;
     let malformed = |message: String| TlsError::Malformed {
         file: file.to_owned(),
@@ -170,7 +172,8 @@ fn load_chain(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(chain)
 }
 
-fn load_key(file: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+/// The private key of `file`: PKCS#8, PKCS#1 (RSA) or SEC1 (EC), PEM or DER.
+pub fn load_key(file: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = read(file)?;
     let malformed = |message: String| TlsError::Malformed {
         file: file.to_owned(),

@@ -28,14 +28,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::{Client, Event, Options};
+use crate::tls::{load_certs, load_key};
 
 /// Where the broker is: `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]`
 /// (default 8883). IPv6 hosts go in brackets: `mqtt://[::1]:1883`.
@@ -135,24 +135,14 @@ impl fmt::Display for BrokerUrl {
 /// Why the TLS client configuration cannot be built. Every error names the file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
-    /// A file cannot be read.
-    #[error("{}: cannot read: {source}", file.display())]
-    Read {
+    /// A certificate or key file cannot be read or holds nothing usable.
+    #[error(transparent)]
+    File(#[from] crate::tls::TlsError),
+    /// The CA file holds no certificate rustls can use as a root.
+    #[error("{}: no CA certificate rustls can use", file.display())]
+    NoUsableRoot {
         /// The file.
         file: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
-    /// A file holds no usable certificate or key.
-    #[error("{}: not a PEM or DER {what}: {message}", file.display())]
-    Malformed {
-        /// The file.
-        file: PathBuf,
-        /// What was expected.
-        what: &'static str,
-        /// What is wrong.
-        message: String,
     },
     /// No CA file was given and no system CA bundle was found.
     #[error(
@@ -192,11 +182,7 @@ pub fn tls_config(
     };
     let (added, _) = roots.add_parsable_certificates(load_certs(&ca_file)?);
     if added == 0 {
-        return Err(TlsConfigError::Malformed {
-            file: ca_file,
-            what: "CA certificate",
-            message: "no certificate rustls can use".into(),
-        });
+        return Err(TlsConfigError::NoUsableRoot { file: ca_file });
     }
     let builder = ClientConfig::builder_with_provider(Arc::new(crate::tls::crypto_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
@@ -206,53 +192,6 @@ pub fn tls_config(
         Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
     };
     Ok(Arc::new(config))
-}
-
-fn read(file: &Path) -> Result<Vec<u8>, TlsConfigError> {
-    std::fs::read(file).map_err(|source| TlsConfigError::Read {
-        file: file.to_owned(),
-        source,
-    })
-}
-
-fn is_pem(bytes: &[u8]) -> bool {
-    bytes.windows(10).any(|w| w == b"-----BEGIN")
-}
-
-fn load_certs(file: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
-    let bytes = read(file)?;
-    let malformed = |message: String| TlsConfigError::Malformed {
-        file: file.to_owned(),
-        what: "certificate",
-        message,
-    };
-    if !is_pem(&bytes) {
-        if bytes.first() != Some(&0x30) {
-            return Err(malformed("neither PEM nor a DER SEQUENCE".into()));
-        }
-        return Ok(vec![CertificateDer::from(bytes)]);
-    }
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| malformed(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(malformed("no CERTIFICATE section".into()));
-    }
-    Ok(certs)
-}
-
-fn load_key(file: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
-    let bytes = read(file)?;
-    let malformed = |message: String| TlsConfigError::Malformed {
-        file: file.to_owned(),
-        what: "private key (PKCS#8, PKCS#1 or SEC1)",
-        message,
-    };
-    if is_pem(&bytes) {
-        PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| malformed(e.to_string()))
-    } else {
-        PrivateKeyDer::try_from(bytes).map_err(|e| malformed(e.to_owned()))
-    }
 }
 
 /// What [`Connection::run_until`] stopped for.
@@ -654,7 +593,7 @@ mod tests {
         let junk = dir.join("junk.pem");
         std::fs::write(&junk, "hello").unwrap();
         let e = tls_config(Some(&junk), None).unwrap_err();
-        assert!(matches!(e, TlsConfigError::Malformed { .. }), "{e}");
+        assert!(matches!(e, TlsConfigError::File(_)), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -119,7 +119,7 @@ fn a_chain_keeps_every_certificate() {
     let leaf = cert_for(EC_PKCS8);
     let other = cert_for(RSA_PKCS8);
     let cert = dir.file("chain.pem", format!("{}{}", leaf.pem(), other.pem()));
-    assert_eq!(load_chain(&cert).expect("chain").len(), 2);
+    assert_eq!(load_certs(&cert).expect("chain").len(), 2);
     let key = dir.file("key.pem", EC_PKCS8);
     server_config(&cert, &key).expect("leaf first, key matches the leaf");
 }
