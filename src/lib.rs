@@ -38,4 +38,5 @@ pub mod shard;
 pub mod sink;
 pub mod tls;
 pub mod uplink;
+pub mod worker;
 pub mod ws;

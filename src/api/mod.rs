@@ -11,7 +11,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -21,7 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 
 use crate::model::Access;
 use crate::protocol::Code;
@@ -29,12 +28,12 @@ use crate::registry::DeviceId;
 use crate::session::DownlinkRequest;
 use crate::shard::Server;
 use crate::shard::Shared;
+use crate::worker::Worker;
 
 /// The running API.
 pub struct Api {
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    worker: Worker,
 }
 
 impl Api {
@@ -44,55 +43,31 @@ impl Api {
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
         let state = Arc::clone(&server.shared);
-        let (stop, stopped) = oneshot::channel::<()>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let thread = std::thread::Builder::new()
-            .name("ringlink-api".into())
-            .spawn(move || {
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(std_listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            eprintln!("ringlink: API listener: {e}");
-                            return;
-                        }
-                    };
-                    let app = router(state);
-                    let served = axum::serve(listener, app).with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    });
-                    if let Err(e) = served.await {
-                        eprintln!("ringlink: API stopped: {e}");
-                    }
-                });
-            })?;
-        Ok(Self {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+        let worker = Worker::spawn("ringlink-api", rt, move |stopped| async move {
+            let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("ringlink: API listener: {e}");
+                    return;
+                }
+            };
+            let app = router(state);
+            let served = axum::serve(listener, app).with_graceful_shutdown(async {
+                let _ = stopped.await;
+            });
+            if let Err(e) = served.await {
+                eprintln!("ringlink: API stopped: {e}");
+            }
+        })?;
+        Ok(Self { addr, worker })
     }
 
     /// Stops serving and waits for the thread.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.shutdown();
+    pub fn stop(self) {
+        self.worker.stop();
     }
 }
 

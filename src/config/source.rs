@@ -1047,9 +1047,9 @@ fn check_nats_url(url: &str) -> Result<(), String> {
         .strip_prefix("nats://")
         .or_else(|| url.strip_prefix("tls://"))
         .ok_or_else(|| format!("{url:?}: expected nats://HOST[:PORT] or tls://HOST[:PORT]"))?;
-    let host =
-        rest.rsplit_once(':')
-            .map_or(rest, |(h, p)| if p.parse::<u16>().is_ok() { h } else { "" });
+    let host = rest
+        .rsplit_once(':')
+        .map_or(rest, |(h, p)| if p.parse::<u16>().is_ok() { h } else { "" });
     if host.is_empty() || rest.contains(['/', '?', ' ']) {
         return Err(format!(
             "{url:?}: expected nats://HOST[:PORT] or tls://HOST[:PORT]"

@@ -36,7 +36,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -47,6 +46,7 @@ use crate::protocol::Code;
 use crate::shard::{unix_ms, Shared};
 use crate::sink::outbox::{Outbox, Tag};
 use crate::sink::{Backlog, Spool};
+use crate::worker::Worker;
 
 /// How long a stopping forwarder keeps publishing what is left.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
@@ -76,10 +76,7 @@ const REFILL_BATCH: usize = 64;
 const TOPO_CHUNK: usize = 50;
 
 /// The running forwarder.
-pub struct Forwarder {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
+pub struct Forwarder(Worker);
 
 impl Forwarder {
     /// Opens the outbox at the stored cursors and starts forwarding on a thread of its own.
@@ -96,38 +93,16 @@ impl Forwarder {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (stop, stopped) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("ringlink-mqtt".into())
-            .spawn(move || {
-                let run = Run::new(shared, spool, opts, outbox);
-                rt.block_on(run.run(conn, stopped));
-            })?;
-        Ok(Self {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+        let worker = Worker::spawn("ringlink-mqtt", rt, move |stopped| {
+            Run::new(shared, spool, opts, outbox).run(conn, stopped)
+        })?;
+        Ok(Self(worker))
     }
 
     /// Publishes what is left for up to [`DRAIN_GRACE`], stores the cursors, disconnects, and
     /// waits for the thread.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Forwarder {
-    fn drop(&mut self) {
-        self.shutdown();
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 

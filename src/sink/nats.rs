@@ -31,7 +31,6 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv, stream};
@@ -50,6 +49,7 @@ use crate::shard::{unix_ms, Shared};
 use crate::sink::outbox::{Outbox, Tag};
 use crate::sink::{Backlog, Spool};
 use crate::uplink::{decode_line, RecordKind};
+use crate::worker::Worker;
 
 /// How long a stopping forwarder keeps publishing what is left.
 const DRAIN_GRACE: Duration = Duration::from_secs(3);
@@ -228,10 +228,7 @@ pub fn render(cluster: &Cluster, out: &mut String) {
 }
 
 /// The running NATS side.
-pub struct Forwarder {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
+pub struct Forwarder(Worker);
 
 impl Forwarder {
     /// Connects (in the background: NATS may come later), opens the outbox and starts every
@@ -295,50 +292,26 @@ impl Forwarder {
             alive: Mutex::new(HashMap::new()),
             stats: NatsStats::default(),
         });
-        let (stop, stopped) = oneshot::channel();
         let view = Arc::clone(&cluster);
-        let thread = std::thread::Builder::new()
-            .name("ringlink-nats".into())
-            .spawn(move || {
-                rt.block_on(run(
-                    shared,
-                    spool,
-                    view,
-                    opts,
-                    outbox,
-                    client,
-                    cluster_stats,
-                    stopped,
-                ));
-            })?;
-        Ok((
-            Self {
-                stop: Some(stop),
-                thread: Some(thread),
-            },
-            cluster,
-        ))
+        let worker = Worker::spawn("ringlink-nats", rt, move |stopped| {
+            run(
+                shared,
+                spool,
+                view,
+                opts,
+                outbox,
+                client,
+                cluster_stats,
+                stopped,
+            )
+        })?;
+        Ok((Self(worker), cluster))
     }
 
     /// Publishes what is left for up to [`DRAIN_GRACE`], stores the cursors, and waits for the
     /// thread.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Forwarder {
-    fn drop(&mut self) {
-        self.shutdown();
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 
@@ -656,10 +629,9 @@ impl Lanes {
         let key = match &op {
             OwnerOp::Online { key, .. } | OwnerOp::Offline { key } => key,
         };
-        let lane = key
-            .bytes()
-            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)))
-            % self.0.len();
+        let lane = key.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        }) % self.0.len();
         let _ = self.0[lane].send(op);
     }
 }

@@ -79,7 +79,7 @@ impl Mosquitto {
             let db = self.dir.join("db");
             std::fs::create_dir_all(&db).expect("persistence dir");
             conf.push_str(&format!(
-                "persistence true\npersistence_location {}/\nautosave_on_changes true\n\
+                "persistence true\npersistence_location {}/\n\
                  autosave_interval 1\n",
                 db.display()
             ));
