@@ -47,7 +47,6 @@ use crate::stats::{Hist, Stats};
 pub struct Ctx {
     pub profile: Arc<Profile>,
     pub model: Arc<Model>,
-    pub target: SocketAddr,
     pub tls: Option<tokio_rustls::TlsConnector>,
     pub stats: Rc<RefCell<Stats>>,
     pub gauges: Arc<Gauges>,
@@ -108,6 +107,8 @@ pub struct Slot {
     /// Local (this process) index of its first device in the [`OnlineSet`].
     pub first_local_device: usize,
     pub devices: Vec<Device>,
+    /// The server this connection dials: `targets[index % n]`.
+    pub target: SocketAddr,
     pub source: Option<IpAddr>,
     /// Churn: asks the connection to close and reconnect.
     pub reconnect: Rc<Notify>,
@@ -200,7 +201,7 @@ async fn retry_pause(ctx: &Ctx) {
 /// TCP (bound to the slot's source address), TLS, WebSocket handshake. Errors are an error
 /// kind.
 async fn connect(ctx: &Ctx, slot: &Slot) -> Result<(Stream, Vec<u8>), &'static str> {
-    let socket = if ctx.target.is_ipv4() {
+    let socket = if slot.target.is_ipv4() {
         TcpSocket::new_v4()
     } else {
         TcpSocket::new_v6()
@@ -213,12 +214,12 @@ async fn connect(ctx: &Ctx, slot: &Slot) -> Result<(Stream, Vec<u8>), &'static s
         bind_address_no_port(&socket).map_err(|_| "bind")?;
         socket.bind(SocketAddr::new(src, 0)).map_err(|_| "bind")?;
     }
-    let tcp = socket.connect(ctx.target).await.map_err(|_| "connect")?;
+    let tcp = socket.connect(slot.target).await.map_err(|_| "connect")?;
     tcp.set_nodelay(true).map_err(|_| "connect")?;
     let mut stream = match &ctx.tls {
         None => Stream::Plain(tcp),
         Some(tls) => {
-            let name = rustls_pki_types::ServerName::IpAddress(ctx.target.ip().into());
+            let name = rustls_pki_types::ServerName::IpAddress(slot.target.ip().into());
             let s = tls.connect(name, tcp).await.map_err(|_| "tls")?;
             Stream::Tls(Box::new(s))
         }
@@ -226,7 +227,7 @@ async fn connect(ctx: &Ctx, slot: &Slot) -> Result<(Stream, Vec<u8>), &'static s
     let key = base64::engine::general_purpose::STANDARD.encode(fastrand::u128(..).to_le_bytes());
     let mut buf = Vec::with_capacity(256);
     // Like the official client: `Host: <ip>` without the port, path `//`.
-    let host = ctx.target.ip().to_string();
+    let host = slot.target.ip().to_string();
     handshake::write_request(
         &mut buf,
         &host,

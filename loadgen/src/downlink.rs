@@ -27,13 +27,15 @@ use crate::stats::{Hist, Stats};
 pub struct Downlinks {
     pub profile: Arc<Profile>,
     pub model: Arc<Model>,
-    pub api: SocketAddr,
+    /// Every API of the gateway; each downlink goes to a random one.
+    pub apis: Vec<SocketAddr>,
     pub online: Arc<OnlineSet>,
     /// Global device index of local device 0.
     pub first_device: u64,
     pub stats: Rc<RefCell<Stats>>,
     pub rate: f64,
-    pool: RefCell<Vec<HttpConn>>,
+    /// Idle keep-alive connections, one pool per API.
+    pools: Vec<RefCell<Vec<HttpConn>>>,
     checks: RefCell<HashMap<usize, Check>>,
 }
 
@@ -55,7 +57,7 @@ impl Downlinks {
     pub fn new(
         profile: Arc<Profile>,
         model: Arc<Model>,
-        api: SocketAddr,
+        apis: Vec<SocketAddr>,
         online: Arc<OnlineSet>,
         first_device: u64,
         stats: Rc<RefCell<Stats>>,
@@ -64,12 +66,12 @@ impl Downlinks {
         Self {
             profile,
             model,
-            api,
+            pools: apis.iter().map(|_| RefCell::new(Vec::new())).collect(),
+            apis,
             online,
             first_device,
             stats,
             rate,
-            pool: RefCell::new(Vec::new()),
             checks: RefCell::new(HashMap::new()),
         }
     }
@@ -226,14 +228,16 @@ impl Downlinks {
         }
     }
 
-    /// POSTs on a pooled keep-alive connection, with the profile's request timeout.
+    /// POSTs to a random API on a pooled keep-alive connection, with the profile's request
+    /// timeout.
     async fn post(&self, path: &str, body: &[u8]) -> anyhow::Result<crate::http::Response> {
-        let pooled = self.pool.borrow_mut().pop();
+        let i = fastrand::usize(..self.apis.len());
+        let pooled = self.pools[i].borrow_mut().pop();
         let timeout = Duration::from_millis(self.profile.request_timeout_ms);
         let res = tokio::time::timeout(timeout, async {
             let mut conn = match pooled {
                 Some(c) => c,
-                None => HttpConn::connect(self.api).await?,
+                None => HttpConn::connect(self.apis[i]).await?,
             };
             let res = conn.request("POST", path, Some(body)).await?;
             anyhow::Ok((conn, res))
@@ -241,7 +245,7 @@ impl Downlinks {
         .await??;
         let (conn, res) = res;
         if res.keep_alive {
-            self.pool.borrow_mut().push(conn);
+            self.pools[i].borrow_mut().push(conn);
         }
         Ok(res)
     }
