@@ -22,7 +22,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -69,34 +69,53 @@ pub struct Gauges {
     pub online: AtomicU64,
 }
 
-/// Which of this process's devices are online, by local index, for the downlink generator.
+/// Which of this process's devices are online, and since when, by local index, for the
+/// downlink generator.
 pub struct OnlineSet {
-    flags: Vec<AtomicBool>,
+    base: Instant,
+    /// 0 = offline; else 1 + the milliseconds from `base` to its acknowledged online.
+    since: Vec<AtomicU64>,
 }
 
 impl OnlineSet {
     pub fn new(n: usize) -> Self {
         Self {
-            flags: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            base: Instant::now(),
+            since: (0..n).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.flags.len()
+        self.since.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.flags.is_empty()
+        self.since.is_empty()
     }
 
     pub fn is_online(&self, i: usize) -> bool {
-        self.flags.get(i).is_some_and(|f| f.load(Ordering::Relaxed))
+        self.since
+            .get(i)
+            .is_some_and(|f| f.load(Ordering::Relaxed) != 0)
+    }
+
+    /// Online, and since at least `settle` before `now`.
+    pub fn online_for(&self, i: usize, settle: Duration, now: Instant) -> bool {
+        let Some(since) = self.since.get(i).map(|f| f.load(Ordering::Relaxed)) else {
+            return false;
+        };
+        since != 0 && self.base + Duration::from_millis(since - 1) + settle <= now.max(self.base)
+    }
+
+    fn set_at(&self, i: usize, on: bool, now: Instant) {
+        if let Some(f) = self.since.get(i) {
+            let ms = now.saturating_duration_since(self.base).as_millis() as u64;
+            f.store(if on { ms + 1 } else { 0 }, Ordering::Relaxed);
+        }
     }
 
     fn set(&self, i: usize, on: bool) {
-        if let Some(f) = self.flags.get(i) {
-            f.store(on, Ordering::Relaxed);
-        }
+        self.set_at(i, on, Instant::now());
     }
 }
 
@@ -820,3 +839,24 @@ pub fn micros(d: Duration) -> u64 {
 const MAX_BURST: usize = 256;
 /// How long a closing connection keeps answering downlinks before it offlines and closes.
 const GRACE: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn online_set_knows_since_when() {
+        let set = OnlineSet::new(3);
+        let t0 = set.base;
+        assert!(!set.is_online(0) && !set.online_for(0, Duration::ZERO, t0));
+        set.set_at(1, true, t0 + Duration::from_millis(100));
+        assert!(set.is_online(1));
+        let settle = Duration::from_millis(500);
+        assert!(!set.online_for(1, settle, t0 + Duration::from_millis(599)));
+        assert!(set.online_for(1, settle, t0 + Duration::from_millis(600)));
+        assert!(set.online_for(1, Duration::ZERO, t0 + Duration::from_millis(100)));
+        set.set_at(1, false, t0 + Duration::from_millis(700));
+        assert!(!set.online_for(1, settle, t0 + Duration::from_secs(10)));
+        assert!(!set.online_for(7, Duration::ZERO, t0));
+    }
+}

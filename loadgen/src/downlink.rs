@@ -83,6 +83,7 @@ impl Downlinks {
             return;
         };
         let n = self.online.len();
+        let settle = Duration::from_millis(self.profile.downlink_settle_ms);
         let mut cursor = 0;
         let mut tasks = Vec::new();
         loop {
@@ -92,9 +93,10 @@ impl Downlinks {
             }
             sleep_until(at.into()).await;
             while let Some(intended) = schedule.take_due(Instant::now(), &mut rng) {
+                let now = Instant::now();
                 let Some(dev) = (0..n)
                     .map(|i| (cursor + i) % n)
-                    .find(|&i| self.online.is_online(i))
+                    .find(|&i| self.online.online_for(i, settle, now))
                 else {
                     // Nothing online yet (ramp) or any more: no downlink is due.
                     continue;

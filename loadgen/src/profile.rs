@@ -71,6 +71,10 @@ pub struct Profile {
     pub properties_per_report: u32,
     /// Downlinks per second through the API, round robin over online devices (default 0).
     pub downlinks_per_second: f64,
+    /// A device gets downlinks only once it has been online this long (default 0). A
+    /// clustered gateway spreads who owns a device to its other nodes asynchronously, so a
+    /// downlink through another node's API right after the online may find it offline there.
+    pub downlink_settle_ms: u64,
     /// Relative weights of getProperty, setProperty and callService downlinks.
     pub downlink_mix: DownlinkMix,
     /// Connections closed and reopened per second (churn; default 0).
@@ -461,6 +465,7 @@ impl Default for Profile {
             event_ratio: 0.1,
             properties_per_report: 3,
             downlinks_per_second: 0.0,
+            downlink_settle_ms: 0,
             downlink_mix: DownlinkMix::default(),
             reconnects_per_second: 0.0,
             duration_s: 30.0,
