@@ -219,6 +219,9 @@ fn parent(profile: &Profile, mut rss: Option<&mut RssSampler>) -> anyhow::Result
     }
     let mut prev = Progress::default();
     let mut running = true;
+    // Rates over the parent's own clock: the children's elapsed times (their max) can stand
+    // still for a second when their lines arrive late, which made a rate over ~0 s.
+    let started = std::time::Instant::now();
     while running {
         std::thread::sleep(Duration::from_secs(1));
         running = false;
@@ -227,10 +230,11 @@ fn parent(profile: &Profile, mut rss: Option<&mut RssSampler>) -> anyhow::Result
                 running = true;
             }
         }
-        let now = match progress.lock() {
+        let mut now = match progress.lock() {
             Ok(all) => Progress::sum(&all),
             Err(_) => prev,
         };
+        now.elapsed_s = started.elapsed().as_secs_f64();
         println!("{}", now.line(&prev, profile.connections));
         if let Some(r) = rss.as_deref_mut() {
             r.sample(now.connected);
