@@ -189,14 +189,19 @@ idle=()
 for p in "${node_pids[@]}"; do idle+=("$(rss_kib "$p")"); done
 
 # --- the load, and each node's RSS each second while it runs --------------------------------
-# One line per node per second: "n PID RSS_KIB CONNECTIONS_OPEN". No errexit here: a slow
-# /metrics under load must not end the sampling.
+# One line per node per second: "n PID RSS_KIB CONNECTIONS_OPEN BACKLOG_RECORDS OLDEST_S"
+# (records of the node's log not yet acknowledged by JetStream, and the age of the oldest: does
+# NATS keep up). No errexit here: a slow /metrics under load must not end the sampling.
 (
     set +e +o pipefail
     while true; do
         for i in "${!node_pids[@]}"; do
-            c="$(metric "${api_addrs[$i]}" ringlink_connections_open)"
-            echo "$((i + 1)) ${node_pids[$i]} $(rss_kib "${node_pids[$i]}") ${c:-0}"
+            curl -sf --max-time 5 "http://${api_addrs[$i]}/metrics" 2>/dev/null | awk \
+                -v n="$((i + 1))" -v p="${node_pids[$i]}" -v r="$(rss_kib "${node_pids[$i]}")" '
+                $1 == "ringlink_connections_open" { c = $2 }
+                $1 == "ringlink_sink_backlog_records" { b = $2 }
+                $1 == "ringlink_sink_oldest_unforwarded_seconds" { o = $2 }
+                END { print n, p, r, c + 0, b + 0, o + 0 }'
         done
         sleep 1
     done
@@ -215,20 +220,25 @@ echo
 calc() { awk "BEGIN { print $1 }"; }
 printf 'loadgen exit %s, wall %.1f s (loadgen alone; nodes and NATS started before)\n' \
     "$status" "$(calc "$t1 - $t0")"
-printf '%-5s %8s %10s %10s %10s %8s %10s\n' node pid idle_MiB held_MiB peak_MiB conns KiB/conn
+printf '%-5s %8s %10s %10s %10s %8s %10s %12s %10s\n' node pid idle_MiB held_MiB peak_MiB \
+    conns KiB/conn max_backlog max_age_s
 total_idle=0; total_held=0; total_conns=0
 for i in "${!node_pids[@]}"; do
     n=$((i + 1))
     # Held: the last sample at the most connections; peak: the largest RSS.
-    read -r held conns peak < <(awk -v n="$n" '$1 == n {
+    # Backlog: the most records not yet in JetStream, and the oldest one's age, while the load
+    # ran (the offline burst at the end included).
+    read -r held conns peak backlog age < <(awk -v n="$n" '$1 == n {
             if ($4 >= c) { c = $4; h = $3 }
             if ($3 > p) p = $3
-        } END { print h + 0, c + 0, p + 0 }' "$out/rss.log")
+            if ($5 > b) b = $5
+            if ($6 > a) a = $6
+        } END { print h + 0, c + 0, p + 0, b + 0, a + 0 }' "$out/rss.log")
     per="-"
     [ "$conns" -gt 0 ] && per=$(calc "sprintf(\"%.2f\", ($held - ${idle[$i]}) / $conns)")
-    printf '%-5s %8s %10.1f %10.1f %10.1f %8s %10s\n' "n$n" "${node_pids[$i]}" \
+    printf '%-5s %8s %10.1f %10.1f %10.1f %8s %10s %12s %10s\n' "n$n" "${node_pids[$i]}" \
         "$(calc "${idle[$i]} / 1024")" "$(calc "$held / 1024")" "$(calc "$peak / 1024")" \
-        "$conns" "$per"
+        "$conns" "$per" "$backlog" "$age"
     total_idle=$((total_idle + idle[i])); total_held=$((total_held + held))
     total_conns=$((total_conns + conns))
 done
