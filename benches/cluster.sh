@@ -11,6 +11,8 @@
 #   CLUSTER_THREADS=N   shard threads per node (default: ringlink's, one per core)
 #   CLUSTER_OUT=DIR     where logs, data dirs and NATS stores go (default target/cluster)
 #   CLUSTER_NOBUILD=1   skip `cargo build --release --workspace --bins`
+#   CLUSTER_DRAIN_S=S   after the load, wait at most this long for every node to have forwarded
+#                       its log to NATS before stopping them (default 180)
 #
 # The nodes serve a registry written here: every device of the profile's [devices] range
 # (productKey, prefix, width, first, count as loadgen reads them) with the three demo thing
@@ -216,6 +218,27 @@ kill -TERM "$sampler" 2>/dev/null || true
 wait "$sampler" 2>/dev/null || true
 sampler=""
 
+# Let every node's forwarder catch up with its log (the offline burst at the end of the load)
+# before they are stopped, and time it: a stopping node would leave the rest for its next
+# start.
+drain_limit=${CLUSTER_DRAIN_S:-180}
+drain_start=$SECONDS
+while true; do
+    left=0
+    for a in "${api_addrs[@]}"; do
+        b="$(metric "$a" ringlink_sink_backlog_records)"
+        b="${b%.*}"
+        left=$((left + ${b:-1})) # no answer: not known to be drained
+    done
+    [ "$left" = 0 ] && break
+    if [ $((SECONDS - drain_start)) -ge "$drain_limit" ]; then
+        echo "NATS backlog: $left records still not forwarded after ${drain_limit} s" >&2
+        break
+    fi
+    sleep 0.5
+done
+drained_in=$((SECONDS - drain_start))
+
 echo
 calc() { awk "BEGIN { print $1 }"; }
 printf 'loadgen exit %s, wall %.1f s (loadgen alone; nodes and NATS started before)\n' \
@@ -261,5 +284,6 @@ for i in "${!api_addrs[@]}"; do
         "kv_errors $(v ringlink_nats_kv_errors_total)" \
         "forwarded_downlinks $(v ringlink_nats_downlinks_forwarded_total)"
 done
+echo "NATS backlog after the load: $left records left, ${drained_in} s waiting for it"
 echo "script wall ${SECONDS} s (build excluded when CLUSTER_NOBUILD=1)"
 exit "$status"
