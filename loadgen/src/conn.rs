@@ -22,7 +22,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -47,7 +47,6 @@ use crate::stats::{Hist, Stats};
 pub struct Ctx {
     pub profile: Arc<Profile>,
     pub model: Arc<Model>,
-    pub target: SocketAddr,
     pub tls: Option<tokio_rustls::TlsConnector>,
     pub stats: Rc<RefCell<Stats>>,
     pub gauges: Arc<Gauges>,
@@ -70,34 +69,53 @@ pub struct Gauges {
     pub online: AtomicU64,
 }
 
-/// Which of this process's devices are online, by local index, for the downlink generator.
+/// Which of this process's devices are online, and since when, by local index, for the
+/// downlink generator.
 pub struct OnlineSet {
-    flags: Vec<AtomicBool>,
+    base: Instant,
+    /// 0 = offline; else 1 + the milliseconds from `base` to its acknowledged online.
+    since: Vec<AtomicU64>,
 }
 
 impl OnlineSet {
     pub fn new(n: usize) -> Self {
         Self {
-            flags: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            base: Instant::now(),
+            since: (0..n).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.flags.len()
+        self.since.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.flags.is_empty()
+        self.since.is_empty()
     }
 
     pub fn is_online(&self, i: usize) -> bool {
-        self.flags.get(i).is_some_and(|f| f.load(Ordering::Relaxed))
+        self.since
+            .get(i)
+            .is_some_and(|f| f.load(Ordering::Relaxed) != 0)
+    }
+
+    /// Online, and since at least `settle` before `now`.
+    pub fn online_for(&self, i: usize, settle: Duration, now: Instant) -> bool {
+        let Some(since) = self.since.get(i).map(|f| f.load(Ordering::Relaxed)) else {
+            return false;
+        };
+        since != 0 && self.base + Duration::from_millis(since - 1) + settle <= now.max(self.base)
+    }
+
+    fn set_at(&self, i: usize, on: bool, now: Instant) {
+        if let Some(f) = self.since.get(i) {
+            let ms = now.saturating_duration_since(self.base).as_millis() as u64;
+            f.store(if on { ms + 1 } else { 0 }, Ordering::Relaxed);
+        }
     }
 
     fn set(&self, i: usize, on: bool) {
-        if let Some(f) = self.flags.get(i) {
-            f.store(on, Ordering::Relaxed);
-        }
+        self.set_at(i, on, Instant::now());
     }
 }
 
@@ -108,6 +126,8 @@ pub struct Slot {
     /// Local (this process) index of its first device in the [`OnlineSet`].
     pub first_local_device: usize,
     pub devices: Vec<Device>,
+    /// The server this connection dials: `targets[index % n]`.
+    pub target: SocketAddr,
     pub source: Option<IpAddr>,
     /// Churn: asks the connection to close and reconnect.
     pub reconnect: Rc<Notify>,
@@ -200,7 +220,7 @@ async fn retry_pause(ctx: &Ctx) {
 /// TCP (bound to the slot's source address), TLS, WebSocket handshake. Errors are an error
 /// kind.
 async fn connect(ctx: &Ctx, slot: &Slot) -> Result<(Stream, Vec<u8>), &'static str> {
-    let socket = if ctx.target.is_ipv4() {
+    let socket = if slot.target.is_ipv4() {
         TcpSocket::new_v4()
     } else {
         TcpSocket::new_v6()
@@ -213,12 +233,12 @@ async fn connect(ctx: &Ctx, slot: &Slot) -> Result<(Stream, Vec<u8>), &'static s
         bind_address_no_port(&socket).map_err(|_| "bind")?;
         socket.bind(SocketAddr::new(src, 0)).map_err(|_| "bind")?;
     }
-    let tcp = socket.connect(ctx.target).await.map_err(|_| "connect")?;
+    let tcp = socket.connect(slot.target).await.map_err(|_| "connect")?;
     tcp.set_nodelay(true).map_err(|_| "connect")?;
     let mut stream = match &ctx.tls {
         None => Stream::Plain(tcp),
         Some(tls) => {
-            let name = rustls_pki_types::ServerName::IpAddress(ctx.target.ip().into());
+            let name = rustls_pki_types::ServerName::IpAddress(slot.target.ip().into());
             let s = tls.connect(name, tcp).await.map_err(|_| "tls")?;
             Stream::Tls(Box::new(s))
         }
@@ -226,7 +246,7 @@ async fn connect(ctx: &Ctx, slot: &Slot) -> Result<(Stream, Vec<u8>), &'static s
     let key = base64::engine::general_purpose::STANDARD.encode(fastrand::u128(..).to_le_bytes());
     let mut buf = Vec::with_capacity(256);
     // Like the official client: `Host: <ip>` without the port, path `//`.
-    let host = ctx.target.ip().to_string();
+    let host = slot.target.ip().to_string();
     handshake::write_request(
         &mut buf,
         &host,
@@ -819,3 +839,24 @@ pub fn micros(d: Duration) -> u64 {
 const MAX_BURST: usize = 256;
 /// How long a closing connection keeps answering downlinks before it offlines and closes.
 const GRACE: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn online_set_knows_since_when() {
+        let set = OnlineSet::new(3);
+        let t0 = set.base;
+        assert!(!set.is_online(0) && !set.online_for(0, Duration::ZERO, t0));
+        set.set_at(1, true, t0 + Duration::from_millis(100));
+        assert!(set.is_online(1));
+        let settle = Duration::from_millis(500);
+        assert!(!set.online_for(1, settle, t0 + Duration::from_millis(599)));
+        assert!(set.online_for(1, settle, t0 + Duration::from_millis(600)));
+        assert!(set.online_for(1, Duration::ZERO, t0 + Duration::from_millis(100)));
+        set.set_at(1, false, t0 + Duration::from_millis(700));
+        assert!(!set.online_for(1, settle, t0 + Duration::from_secs(10)));
+        assert!(!set.online_for(7, Duration::ZERO, t0));
+    }
+}

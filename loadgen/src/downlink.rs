@@ -27,13 +27,15 @@ use crate::stats::{Hist, Stats};
 pub struct Downlinks {
     pub profile: Arc<Profile>,
     pub model: Arc<Model>,
-    pub api: SocketAddr,
+    /// Every API of the gateway; each downlink goes to a random one.
+    pub apis: Vec<SocketAddr>,
     pub online: Arc<OnlineSet>,
     /// Global device index of local device 0.
     pub first_device: u64,
     pub stats: Rc<RefCell<Stats>>,
     pub rate: f64,
-    pool: RefCell<Vec<HttpConn>>,
+    /// Idle keep-alive connections, one pool per API.
+    pools: Vec<RefCell<Vec<HttpConn>>>,
     checks: RefCell<HashMap<usize, Check>>,
 }
 
@@ -55,7 +57,7 @@ impl Downlinks {
     pub fn new(
         profile: Arc<Profile>,
         model: Arc<Model>,
-        api: SocketAddr,
+        apis: Vec<SocketAddr>,
         online: Arc<OnlineSet>,
         first_device: u64,
         stats: Rc<RefCell<Stats>>,
@@ -64,12 +66,12 @@ impl Downlinks {
         Self {
             profile,
             model,
-            api,
+            pools: apis.iter().map(|_| RefCell::new(Vec::new())).collect(),
+            apis,
             online,
             first_device,
             stats,
             rate,
-            pool: RefCell::new(Vec::new()),
             checks: RefCell::new(HashMap::new()),
         }
     }
@@ -81,6 +83,7 @@ impl Downlinks {
             return;
         };
         let n = self.online.len();
+        let settle = Duration::from_millis(self.profile.downlink_settle_ms);
         let mut cursor = 0;
         let mut tasks = Vec::new();
         loop {
@@ -90,9 +93,10 @@ impl Downlinks {
             }
             sleep_until(at.into()).await;
             while let Some(intended) = schedule.take_due(Instant::now(), &mut rng) {
+                let now = Instant::now();
                 let Some(dev) = (0..n)
                     .map(|i| (cursor + i) % n)
-                    .find(|&i| self.online.is_online(i))
+                    .find(|&i| self.online.online_for(i, settle, now))
                 else {
                     // Nothing online yet (ramp) or any more: no downlink is due.
                     continue;
@@ -226,14 +230,16 @@ impl Downlinks {
         }
     }
 
-    /// POSTs on a pooled keep-alive connection, with the profile's request timeout.
+    /// POSTs to a random API on a pooled keep-alive connection, with the profile's request
+    /// timeout.
     async fn post(&self, path: &str, body: &[u8]) -> anyhow::Result<crate::http::Response> {
-        let pooled = self.pool.borrow_mut().pop();
+        let i = fastrand::usize(..self.apis.len());
+        let pooled = self.pools[i].borrow_mut().pop();
         let timeout = Duration::from_millis(self.profile.request_timeout_ms);
         let res = tokio::time::timeout(timeout, async {
             let mut conn = match pooled {
                 Some(c) => c,
-                None => HttpConn::connect(self.api).await?,
+                None => HttpConn::connect(self.apis[i]).await?,
             };
             let res = conn.request("POST", path, Some(body)).await?;
             anyhow::Ok((conn, res))
@@ -241,7 +247,7 @@ impl Downlinks {
         .await??;
         let (conn, res) = res;
         if res.keep_alive {
-            self.pool.borrow_mut().push(conn);
+            self.pools[i].borrow_mut().push(conn);
         }
         Ok(res)
     }

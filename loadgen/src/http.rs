@@ -178,6 +178,16 @@ pub fn reports_answered(metrics: &str) -> u64 {
         .sum()
 }
 
+/// The increase of several counters summed, `after[i] - before[i]` over every `i` (a counter
+/// that went down, a restarted node, counts 0).
+pub fn increase(before: &[u64], after: &[u64]) -> u64 {
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| a.saturating_sub(*b))
+        .sum()
+}
+
 /// Scrapes `/metrics` once (blocking; for the process that owns the run).
 pub fn scrape_reports_answered(api: SocketAddr) -> anyhow::Result<u64> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -204,6 +214,28 @@ mod tests {
             ringlink_uplinks_total{kind=\"property\"} 120\n";
         assert_eq!(reports_answered(text), 150);
         assert_eq!(reports_answered(""), 0);
+    }
+
+    #[test]
+    fn increases_sum_over_every_node() {
+        assert_eq!(increase(&[100, 0, 7], &[150, 20, 7]), 70);
+        assert_eq!(increase(&[5], &[9]), 4);
+        assert_eq!(increase(&[], &[]), 0);
+        // A node whose counter went back (restarted) adds nothing, not a wrap-around.
+        assert_eq!(increase(&[10, 50], &[30, 3]), 20);
+        // Each node's /metrics counts its own reports; the cross-check adds them up.
+        let node = |ok: u64| {
+            format!("ringlink_requests_total{{method=\"reportProperty\",code=\"0\"}} {ok}\n")
+        };
+        let before: Vec<u64> = [0, 10, 20]
+            .iter()
+            .map(|&n| reports_answered(&node(n)))
+            .collect();
+        let after: Vec<u64> = [40, 30, 20]
+            .iter()
+            .map(|&n| reports_answered(&node(n)))
+            .collect();
+        assert_eq!(increase(&before, &after), 60);
     }
 
     #[test]

@@ -39,12 +39,15 @@ use loadgen::stats::{CrossCheck, ServerRss, Stats, Summary};
 struct Cli {
     /// The load profile (TOML).
     profile: PathBuf,
-    /// Server to load, ws://IP:PORT or wss://IP:PORT (overrides the profile's `target`).
+    /// Server to load, ws://IP:PORT or wss://IP:PORT (overrides the profile's `target` and
+    /// `targets`). Repeat it for the nodes of a cluster: connection k goes to the (k mod n)th.
     #[arg(long, value_name = "URL")]
-    target: Option<String>,
-    /// The server's API IP:PORT, for downlinks and the /metrics cross-check.
+    target: Vec<String>,
+    /// The server's API IP:PORT, for downlinks and the /metrics cross-check (overrides the
+    /// profile's `api` and `apis`). Repeat it for the nodes of a cluster: each downlink goes to
+    /// a random one, the cross-check sums them all.
     #[arg(long, value_name = "IP:PORT")]
-    api: Option<String>,
+    api: Vec<String>,
     /// Write the final numbers as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -89,14 +92,18 @@ fn real_main() -> anyhow::Result<bool> {
         return Ok(true);
     }
 
-    let api: Option<SocketAddr> = profile.api.as_deref().map(str::parse).transpose()?;
-    let before = api.and_then(|a| match http::scrape_reports_answered(a) {
-        Ok(n) => Some(n),
-        Err(e) => {
-            eprintln!("loadgen: no cross-check, /metrics unreadable: {e:#}");
-            None
+    let apis = profile.api_addrs()?;
+    let before = if apis.is_empty() {
+        None
+    } else {
+        match scrape_all(&apis) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                eprintln!("loadgen: no cross-check, /metrics unreadable: {e:#}");
+                None
+            }
         }
-    });
+    };
     let pid = match (cli.server_pid, &profile.server_pid_file) {
         (Some(pid), _) => Some(pid),
         (None, Some(file)) => Some(
@@ -114,7 +121,7 @@ fn real_main() -> anyhow::Result<bool> {
         profile.name,
         profile.connections,
         profile.total_devices(),
-        profile.target,
+        profile.targets.join(" "),
         profile.duration_s,
         profile.procs
     );
@@ -132,17 +139,17 @@ fn real_main() -> anyhow::Result<bool> {
         parent(&profile, rss.as_mut())?
     };
 
-    let cross_check = match (api, before) {
-        (Some(a), Some(before)) => {
+    let cross_check = match before {
+        Some(before) => {
             let loadgen = stats.counters.reports_ok();
-            let server = settled_count(a, before, loadgen)?;
+            let server = settled_count(&apis, &before, loadgen)?;
             Some(CrossCheck {
                 server,
                 loadgen,
                 equal: server == loadgen,
             })
         }
-        _ => None,
+        None => None,
     };
     let summary = Summary::new(
         &profile,
@@ -212,6 +219,9 @@ fn parent(profile: &Profile, mut rss: Option<&mut RssSampler>) -> anyhow::Result
     }
     let mut prev = Progress::default();
     let mut running = true;
+    // Rates over the parent's own clock: the children's elapsed times (their max) can stand
+    // still for a second when their lines arrive late, which made a rate over ~0 s.
+    let started = std::time::Instant::now();
     while running {
         std::thread::sleep(Duration::from_secs(1));
         running = false;
@@ -220,10 +230,11 @@ fn parent(profile: &Profile, mut rss: Option<&mut RssSampler>) -> anyhow::Result
                 running = true;
             }
         }
-        let now = match progress.lock() {
+        let mut now = match progress.lock() {
             Ok(all) => Progress::sum(&all),
             Err(_) => prev,
         };
+        now.elapsed_s = started.elapsed().as_secs_f64();
         println!("{}", now.line(&prev, profile.connections));
         if let Some(r) = rss.as_deref_mut() {
             r.sample(now.connected);
@@ -312,13 +323,21 @@ const SLICE_ENV: &str = "LOADGEN_SLICE";
 const PROGRESS_PREFIX: &str = "LOADGEN-PROGRESS ";
 const RESULT_PREFIX: &str = "LOADGEN-RESULT ";
 
-/// The server's count of reports answered since `before`. Shards publish their counters a few
-/// times a second, so the last replies of a run may not be in `/metrics` yet: scrape again
-/// until the count equals ours or stops moving.
-fn settled_count(api: SocketAddr, before: u64, expected: u64) -> anyhow::Result<u64> {
+/// Every API's count of reports answered 0, in the order of `apis`.
+fn scrape_all(apis: &[SocketAddr]) -> anyhow::Result<Vec<u64>> {
+    apis.iter()
+        .map(|&a| http::scrape_reports_answered(a).with_context(|| format!("api {a}")))
+        .collect()
+}
+
+/// The servers' count of reports answered since `before` (one count per API, summed over all
+/// of them: each node counts the reports of its own connections). Shards publish their
+/// counters a few times a second, so the last replies of a run may not be in `/metrics` yet:
+/// scrape again until the sum equals ours or stops moving.
+fn settled_count(apis: &[SocketAddr], before: &[u64], expected: u64) -> anyhow::Result<u64> {
     let mut last = None;
     for _ in 0..SETTLE_TRIES {
-        let count = http::scrape_reports_answered(api)?.saturating_sub(before);
+        let count = http::increase(before, &scrape_all(apis)?);
         if count == expected || last == Some(count) {
             return Ok(count);
         }
@@ -331,3 +350,29 @@ fn settled_count(api: SocketAddr, before: u64, expected: u64) -> anyhow::Result<
 /// Longer than the server's publishing interval (250 ms), so that an unchanged count is final.
 const SETTLE_PAUSE: Duration = Duration::from_millis(400);
 const SETTLE_TRIES: usize = 10;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_flags_are_lists() {
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "p.toml",
+            "--target",
+            "ws://127.0.0.1:1",
+            "--api",
+            "127.0.0.1:11",
+            "--target",
+            "ws://127.0.0.1:2",
+            "--api",
+            "127.0.0.1:12",
+        ])
+        .expect("parses");
+        assert_eq!(cli.target, ["ws://127.0.0.1:1", "ws://127.0.0.1:2"]);
+        assert_eq!(cli.api, ["127.0.0.1:11", "127.0.0.1:12"]);
+        let cli = Cli::try_parse_from(["loadgen", "p.toml"]).expect("parses");
+        assert!(cli.target.is_empty() && cli.api.is_empty());
+    }
+}

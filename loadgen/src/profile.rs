@@ -21,9 +21,19 @@ pub struct Profile {
     /// The WebSocket server, `ws://IP:PORT` or `wss://IP:PORT` (default `ws://127.0.0.1:17682`).
     /// `wss://` implies `tls = true`.
     pub target: String,
+    /// Several servers, e.g. the nodes of one clustered gateway, instead of `target` (not
+    /// both): connection `k` goes to `targets[k % n]` ([`Profile::target_index`]), so a
+    /// device always lands on the same node for a given profile. After validation `targets`
+    /// holds every server (just `target` when the file gave one) and `target` the first.
+    pub targets: Vec<String>,
     /// The server's northbound API `HOST:PORT`, for downlinks, the `/metrics` cross-check and
     /// nothing else (default: none, so no downlinks and no cross-check).
     pub api: Option<String>,
+    /// Several APIs instead of `api` (not both): each downlink goes to a random one of them
+    /// (any node routes it to the device's node), and the cross-check sums the increase of
+    /// every API's `/metrics`. After validation `apis` holds every API (just `api` when the
+    /// file gave one) and `api` the first.
+    pub apis: Vec<String>,
     /// WebSocket connections (default 100).
     pub connections: u32,
     /// Devices onlined on each connection: 1 = direct devices, more = sub-gateways (default 1).
@@ -61,6 +71,10 @@ pub struct Profile {
     pub properties_per_report: u32,
     /// Downlinks per second through the API, round robin over online devices (default 0).
     pub downlinks_per_second: f64,
+    /// A device gets downlinks only once it has been online this long (default 0). A
+    /// clustered gateway spreads who owns a device to its other nodes asynchronously, so a
+    /// downlink through another node's API right after the online may find it offline there.
+    pub downlink_settle_ms: u64,
     /// Relative weights of getProperty, setProperty and callService downlinks.
     pub downlink_mix: DownlinkMix,
     /// Connections closed and reopened per second (churn; default 0).
@@ -154,8 +168,10 @@ pub struct Thresholds {
 /// What the command line may override.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
-    pub target: Option<String>,
-    pub api: Option<String>,
+    /// Repeated `--target`: replaces the profile's `target`/`targets` when not empty.
+    pub target: Vec<String>,
+    /// Repeated `--api`: replaces the profile's `api`/`apis` when not empty.
+    pub api: Vec<String>,
     pub procs: Option<usize>,
     pub duration_s: Option<f64>,
     pub mqtt: Option<String>,
@@ -188,15 +204,23 @@ impl Profile {
 
     /// Parses profile TOML (no validation, no path resolution).
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        Ok(toml::from_str(text)?)
+        let table: toml::Table = toml::from_str(text)?;
+        for (one, many) in [("target", "targets"), ("api", "apis")] {
+            if table.contains_key(one) && table.contains_key(many) {
+                bail!("give `{one}` or `{many}`, not both");
+            }
+        }
+        Ok(Self::deserialize(table)?)
     }
 
     pub fn apply(&mut self, o: &Overrides) {
-        if let Some(t) = &o.target {
-            self.target.clone_from(t);
+        if let Some(first) = o.target.first() {
+            self.target.clone_from(first);
+            self.targets.clone_from(&o.target);
         }
-        if let Some(a) = &o.api {
-            self.api = Some(a.clone());
+        if let Some(first) = o.api.first() {
+            self.api = Some(first.clone());
+            self.apis.clone_from(&o.api);
         }
         if let Some(n) = o.procs {
             self.procs = n;
@@ -211,7 +235,21 @@ impl Profile {
 
     /// Checks every field; returns the profile with `tls` set from a `wss://` target.
     pub fn validate(mut self) -> anyhow::Result<Self> {
+        match self.targets.first() {
+            None => self.targets = vec![self.target.clone()],
+            Some(first) => self.target.clone_from(first),
+        }
+        match (self.apis.first(), &self.api) {
+            (None, Some(api)) => self.apis = vec![api.clone()],
+            (Some(first), _) => self.api = Some(first.clone()),
+            (None, None) => {}
+        }
         let (tls, _) = parse_target(&self.target)?;
+        for t in &self.targets {
+            if parse_target(t)?.0 != tls {
+                bail!("targets mix ws:// and wss://");
+            }
+        }
         self.tls |= tls;
         if self.connections == 0 {
             bail!("connections must be at least 1");
@@ -290,7 +328,7 @@ impl Profile {
                 bail!("downlinks_per_second > 0 needs the server's api (profile `api` or --api)");
             }
         }
-        if let Some(api) = &self.api {
+        for api in &self.apis {
             api.parse::<SocketAddr>()
                 .with_context(|| format!("api {api:?} is not IP:PORT"))?;
         }
@@ -343,9 +381,29 @@ impl Profile {
         Ok(self)
     }
 
-    /// The server address and whether it is `wss://`.
-    pub fn target_addr(&self) -> anyhow::Result<SocketAddr> {
-        Ok(parse_target(&self.target)?.1)
+    /// The server addresses, in the order of `targets` (validated profiles only).
+    pub fn target_addrs(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        self.targets
+            .iter()
+            .map(|t| Ok(parse_target(t)?.1))
+            .collect()
+    }
+
+    /// Which of `targets` connection `conn` (an index among all connections of the run)
+    /// goes to: round robin, the same for every run of the profile.
+    pub fn target_index(&self, conn: u64) -> usize {
+        (conn % self.targets.len().max(1) as u64) as usize
+    }
+
+    /// The API addresses, in the order of `apis` (validated profiles only; empty: no API).
+    pub fn api_addrs(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        self.apis
+            .iter()
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .with_context(|| format!("api {a:?} is not IP:PORT"))
+            })
+            .collect()
     }
 
     /// Connection `conn`'s devices: (index of its first device in the range, how many).
@@ -391,7 +449,9 @@ impl Default for Profile {
         Self {
             name: String::new(),
             target: "ws://127.0.0.1:17682".to_owned(),
+            targets: Vec::new(),
             api: None,
+            apis: Vec::new(),
             connections: 100,
             devices_per_connection: 1,
             subgateways: 0,
@@ -405,6 +465,7 @@ impl Default for Profile {
             event_ratio: 0.1,
             properties_per_report: 3,
             downlinks_per_second: 0.0,
+            downlink_settle_ms: 0,
             downlink_mix: DownlinkMix::default(),
             reconnects_per_second: 0.0,
             duration_s: 30.0,
@@ -549,7 +610,7 @@ mod tests {
     fn wss_target_turns_tls_on() {
         let p = check("target = \"wss://127.0.0.1:1\"\nca_file = \"x.cer\"").expect("valid");
         assert!(p.tls);
-        assert_eq!(p.target_addr().expect("addr").port(), 1);
+        assert_eq!(p.target_addrs().expect("addr")[0].port(), 1);
     }
 
     #[test]
@@ -583,8 +644,8 @@ mod tests {
     fn overrides_beat_the_file() {
         let mut p = Profile::parse("procs = 1").expect("parse");
         p.apply(&Overrides {
-            target: Some("ws://127.0.0.1:9".to_owned()),
-            api: Some("127.0.0.1:10".to_owned()),
+            target: vec!["ws://127.0.0.1:9".to_owned()],
+            api: vec!["127.0.0.1:10".to_owned()],
             procs: Some(2),
             duration_s: Some(3.0),
             mqtt: Some("mqtt://127.0.0.1:1884".to_owned()),
@@ -594,6 +655,78 @@ mod tests {
         assert_eq!(p.api.as_deref(), Some("127.0.0.1:10"));
         assert_eq!(p.duration_s, 3.0);
         assert_eq!(p.mqtt.as_deref(), Some("mqtt://127.0.0.1:1884"));
+    }
+
+    #[test]
+    fn one_target_is_a_list_of_one() {
+        let p = check("target = \"ws://127.0.0.1:9\"\napi = \"127.0.0.1:10\"").expect("valid");
+        assert_eq!(p.targets, ["ws://127.0.0.1:9"]);
+        assert_eq!(p.apis, ["127.0.0.1:10"]);
+        assert_eq!(p.target_index(0), 0);
+        assert_eq!(p.target_index(12345), 0);
+        let p = check("").expect("valid");
+        assert_eq!(p.targets, ["ws://127.0.0.1:17682"]);
+        assert!(p.apis.is_empty());
+        assert_eq!(p.api, None);
+    }
+
+    #[test]
+    fn connections_spread_round_robin_over_targets() {
+        let p = check(
+            "targets = [\"ws://127.0.0.1:1\", \"ws://127.0.0.1:2\", \"ws://127.0.0.1:3\"]\n\
+             apis = [\"127.0.0.1:11\", \"127.0.0.1:12\", \"127.0.0.1:13\"]",
+        )
+        .expect("valid");
+        assert_eq!(p.target, "ws://127.0.0.1:1");
+        assert_eq!(p.api.as_deref(), Some("127.0.0.1:11"));
+        let addrs = p.target_addrs().expect("addrs");
+        let ports: Vec<u16> = (0..7).map(|k| addrs[p.target_index(k)].port()).collect();
+        assert_eq!(ports, [1, 2, 3, 1, 2, 3, 1]);
+        // Every target gets its share, whatever slice of the run a process has.
+        let mut per = [0u32; 3];
+        for k in 0..100_000 {
+            per[p.target_index(k)] += 1;
+        }
+        assert_eq!(per, [33_334, 33_333, 33_333]);
+        let apis: Vec<u16> = p
+            .api_addrs()
+            .expect("apis")
+            .iter()
+            .map(|a| a.port())
+            .collect();
+        assert_eq!(apis, [11, 12, 13]);
+    }
+
+    #[test]
+    fn repeated_flags_replace_the_lists() {
+        let mut p = Profile::parse("targets = [\"ws://127.0.0.1:1\", \"ws://127.0.0.1:2\"]")
+            .expect("parse");
+        p.apply(&Overrides {
+            target: vec!["ws://127.0.0.1:7".to_owned(), "ws://127.0.0.1:8".to_owned()],
+            api: vec!["127.0.0.1:17".to_owned(), "127.0.0.1:18".to_owned()],
+            ..Overrides::default()
+        });
+        let p = p.validate().expect("valid");
+        assert_eq!(p.targets, ["ws://127.0.0.1:7", "ws://127.0.0.1:8"]);
+        assert_eq!(p.target, "ws://127.0.0.1:7");
+        assert_eq!(p.apis, ["127.0.0.1:17", "127.0.0.1:18"]);
+        // No flags: the file's lists stay.
+        let mut q = Profile::parse("targets = [\"ws://127.0.0.1:1\", \"ws://127.0.0.1:2\"]")
+            .expect("parse");
+        q.apply(&Overrides::default());
+        assert_eq!(q.validate().expect("valid").targets.len(), 2);
+    }
+
+    #[test]
+    fn target_lists_are_checked() {
+        assert!(
+            err("target = \"ws://127.0.0.1:1\"\ntargets = [\"ws://127.0.0.1:2\"]")
+                .contains("not both")
+        );
+        assert!(err("api = \"127.0.0.1:1\"\napis = [\"127.0.0.1:2\"]").contains("not both"));
+        assert!(err("targets = [\"ws://127.0.0.1:1\", \"wss://127.0.0.1:2\"]").contains("mix"));
+        assert!(err("targets = [\"ws://127.0.0.1:1\", \"ws://nope:2\"]").contains("IP:PORT"));
+        assert!(err("apis = [\"127.0.0.1:1\", \"nope\"]").contains("IP:PORT"));
     }
 
     #[test]
@@ -618,7 +751,7 @@ mod tests {
             let path = entry.expect("dir entry").path();
             if path.extension().is_some_and(|e| e == "toml") {
                 let o = Overrides {
-                    api: Some("127.0.0.1:17690".to_owned()),
+                    api: vec!["127.0.0.1:17690".to_owned()],
                     ..Overrides::default()
                 };
                 Profile::load(&path, &o).unwrap_or_else(|e| panic!("{e:#}"));

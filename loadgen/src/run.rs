@@ -3,6 +3,7 @@
 //! second.
 
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -106,14 +107,14 @@ pub fn run(
     mut tick: impl FnMut(Progress),
 ) -> anyhow::Result<Stats> {
     let model = Arc::new(load_model(&profile)?);
-    let target = profile.target_addr()?;
+    let targets = Arc::new(profile.target_addrs()?);
     let tls = match (&profile.ca_file, profile.tls) {
         (Some(ca), true) => Some(tokio_rustls::TlsConnector::from(crate::tls::client_config(
             ca,
         )?)),
         _ => None,
     };
-    let api = profile.api.as_deref().map(str::parse).transpose()?;
+    let apis = profile.api_addrs()?;
     let conns = slice.range(u64::from(profile.connections));
     let first_device = profile.devices_of(conns.start).0;
     let end_device = profile.devices_of(conns.end).0;
@@ -165,6 +166,8 @@ pub fn run(
         let online = online.clone();
         let global = global.clone();
         let tracker = tracker.clone();
+        let targets = targets.clone();
+        let apis = apis.clone();
         let downlink_rate = profile.downlinks_per_second / slice.count as f64;
         let handle = std::thread::Builder::new()
             .name(format!("loadgen-{t}"))
@@ -178,7 +181,6 @@ pub fn run(
                     let ctx = Rc::new(Ctx {
                         profile: profile.clone(),
                         model: model.clone(),
-                        target,
                         tls,
                         stats: stats.clone(),
                         gauges,
@@ -202,24 +204,23 @@ pub fn run(
                             }
                         })
                     };
-                    let downlinks = match api {
-                        Some(api) if t == 0 && downlink_rate > 0.0 => {
-                            let d = Rc::new(Downlinks::new(
-                                profile.clone(),
-                                model.clone(),
-                                api,
-                                online.clone(),
-                                first_device,
-                                stats.clone(),
-                                downlink_rate,
-                            ));
-                            Some(tokio::task::spawn_local(d.run(start, deadline)))
-                        }
-                        _ => None,
+                    let downlinks = if t == 0 && downlink_rate > 0.0 && !apis.is_empty() {
+                        let d = Rc::new(Downlinks::new(
+                            profile.clone(),
+                            model.clone(),
+                            apis,
+                            online.clone(),
+                            first_device,
+                            stats.clone(),
+                            downlink_rate,
+                        ));
+                        Some(tokio::task::spawn_local(d.run(start, deadline)))
+                    } else {
+                        None
                     };
                     let slots: Vec<Slot> = my
                         .iter()
-                        .map(|&c| make_slot(&profile, &model, c, first_device))
+                        .map(|&c| make_slot(&profile, &model, &targets, c, first_device))
                         .collect();
                     let notifies: Vec<Rc<Notify>> =
                         slots.iter().map(|s| s.reconnect.clone()).collect();
@@ -334,7 +335,13 @@ fn load_model(profile: &Profile) -> anyhow::Result<Model> {
     }
 }
 
-fn make_slot(profile: &Profile, model: &Model, conn: u64, first_device: u64) -> Slot {
+fn make_slot(
+    profile: &Profile,
+    model: &Model,
+    targets: &[SocketAddr],
+    conn: u64,
+    first_device: u64,
+) -> Slot {
     let (first, n) = profile.devices_of(conn);
     let devices = (first..first + n)
         .map(|i| Device::new(profile.device_name(i), model))
@@ -348,6 +355,7 @@ fn make_slot(profile: &Profile, model: &Model, conn: u64, first_device: u64) -> 
         index: conn,
         first_local_device: (first - first_device) as usize,
         devices,
+        target: targets[profile.target_index(conn)],
         source,
         reconnect: Rc::new(Notify::new()),
     }

@@ -455,7 +455,7 @@ impl Summary {
         let pass = checks.iter().all(|c| c.pass);
         Self {
             profile: p.name.clone(),
-            target: p.target.clone(),
+            target: p.targets.join(" "),
             procs: p.procs,
             threads_per_proc: p.threads_per_proc(),
             connections: p.connections,
