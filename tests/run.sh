@@ -12,6 +12,29 @@ fuzz_seconds=${FUZZ_SECONDS:-20}
 
 step() { printf '\n== %s\n' "$*"; }
 
+# Starts the release ringlink (`--io $2`, ports 0, data dir target/$1, log target/$1.log) with
+# the caller's environment and waits for its start line; sets $server (pid), $ws and $api. On
+# failure it prints the log, stops the server and returns 1.
+start_ringlink() {
+    local name=$1 io=$2 line=""
+    local data="$root/target/$name" log="$root/target/$name.log"
+    rm -rf "$data"
+    target/release/ringlink serve --io "$io" --listen 127.0.0.1:0 --api 127.0.0.1:0 \
+        --data-dir "$data" >"$log" 2>&1 &
+    server=$!
+    for _ in $(seq 1 100); do
+        line="$(grep -m1 'listening on' "$log" || true)"
+        [ -n "$line" ] && break
+        sleep 0.1
+    done
+    if [ -z "$line" ]; then
+        echo "ringlink did not start:" >&2; cat "$log" >&2; kill "$server" 2>/dev/null || true
+        return 1
+    fi
+    ws="$(echo "$line" | sed -n 's/.*listening on \(ws:\/\/[0-9.:]*\).*/\1/p')"
+    api="$(echo "$line" | sed -n 's/.*api http:\/\/\([0-9.:]*\).*/\1/p')"
+}
+
 # Mosquitto: the MQTT integration tests and the MQTT load step run a broker.
 step "mosquitto"
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
@@ -89,21 +112,7 @@ if [ "${SKIP_LOAD:-0}" != 1 ]; then
     cargo build --release --workspace --bins
     for io in uring epoll; do
         step "loadgen profiles/smoke.toml against ringlink --io $io"
-        data="$root/target/smoke-$io"
-        rm -rf "$data"
-        log="$root/target/smoke-$io.log"
-        target/release/ringlink serve --io "$io" --listen 127.0.0.1:0 --api 127.0.0.1:0 \
-            --data-dir "$data" >"$log" 2>&1 &
-        server=$!
-        line=""
-        for _ in $(seq 1 100); do
-            line="$(grep -m1 'listening on' "$log" || true)"
-            [ -n "$line" ] && break
-            sleep 0.1
-        done
-        [ -n "$line" ] || { echo "ringlink did not start:" >&2; cat "$log" >&2; kill "$server"; exit 1; }
-        ws="$(echo "$line" | sed -n 's/.*listening on \(ws:\/\/[0-9.:]*\).*/\1/p')"
-        api="$(echo "$line" | sed -n 's/.*api http:\/\/\([0-9.:]*\).*/\1/p')"
+        start_ringlink "smoke-$io" "$io"
         status=0
         target/release/loadgen profiles/smoke.toml --target "$ws" --api "$api" \
             --json "$root/target/smoke-$io.json" || status=$?
@@ -127,25 +136,10 @@ if [ "${SKIP_LOAD:-0}" != 1 ]; then
         echo "mosquitto did not start:" >&2; cat "$root/target/mqtt-smoke-mosquitto.log" >&2
         kill "$broker" 2>/dev/null || true; exit 1
     }
-    data="$root/target/mqtt-smoke"
-    rm -rf "$data"
-    log="$root/target/mqtt-smoke.log"
-    RINGLINK_UPLINK_SINK=mqtt RINGLINK_UPLINK_MQTT_URL="mqtt://127.0.0.1:$port" \
-        target/release/ringlink serve --io uring --listen 127.0.0.1:0 --api 127.0.0.1:0 \
-        --data-dir "$data" >"$log" 2>&1 &
-    server=$!
-    line=""
-    for _ in $(seq 1 100); do
-        line="$(grep -m1 'listening on' "$log" || true)"
-        [ -n "$line" ] && break
-        sleep 0.1
-    done
-    [ -n "$line" ] || {
-        echo "ringlink did not start:" >&2; cat "$log" >&2
-        kill "$server" "$broker" 2>/dev/null || true; exit 1
-    }
-    ws="$(echo "$line" | sed -n 's/.*listening on \(ws:\/\/[0-9.:]*\).*/\1/p')"
-    api="$(echo "$line" | sed -n 's/.*api http:\/\/\([0-9.:]*\).*/\1/p')"
+    if ! RINGLINK_UPLINK_SINK=mqtt RINGLINK_UPLINK_MQTT_URL="mqtt://127.0.0.1:$port" \
+        start_ringlink mqtt-smoke uring; then
+        kill "$broker" 2>/dev/null || true; exit 1
+    fi
     status=0
     target/release/loadgen profiles/mqtt.toml --target "$ws" --api "$api" \
         --mqtt "mqtt://127.0.0.1:$port" --json "$root/target/mqtt-smoke.json" || status=$?

@@ -113,99 +113,43 @@ impl SinkStats {
     }
 }
 
+/// Appends one metric (Prometheus text: help, type, value) to `out`.
+pub(crate) fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}
+
 /// Appends the sink's metrics (Prometheus text) to `out`.
 pub fn render(spool: &Spool, now_ms: u64, out: &mut String) {
     let s = &spool.stats;
-    let mut metric = |name: &str, kind: &str, help: &str, v: f64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-        );
-    };
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
-    metric(
-        "ringlink_sink_connected",
-        "gauge",
-        "1 while the forwarder is connected to its broker.",
-        f64::from(u8::from(s.connected.load(Ordering::Relaxed))),
-    );
-    metric(
-        "ringlink_sink_connects_total",
-        "counter",
-        "Broker connections established (CONNACK accepted).",
-        load(&s.connects),
-    );
-    metric(
-        "ringlink_sink_disconnects_total",
-        "counter",
-        "Broker connections lost or refused.",
-        load(&s.disconnects),
-    );
-    metric(
-        "ringlink_sink_forwarded_total",
-        "counter",
-        "Uplink records acknowledged by the broker.",
-        load(&s.forwarded),
-    );
-    metric(
-        "ringlink_sink_replayed_total",
-        "counter",
-        "Records published while catching up a backlog, at uplink.mqtt.replay_per_s.",
-        load(&s.replayed),
-    );
-    metric(
-        "ringlink_sink_resent_total",
-        "counter",
-        "Publishes re-sent after a reconnect (no PUBACK before the connection was lost).",
-        load(&s.resent),
-    );
-    metric(
-        "ringlink_sink_inflight",
-        "gauge",
-        "Publishes awaiting the broker's acknowledgement.",
-        load(&s.inflight),
-    );
-    metric(
-        "ringlink_sink_backlog_records",
-        "gauge",
-        "Committed uplink records the broker has not acknowledged yet.",
-        load(&s.backlog_records),
-    );
-    metric(
-        "ringlink_sink_backlog_bytes",
-        "gauge",
-        "Bytes of the local log from the forwarder's position on.",
-        load(&s.backlog_bytes),
-    );
+    let flag = |b: bool| f64::from(u8::from(b));
     let oldest = s.oldest_unforwarded_ms.load(Ordering::Relaxed);
-    metric(
-        "ringlink_sink_oldest_unforwarded_seconds",
-        "gauge",
-        "Age of the oldest record not yet acknowledged by the broker (0 when none).",
-        if oldest == 0 {
-            0.0
-        } else {
-            now_ms.saturating_sub(oldest) as f64 / 1000.0
-        },
-    );
-    metric(
-        "ringlink_sink_dropped_total",
-        "counter",
-        "Unforwarded records deleted by the log's caps (uplink.on_full = drop_oldest).",
-        spool.dropped() as f64,
-    );
-    metric(
-        "ringlink_sink_spool_full",
-        "gauge",
-        "1 while the log refuses appends because the broker is behind (uplink.on_full = block).",
-        f64::from(u8::from(spool.is_full())),
-    );
-    metric(
-        "ringlink_sink_bad_records_total",
-        "counter",
-        "Log records that did not decode and were skipped.",
-        load(&s.bad_records),
-    );
+    let age = if oldest == 0 {
+        0.0
+    } else {
+        now_ms.saturating_sub(oldest) as f64 / 1000.0
+    };
+    let rows = [
+        ("ringlink_sink_connected", "gauge", "1 while the forwarder is connected to its broker.", flag(s.connected.load(Ordering::Relaxed))),
+        ("ringlink_sink_connects_total", "counter", "Broker connections established (CONNACK accepted).", load(&s.connects)),
+        ("ringlink_sink_disconnects_total", "counter", "Broker connections lost or refused.", load(&s.disconnects)),
+        ("ringlink_sink_forwarded_total", "counter", "Uplink records acknowledged by the broker.", load(&s.forwarded)),
+        ("ringlink_sink_replayed_total", "counter", "Records published while catching up a backlog, at uplink.mqtt.replay_per_s.", load(&s.replayed)),
+        ("ringlink_sink_resent_total", "counter", "Publishes re-sent after a reconnect (no PUBACK before the connection was lost).", load(&s.resent)),
+        ("ringlink_sink_inflight", "gauge", "Publishes awaiting the broker's acknowledgement.", load(&s.inflight)),
+        ("ringlink_sink_backlog_records", "gauge", "Committed uplink records the broker has not acknowledged yet.", load(&s.backlog_records)),
+        ("ringlink_sink_backlog_bytes", "gauge", "Bytes of the local log from the forwarder's position on.", load(&s.backlog_bytes)),
+        ("ringlink_sink_oldest_unforwarded_seconds", "gauge", "Age of the oldest record not yet acknowledged by the broker (0 when none).", age),
+        ("ringlink_sink_dropped_total", "counter", "Unforwarded records deleted by the log's caps (uplink.on_full = drop_oldest).", spool.dropped() as f64),
+        ("ringlink_sink_spool_full", "gauge", "1 while the log refuses appends because the broker is behind (uplink.on_full = block).", flag(spool.is_full())),
+        ("ringlink_sink_bad_records_total", "counter", "Log records that did not decode and were skipped.", load(&s.bad_records)),
+    ];
+    for (name, kind, help, value) in rows {
+        write_metric(out, name, kind, help, value);
+    }
     let _ = writeln!(
         out,
         "# HELP ringlink_sink_downlinks_total Downlinks from the broker, by topic kind and Link code.\n# TYPE ringlink_sink_downlinks_total counter"

@@ -160,15 +160,14 @@ impl Cluster {
 
 /// Appends the NATS side's metrics (Prometheus text) to `out`.
 pub fn render(cluster: &Cluster, out: &mut String) {
-    use std::fmt::Write as _;
     let s = &cluster.stats;
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let rows: [(&str, &str, &str, u64); 9] = [
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let rows = [
         (
             "ringlink_nats_connected",
             "gauge",
             "1 while connected to a NATS server.",
-            u64::from(s.connected.load(Ordering::Relaxed)),
+            f64::from(u8::from(s.connected.load(Ordering::Relaxed))),
         ),
         (
             "ringlink_nats_published_total",
@@ -219,11 +218,8 @@ pub fn render(cluster: &Cluster, out: &mut String) {
             load(&s.nodes_alive),
         ),
     ];
-    for (name, kind, help, v) in rows {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-        );
+    for (name, kind, help, value) in rows {
+        crate::sink::write_metric(out, name, kind, help, value);
     }
 }
 
