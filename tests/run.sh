@@ -148,7 +148,7 @@ if [ "${SKIP_LOAD:-0}" != 1 ]; then
     wait "$server" || server_status=$?
     kill -TERM "$broker"
     wait "$broker" || true
-    [ "$server_status" = 0 ] || { echo "ringlink with the mqtt sink did not exit cleanly" >&2; cat "$log" >&2; exit 1; }
+    [ "$server_status" = 0 ] || { echo "ringlink with the mqtt sink did not exit cleanly" >&2; cat "$root/target/mqtt-smoke.log" >&2; exit 1; }
     [ "$status" = 0 ] || { echo "mqtt profile failed (exit $status)" >&2; exit 1; }
 fi
 
