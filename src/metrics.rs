@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::protocol::{Code, ServerMethod};
-use crate::session::Stats;
+use crate::session::{CloseReason, Stats};
 
 /// A fixed-bucket histogram of atomics.
 #[derive(Debug)]
@@ -218,6 +218,13 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP ringlink_replies_unmatched_total Client replies matching no pending downlink.\n# TYPE ringlink_replies_unmatched_total counter\nringlink_replies_unmatched_total {}", stats.replies_unmatched);
         let _ = writeln!(out, "# HELP ringlink_ws_errors_total Connections closed for breaking RFC 6455.\n# TYPE ringlink_ws_errors_total counter\nringlink_ws_errors_total {}", stats.ws_errors);
+        let _ = writeln!(out, "# HELP ringlink_connections_closed_total Device connections ended, by reason (the timeouts and protocol errors are limits acting).\n# TYPE ringlink_connections_closed_total counter");
+        for (reason, n) in CloseReason::NAMES.iter().zip(stats.closes) {
+            let _ = writeln!(
+                out,
+                "ringlink_connections_closed_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
         let _ = writeln!(out, "# HELP ringlink_downlinks_total Downlinks finished, by method and code.\n# TYPE ringlink_downlinks_total counter");
         for (m, method) in METHODS.iter().enumerate() {
             for c in 0..=Code::SENT.len() {

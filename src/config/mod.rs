@@ -156,6 +156,11 @@ pub struct Limits {
     /// A downlink without a reply by then completes with 100006 (default 8000, 100-600000).
     /// Bounds how long an API caller waits and how many downlinks a mute device can pile up.
     pub downlink_timeout_ms: u64,
+    /// A data message whose first bytes arrived must be complete by then (default 5000,
+    /// 100-600000), else the connection is closed with 1008 (policy violation). Stops a peer
+    /// that declares a large frame, or starts a fragmented message, and then sends nothing or
+    /// dribbles it: what it can make ringlink hold is what it sent, and only for this long.
+    pub message_timeout_ms: u64,
     /// Whether a report for a device that is online nowhere first brings it online on that
     /// connection (default false). Off, such reports get 109001, so a device cannot skip the
     /// `onlineDevice` checks (clientIp, takeover) by just reporting.
@@ -171,6 +176,7 @@ impl Default for Limits {
             ping_interval_ms: 30_000,
             pong_timeout_ms: 60_000,
             downlink_timeout_ms: 8_000,
+            message_timeout_ms: 5_000,
             auto_online_on_report: false,
         }
     }
@@ -636,6 +642,7 @@ impl Config {
             ping_interval: Duration::from_millis(l.ping_interval_ms),
             pong_timeout: Duration::from_millis(l.pong_timeout_ms),
             downlink_timeout: Duration::from_millis(l.downlink_timeout_ms),
+            message_timeout: Duration::from_millis(l.message_timeout_ms),
             auto_online_on_report: l.auto_online_on_report,
         }
     }

@@ -36,6 +36,7 @@ pub const KNOBS: &[&str] = &[
     "limits.ping_interval_ms",
     "limits.pong_timeout_ms",
     "limits.downlink_timeout_ms",
+    "limits.message_timeout_ms",
     "limits.auto_online_on_report",
     "api.listen",
     "data_dir",
@@ -430,6 +431,12 @@ impl Draft {
             downlink_timeout_ms: self.int(
                 "limits.downlink_timeout_ms",
                 d.downlink_timeout_ms,
+                100,
+                600_000,
+            ),
+            message_timeout_ms: self.int(
+                "limits.message_timeout_ms",
+                d.message_timeout_ms,
                 100,
                 600_000,
             ),

@@ -86,6 +86,7 @@ fn defaults_without_file_env_or_flags() {
         (d.handshake_timeout, d.ping_interval, d.pong_timeout)
     );
     assert_eq!(s.downlink_timeout, d.downlink_timeout);
+    assert_eq!(s.message_timeout, d.message_timeout);
     assert_eq!(s.auto_online_on_report, d.auto_online_on_report);
     assert_eq!(c.build_registry().expect("demo").len(), 31_000);
 }
@@ -109,6 +110,7 @@ handshake_timeout_ms = 2000
 ping_interval_ms = 10000
 pong_timeout_ms = 25000
 downlink_timeout_ms = 3000
+message_timeout_ms = 1500
 auto_online_on_report = true
 [api]
 listen = "127.0.0.1:0"
@@ -176,6 +178,7 @@ ca_file = "certs/nats-ca.pem"
             ping_interval_ms: 10_000,
             pong_timeout_ms: 25_000,
             downlink_timeout_ms: 3000,
+            message_timeout_ms: 1500,
             auto_online_on_report: true,
         }
     );

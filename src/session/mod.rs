@@ -62,6 +62,10 @@ pub struct Config {
     pub pong_timeout: Duration,
     /// A downlink with no reply by then completes with 100006.
     pub downlink_timeout: Duration,
+    /// A data message whose first byte arrived must be complete by then, or the connection is
+    /// closed with 1008 (a peer declaring a large frame and then sending nothing, or dribbling
+    /// it, holds a read buffer for only this long).
+    pub message_timeout: Duration,
     /// Whether a report for a device online nowhere first onlines it on this connection.
     pub auto_online_on_report: bool,
 }
@@ -74,6 +78,7 @@ impl Default for Config {
             ping_interval: Duration::from_millis(30_000),
             pong_timeout: Duration::from_millis(60_000),
             downlink_timeout: Duration::from_millis(8_000),
+            message_timeout: Duration::from_millis(5_000),
             auto_online_on_report: false,
         }
     }
@@ -180,10 +185,38 @@ pub enum CloseReason {
     Protocol(&'static str),
     HandshakeTimeout,
     PongTimeout,
+    /// A started data message did not complete within the message timeout (close code 1008).
+    MessageTimeout,
     /// The transport went away (EOF, reset, write error).
     Disconnected,
     /// ringlink is shutting down (close code 1001 sent).
     Shutdown,
+}
+
+impl CloseReason {
+    /// The reasons' names, in the order of [`CloseReason::index`] (metric labels).
+    pub const NAMES: [&'static str; 7] = [
+        "peer_closed",
+        "protocol_error",
+        "handshake_timeout",
+        "pong_timeout",
+        "message_timeout",
+        "disconnected",
+        "shutdown",
+    ];
+
+    /// This reason's position in [`CloseReason::NAMES`].
+    pub fn index(&self) -> usize {
+        match self {
+            Self::PeerClosed(_) => 0,
+            Self::Protocol(_) => 1,
+            Self::HandshakeTimeout => 2,
+            Self::PongTimeout => 3,
+            Self::MessageTimeout => 4,
+            Self::Disconnected => 5,
+            Self::Shutdown => 6,
+        }
+    }
 }
 
 /// One WebSocket connection's Link protocol state.
@@ -209,8 +242,11 @@ struct Core {
     held: VecDeque<(u32, Option<Code>)>,
     /// The [`AckToken`] of `held[0]`; tokens count every reply ever held.
     held_front: u64,
-    /// Set until the upgrade completes.
-    handshake_deadline: Option<Instant>,
+    /// Until the upgrade completes (`next_ping` is `None`): when it must be done. After it:
+    /// while a data message is incomplete, when it must be complete. One field for both keeps
+    /// an idle connection's entry small (see the shard core's size test).
+    deadline: Option<Instant>,
+    /// Set once the upgrade completed.
     next_ping: Option<Instant>,
     last_pong: Instant,
     ended: Option<CloseReason>,
@@ -220,7 +256,7 @@ impl Session {
     /// A new server connection from `peer`, accepted at `now`.
     pub fn new(ctx: Arc<Context>, peer: IpAddr, now: Instant) -> Self {
         let ws = ws::Conn::server(ctx.config.limits);
-        let handshake_deadline = Some(now + ctx.config.handshake_timeout);
+        let deadline = Some(now + ctx.config.handshake_timeout);
         Self {
             ws,
             core: Core {
@@ -233,7 +269,7 @@ impl Session {
                 events: VecDeque::new(),
                 held: VecDeque::new(),
                 held_front: 0,
-                handshake_deadline,
+                deadline,
                 next_ping: None,
                 last_pong: now,
                 ended: None,
@@ -251,13 +287,14 @@ impl Session {
         shard: &mut ShardState,
     ) -> usize {
         let mut consumed = 0;
+        let mut completed = false;
         while self.core.ended.is_none() {
             let event = self.ws.read(&mut input[consumed..], &mut self.core.tx);
             match event {
                 Ok(ws::Event::NeedMore) => break,
                 Ok(ws::Event::Consumed(n)) => {
                     consumed += n;
-                    if self.core.handshake_deadline.is_some() && self.ws.is_open() {
+                    if self.core.next_ping.is_none() && self.ws.is_open() {
                         self.core.opened(now);
                     }
                 }
@@ -265,6 +302,7 @@ impl Session {
                     consumed: n, data, ..
                 }) => {
                     consumed += n;
+                    completed = true;
                     self.core.handle_message(data, shard);
                 }
                 Ok(ws::Event::Pong { consumed: n }) => {
@@ -281,7 +319,26 @@ impl Session {
                 }
             }
         }
+        self.track_message(consumed < input.len(), completed, now);
         consumed
+    }
+
+    /// Starts or ends the message deadline after an input: a message is started while bytes
+    /// of a frame wait in the caller's buffer or a fragmented message is open. The clock
+    /// restarts only when a message completed, so dribbling frames of one message (or a
+    /// frame's bytes) does not extend it, while a steady stream of messages never trips it.
+    fn track_message(&mut self, partial: bool, completed: bool, now: Instant) {
+        let core = &mut self.core;
+        if core.ended.is_some() || core.next_ping.is_none() {
+            return;
+        }
+        if partial || self.ws.in_message() {
+            if completed || core.deadline.is_none() {
+                core.deadline = Some(now + core.ctx.config.message_timeout);
+            }
+        } else {
+            core.deadline = None;
+        }
     }
 
     /// Handles the passage of time: handshake timeout, pings, pong timeout, downlink timeouts.
@@ -290,8 +347,14 @@ impl Session {
         if core.ended.is_some() {
             return;
         }
-        if core.handshake_deadline.is_some_and(|d| now >= d) {
+        let upgrading = core.next_ping.is_none();
+        if upgrading && core.deadline.is_some_and(|d| now >= d) {
             core.end(CloseReason::HandshakeTimeout);
+            return;
+        }
+        if core.deadline.is_some_and(|d| now >= d) {
+            self.ws.close(&mut core.tx, 1008, "message timeout");
+            core.end(CloseReason::MessageTimeout);
             return;
         }
         if core.next_ping.is_some() && now >= core.last_pong + core.ctx.config.pong_timeout {
@@ -396,7 +459,7 @@ impl Session {
         }
         let pong = c.next_ping.map(|_| c.last_pong + c.ctx.config.pong_timeout);
         [
-            c.handshake_deadline,
+            c.deadline,
             c.next_ping,
             pong,
             c.downlinks
@@ -447,7 +510,7 @@ impl Session {
 
 impl Core {
     fn opened(&mut self, now: Instant) {
-        self.handshake_deadline = None;
+        self.deadline = None;
         self.last_pong = now;
         self.next_ping = Some(now + self.ctx.config.ping_interval);
     }

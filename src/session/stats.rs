@@ -1,6 +1,7 @@
 //! Per-shard counters kept by sessions; the driver exports them as metrics.
 
 use crate::protocol::{Code, Method};
+use crate::session::CloseReason;
 
 /// Slots per code: every code ringlink sends, plus one for codes from clients it does not know.
 const CODES: usize = Code::SENT.len() + 1;
@@ -17,6 +18,8 @@ pub struct Stats {
     pub ws_errors: u64,
     /// Uplinks batched, by kind: property, event, online, offline (see [`Stats::UPLINK_KINDS`]).
     pub uplinks: [u64; 4],
+    /// Link connections ended, by [`CloseReason::index`](crate::session::CloseReason::index).
+    pub closes: [u64; CloseReason::NAMES.len()],
 }
 
 impl Default for Stats {
@@ -26,6 +29,7 @@ impl Default for Stats {
             replies_unmatched: 0,
             ws_errors: 0,
             uplinks: [0; 4],
+            closes: [0; CloseReason::NAMES.len()],
         }
     }
 }
@@ -55,6 +59,9 @@ impl Stats {
         self.replies_unmatched += other.replies_unmatched;
         self.ws_errors += other.ws_errors;
         for (a, b) in self.uplinks.iter_mut().zip(&other.uplinks) {
+            *a += b;
+        }
+        for (a, b) in self.closes.iter_mut().zip(&other.closes) {
             *a += b;
         }
     }

@@ -1226,3 +1226,83 @@ fn stops_wanting_input_while_the_peer_does_not_read_what_it_is_sent() {
     assert!(out.len() >= MAX_QUEUED_BYTES);
     assert!(h.session.wants_input());
 }
+
+// ---- message timeout (a started message must complete in time) ----
+
+/// A masked TEXT frame header announcing `len` payload bytes (`len` > 125, < 65536).
+fn declared_header(len: u16, fin: bool) -> Vec<u8> {
+    let mut h = vec![if fin { 0x81 } else { 0x01 }, 0x80 | 126];
+    h.extend_from_slice(&len.to_be_bytes());
+    h.extend_from_slice(&[1, 2, 3, 4]);
+    h
+}
+
+#[test]
+fn a_declared_but_unsent_frame_is_closed_with_1008_after_the_message_timeout() {
+    let mut h = Harness::new();
+    let dev = online_thermo(&mut h);
+    h.recv();
+    h.feed(&declared_header(65_000, true));
+    assert_eq!(h.to_server.len(), 8, "the header waits for its payload");
+    let timeout = Config::default().message_timeout;
+    h.advance(timeout - Duration::from_millis(1));
+    assert!(!h.session.is_closed());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.session.close_reason(), Some(&CloseReason::MessageTimeout));
+    h.recv();
+    assert_eq!(h.closed_by_server, Some(Some(1008)));
+    assert_eq!(
+        h.take_events(),
+        vec![Event::Offline {
+            device: dev,
+            ack: None
+        }]
+    );
+}
+
+#[test]
+fn a_fragmented_message_must_complete_within_the_timeout_even_if_fragments_keep_coming() {
+    let mut h = Harness::new();
+    online_thermo(&mut h);
+    h.recv();
+    let timeout = Config::default().message_timeout;
+    // A first fragment, then one-byte continuations every tenth of the timeout: each frame is
+    // complete, the message never is.
+    let mut first = vec![0x01, 0x81, 1, 2, 3, 4];
+    first.push(b'{' ^ 1);
+    h.feed(&first);
+    for _ in 0..9 {
+        h.advance(timeout / 10);
+        h.feed(&[0x00, 0x81, 1, 2, 3, 4, b' ' ^ 1]);
+        assert!(!h.session.is_closed());
+    }
+    h.advance(timeout / 10);
+    assert_eq!(h.session.close_reason(), Some(&CloseReason::MessageTimeout));
+}
+
+#[test]
+fn steady_pipelined_traffic_ending_mid_frame_is_not_a_timeout() {
+    let mut h = Harness::new();
+    online_thermo(&mut h);
+    h.recv();
+    let timeout = Config::default().message_timeout;
+    let mut frame = Vec::new();
+    let msg = report(
+        7,
+        "thermo-02",
+        r#"[{"identifier":"power","type":"bool","value":1}]"#,
+    );
+    h.client.send_text(&mut frame, msg.as_bytes());
+    // Every read ends in the middle of the next frame, for far longer than the timeout, yet
+    // every message completes within it.
+    let half = frame.len() / 2;
+    h.feed(&frame[..half]);
+    for _ in 0..40 {
+        h.advance(timeout / 4);
+        let mut next = frame[half..].to_vec();
+        next.extend_from_slice(&frame[..half]);
+        h.feed(&next);
+        assert!(!h.session.is_closed());
+    }
+    assert_eq!(h.recv().len(), 40);
+}

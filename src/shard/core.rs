@@ -690,6 +690,12 @@ impl<D, R> ShardCore<D, R> {
                 c.timer
             } else {
                 c.lingering = true;
+                if let Machine::Link(s) = &c.machine {
+                    if let Some(reason) = s.close_reason() {
+                        self.state.stats.closes[reason.index()] += 1;
+                        self.stats_dirty = true;
+                    }
+                }
                 Some(now + linger)
             }
         } else {

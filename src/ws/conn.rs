@@ -252,6 +252,12 @@ impl Conn {
         }
     }
 
+    /// Whether a fragmented data message is in progress: its first fragment arrived, its final
+    /// one has not.
+    pub fn in_message(&self) -> bool {
+        self.fragment != Fragment::None
+    }
+
     /// How many bytes the caller's read buffer should be able to hold to make progress: the
     /// whole frame being received once its header is known (at most `max_message_bytes` plus a
     /// header), otherwise a header or a typical handshake.
