@@ -248,3 +248,11 @@ impl Metrics {
         out
     }
 }
+
+/// Appends one metric (Prometheus text: help, type, value) to `out`.
+pub(crate) fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}

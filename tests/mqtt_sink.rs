@@ -342,7 +342,7 @@ fn drained(gw: &Gateway, within: Duration) {
             Instant::now() < deadline,
             "not drained after {within:?}: backlog {backlog}, in flight {inflight}, forwarded {}, log records {}, connected {}",
             gw.metric("ringlink_sink_forwarded_total"),
-            gw.metric("ringlink_uplink_log_records"),
+            gw.metric("ringlink_uplink_log_records_total"),
             gw.metric("ringlink_sink_connected"),
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -710,7 +710,7 @@ async fn full_spool_drops_oldest_or_blocks_as_configured() {
         "refused once full: {codes:?}"
     );
     assert!(accepted > 5_000, "{codes:?}");
-    assert!(gw.metric("ringlink_uplink_spool_full_refusals") > 0.0);
+    assert!(gw.metric("ringlink_uplink_spool_full_refusals_total") > 0.0);
     assert_eq!(gw.metric("ringlink_sink_spool_full"), 1.0);
     assert_eq!(gw.metric("ringlink_sink_dropped_total"), 0.0);
     let (code, _) = gw.http("GET", "/readyz", None);

@@ -152,4 +152,10 @@ if [ "${SKIP_LOAD:-0}" != 1 ]; then
     [ "$status" = 0 ] || { echo "mqtt profile failed (exit $status)" >&2; exit 1; }
 fi
 
+# The systemd unit: systemd's own verifier and its offline security score (skips, saying so,
+# where systemd-analyze is absent). The debug binary from cargo test stands in for the
+# installed one.
+step "deploy/ringlink.service: systemd-analyze verify"
+deploy/verify.sh target/debug/ringlink
+
 step "all checks passed"

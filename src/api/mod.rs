@@ -125,34 +125,40 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             log.total_bytes() as f64,
         ),
         (
-            "ringlink_uplink_log_writes",
-            "Group commits written to the local log.",
-            log.writes.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "ringlink_uplink_log_records",
-            "Records written to the local log.",
-            log.records.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "ringlink_uplink_log_errors",
-            "Failed writes to the local log.",
-            log.errors.load(Ordering::Relaxed) as f64,
-        ),
-        (
             "ringlink_uplink_spool_bytes",
             "Bytes of the local log the external sink has not acknowledged (0 without one).",
             s.spool.as_ref().map_or(0.0, |sp| {
                 sp.stats.backlog_bytes.load(Ordering::Relaxed) as f64
             }),
         ),
-        (
-            "ringlink_uplink_spool_full_refusals",
-            "Commits refused because the spool was full (uplink.on_full = block).",
-            log.spool_full.load(Ordering::Relaxed) as f64,
-        ),
     ];
     let mut text = s.env.metrics.render(&gauges);
+    let counters = [
+        (
+            "ringlink_uplink_log_writes_total",
+            "Group commits written to the local log.",
+            &log.writes,
+        ),
+        (
+            "ringlink_uplink_log_records_total",
+            "Records written to the local log.",
+            &log.records,
+        ),
+        (
+            "ringlink_uplink_log_errors_total",
+            "Failed writes to the local log.",
+            &log.errors,
+        ),
+        (
+            "ringlink_uplink_spool_full_refusals_total",
+            "Commits refused because the spool was full (uplink.on_full = block).",
+            &log.spool_full,
+        ),
+    ];
+    for (name, help, n) in counters {
+        let n = n.load(Ordering::Relaxed) as f64;
+        crate::metrics::write_metric(&mut text, name, "counter", help, n);
+    }
     if let Some(spool) = &s.spool {
         crate::sink::render(spool, crate::shard::unix_ms(), &mut text);
     }

@@ -113,14 +113,6 @@ impl SinkStats {
     }
 }
 
-/// Appends one metric (Prometheus text: help, type, value) to `out`.
-pub(crate) fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-    );
-}
-
 /// Appends the sink's metrics (Prometheus text) to `out`.
 pub fn render(spool: &Spool, now_ms: u64, out: &mut String) {
     let s = &spool.stats;
@@ -148,7 +140,7 @@ pub fn render(spool: &Spool, now_ms: u64, out: &mut String) {
         ("ringlink_sink_bad_records_total", "counter", "Log records that did not decode and were skipped.", load(&s.bad_records)),
     ];
     for (name, kind, help, value) in rows {
-        write_metric(out, name, kind, help, value);
+        crate::metrics::write_metric(out, name, kind, help, value);
     }
     let _ = writeln!(
         out,

@@ -219,7 +219,7 @@ pub fn render(cluster: &Cluster, out: &mut String) {
         ),
     ];
     for (name, kind, help, value) in rows {
-        crate::sink::write_metric(out, name, kind, help, value);
+        crate::metrics::write_metric(out, name, kind, help, value);
     }
 }
 
