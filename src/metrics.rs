@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::protocol::{Code, ServerMethod};
-use crate::session::{CloseReason, Stats};
+use crate::session::{CloseReason, Latency, Stats};
 
 /// A fixed-bucket histogram of atomics.
 #[derive(Debug)]
@@ -42,27 +42,9 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (i, c) in self.counts.iter().enumerate() {
-            cumulative += c.load(Ordering::Relaxed);
-            let le = self
-                .bounds
-                .get(i)
-                .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
-            );
-        }
+        let counts = self.counts.iter().map(|c| c.load(Ordering::Relaxed));
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{braces} {sum}");
-        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+        write_histogram(out, name, labels, self.bounds.iter().copied(), counts, sum);
     }
 }
 
@@ -242,11 +224,64 @@ impl Metrics {
         let _ = writeln!(out, "# HELP ringlink_downlink_latency_seconds Downlink request to completion.\n# TYPE ringlink_downlink_latency_seconds histogram");
         self.downlink_latency
             .render(&mut out, "ringlink_downlink_latency_seconds", "");
+        let _ = writeln!(out, "# HELP ringlink_uplink_ack_seconds Uplink read to its acknowledgement, by part: total, log (waiting for the group commit), rest (waiting for the batch to go, processing).\n# TYPE ringlink_uplink_ack_seconds histogram");
+        for (part, h) in Stats::ACK_PARTS.iter().zip(&stats.ack_latency) {
+            render_latency(
+                &mut out,
+                "ringlink_uplink_ack_seconds",
+                &format!("part=\"{part}\""),
+                h,
+            );
+        }
+        let _ = writeln!(out, "# HELP ringlink_uplink_commit_seconds Group commit handed to the log to done (write, and fsync with fsync = batch).\n# TYPE ringlink_uplink_commit_seconds histogram");
+        render_latency(
+            &mut out,
+            "ringlink_uplink_commit_seconds",
+            "",
+            &stats.commit_latency,
+        );
         let _ = writeln!(out, "# HELP ringlink_uplink_batch_records Records per uplink batch.\n# TYPE ringlink_uplink_batch_records histogram");
         self.batch_sizes
             .render(&mut out, "ringlink_uplink_batch_records", "");
         out
     }
+}
+
+/// Appends the series of a shard-counted latency histogram (bounds in seconds).
+fn render_latency(out: &mut String, name: &str, labels: &str, h: &Latency) {
+    let bounds = Latency::BOUNDS_US.iter().map(|us| *us as f64 / 1e6);
+    let sum = h.sum_us as f64 / 1e6;
+    write_histogram(out, name, labels, bounds, h.counts.iter().copied(), sum);
+}
+
+/// Appends a histogram's series: cumulative `_bucket`s from per-bucket `counts` (one per bound
+/// plus +Inf), `_sum` and `_count`.
+fn write_histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    bounds: impl Iterator<Item = f64>,
+    counts: impl Iterator<Item = u64>,
+    sum: f64,
+) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut bounds = bounds.map(|b| b.to_string());
+    let mut cumulative = 0;
+    for n in counts {
+        cumulative += n;
+        let le = bounds.next().unwrap_or_else(|| "+Inf".to_owned());
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braces} {sum}");
+    let _ = writeln!(out, "{name}_count{braces} {cumulative}");
 }
 
 /// Appends one metric (Prometheus text: help, type, value) to `out`.

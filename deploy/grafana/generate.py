@@ -12,9 +12,10 @@ SEL = '{instance=~"$instance"}'
 
 
 def q(expr):
-    """Puts the instance selector into every `ringlink_...` metric of `expr` written as `M{}` or
-    `M{labels}`."""
-    return expr.replace("{}", SEL).replace('{code!="0"}', '{instance=~"$instance",code!="0"}')
+    """Puts the instance selector into every metric of `expr`: `M{}` becomes `M{instance=~...}`
+    and `M{labels}` gets it in front of its labels."""
+    return expr.replace("{}", SEL).replace('_bucket{part=', '_bucket{instance=~"$instance",part=') \
+        .replace('{code!="0"}', '{instance=~"$instance",code!="0"}')
 
 
 ROWS = [
@@ -67,6 +68,16 @@ ROWS = [
         ("Log writes per second", "ops", [
             ("records", "sum(rate(ringlink_uplink_log_records_total{}[1m]))"),
             ("group commits", "sum(rate(ringlink_uplink_log_writes_total{}[1m]))"),
+        ]),
+        ("Uplink read to acknowledgement (server side)", "s", [
+            ("p50 total", 'histogram_quantile(0.5, sum by (le) (rate(ringlink_uplink_ack_seconds_bucket{part="total"}[5m])))'),
+            ("p99 total", 'histogram_quantile(0.99, sum by (le) (rate(ringlink_uplink_ack_seconds_bucket{part="total"}[5m])))'),
+            ("p99 waiting for the log", 'histogram_quantile(0.99, sum by (le) (rate(ringlink_uplink_ack_seconds_bucket{part="log"}[5m])))'),
+            ("p99 the rest", 'histogram_quantile(0.99, sum by (le) (rate(ringlink_uplink_ack_seconds_bucket{part="rest"}[5m])))'),
+        ]),
+        ("Group commit latency", "s", [
+            ("p50", "histogram_quantile(0.5, sum by (le) (rate(ringlink_uplink_commit_seconds_bucket{}[5m])))"),
+            ("p99", "histogram_quantile(0.99, sum by (le) (rate(ringlink_uplink_commit_seconds_bucket{}[5m])))"),
         ]),
         ("Records per batch", "short", [
             ("p50", "histogram_quantile(0.5, sum by (le) (rate(ringlink_uplink_batch_records_bucket{}[5m])))"),

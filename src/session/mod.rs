@@ -45,7 +45,7 @@ use crate::registry::{DeviceId, Registry};
 use crate::ws;
 
 pub use downlink::{Downlink, DownlinkRequest, Outcome};
-pub use stats::Stats;
+pub use stats::{Latency, Stats};
 
 use devices::Devices;
 use downlink::Pending;

@@ -20,6 +20,45 @@ pub struct Stats {
     pub uplinks: [u64; 4],
     /// Link connections ended, by [`CloseReason::index`](crate::session::CloseReason::index).
     pub closes: [u64; CloseReason::NAMES.len()],
+    /// Time from reading an uplink (report, event, online, offline) to its acknowledgement,
+    /// by [`Stats::ACK_PARTS`]: in total, waiting for the log commit, and the rest (waiting
+    /// for the batch to go, processing).
+    pub ack_latency: [Latency; 3],
+    /// Time from handing a group commit to the driver to its completion (write, and fsync
+    /// with `fsync = "batch"`).
+    pub commit_latency: Latency,
+}
+
+/// A latency histogram in plain integers (one shard's), with fixed buckets from 50 µs to
+/// 10 s.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Latency {
+    /// One count per bound of [`Latency::BOUNDS_US`] plus the +Inf bucket; not cumulative.
+    pub counts: [u64; Self::BOUNDS_US.len() + 1],
+    pub sum_us: u64,
+}
+
+impl Latency {
+    /// Bucket upper bounds in microseconds.
+    pub const BOUNDS_US: [u64; 17] = [
+        50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+        1_000_000, 2_500_000, 5_000_000, 10_000_000,
+    ];
+
+    pub fn observe(&mut self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = Self::BOUNDS_US.partition_point(|b| *b < us);
+        self.counts[i] += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    fn merge(&mut self, other: &Self) {
+        self.counts
+            .iter_mut()
+            .zip(&other.counts)
+            .for_each(|(a, b)| *a += b);
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
+    }
 }
 
 impl Default for Stats {
@@ -30,6 +69,8 @@ impl Default for Stats {
             ws_errors: 0,
             uplinks: [0; 4],
             closes: [0; CloseReason::NAMES.len()],
+            ack_latency: [Latency::default(); 3],
+            commit_latency: Latency::default(),
         }
     }
 }
@@ -37,6 +78,8 @@ impl Default for Stats {
 impl Stats {
     /// The kinds counted in [`Stats::uplinks`], in order.
     pub const UPLINK_KINDS: [&'static str; 4] = ["property", "event", "online", "offline"];
+    /// The parts of [`Stats::ack_latency`], in order.
+    pub const ACK_PARTS: [&'static str; 3] = ["total", "log", "rest"];
 
     pub(crate) fn count_request(&mut self, method: Option<Method>, code: Code) {
         let row = method.map_or(Method::ALL.len(), |m| m as usize);
@@ -64,6 +107,10 @@ impl Stats {
         for (a, b) in self.closes.iter_mut().zip(&other.closes) {
             *a += b;
         }
+        for (a, b) in self.ack_latency.iter_mut().zip(&other.ack_latency) {
+            a.merge(b);
+        }
+        self.commit_latency.merge(&other.commit_latency);
     }
 }
 

@@ -76,6 +76,8 @@ impl Env {
 pub(crate) struct AckRef {
     pub(crate) conn: ConnRef,
     pub(crate) token: AckToken,
+    /// When the message behind it was read (the turn's time): the start of its ack latency.
+    pub(crate) arrived: Instant,
 }
 
 /// A message to a shard from another thread (another shard, or the API).
@@ -105,9 +107,11 @@ pub(crate) enum Action<R> {
 }
 
 /// Batches on their way to the log, in order; handed back to [`ShardCore::committed`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Commit {
     pub(crate) batches: Vec<Batch<AckRef>>,
+    /// When it was handed to the driver: the start of its records' wait for the log.
+    pub(crate) started: Instant,
 }
 
 impl Commit {
@@ -602,7 +606,10 @@ impl<D, R> ShardCore<D, R> {
             self.env.metrics.batch_sizes.observe(b.records as f64);
         }
         self.committing = true;
-        self.actions.push_back(Action::Append(Commit { batches }));
+        self.actions.push_back(Action::Append(Commit {
+            batches,
+            started: now,
+        }));
     }
 
     /// The driver wrote `commit` to the log (`Ok`: durable per the fsync policy): the devices
@@ -623,6 +630,18 @@ impl<D, R> ShardCore<D, R> {
                 .fetch_add(commit.records() as u64, Ordering::Relaxed);
             Code::Unknown
         };
+        let log_wait = now.saturating_duration_since(commit.started);
+        let stats = &mut self.state.stats;
+        stats.commit_latency.observe(log_wait);
+        for batch in &commit.batches {
+            for ack in &batch.acks {
+                let total = now.saturating_duration_since(ack.arrived);
+                stats.ack_latency[0].observe(total);
+                stats.ack_latency[1].observe(log_wait);
+                stats.ack_latency[2].observe(total.saturating_sub(log_wait));
+            }
+        }
+        self.stats_dirty = true;
         for mut batch in commit.batches.drain(..) {
             for ack in batch.acks.drain(..) {
                 if let Some(slot) = self.live_slot(ack.conn) {
@@ -748,14 +767,22 @@ impl<D, R> ShardCore<D, R> {
                     }
                     self.env.shadows.online(device, peer, wall);
                     self.state.stats.uplinks[2] += 1;
-                    let ack = ack.map(|token| AckRef { conn: me, token });
+                    let ack = ack.map(|token| AckRef {
+                        conn: me,
+                        token,
+                        arrived: now,
+                    });
                     self.push_record(device, wall, RecordBody::Online { peer }, ack, now);
                 }
                 Event::Offline { device, ack } => {
                     if self.env.owners.release(device, me) {
                         self.env.shadows.offline(device, wall);
                         self.state.stats.uplinks[3] += 1;
-                        let ack = ack.map(|token| AckRef { conn: me, token });
+                        let ack = ack.map(|token| AckRef {
+                            conn: me,
+                            token,
+                            arrived: now,
+                        });
                         self.push_record(device, wall, RecordBody::Offline, ack, now);
                     } else if let Some(token) = ack {
                         // Taken over meanwhile: no offline uplink is due, answer at once.
@@ -768,6 +795,7 @@ impl<D, R> ShardCore<D, R> {
                     let ack = Some(AckRef {
                         conn: me,
                         token: ack,
+                        arrived: now,
                     });
                     let device = uplink.device;
                     let body = match &uplink.kind {

@@ -525,3 +525,41 @@ fn an_idle_connections_entry_fits_a_384_byte_allocation() {
     assert!(size <= 384, "{size}");
     assert!(size_of::<Session>() <= 296, "{}", size_of::<Session>());
 }
+
+#[test]
+fn ack_latency_splits_the_wait_for_the_log_from_the_rest() {
+    let mut w = World::new();
+    w.auto_commit = false;
+    let mut c = w.connect(0);
+    w.send(&mut c, &online(1, "thermo-00001"));
+    w.settle();
+    // The online's commit takes 3 ms; a report read 1 ms into it waits for it to finish
+    // before its own commit (5 ms) starts.
+    let first = w.commits[0].pop_front().expect("online commit");
+    w.now += Duration::from_millis(1);
+    w.send(&mut c, &report(2, "thermo-00001", 1));
+    w.settle();
+    w.now += Duration::from_millis(2);
+    w.commit(0, first, Ok(()));
+    w.settle();
+    let second = w.commits[0].pop_front().expect("the report's commit");
+    w.now += Duration::from_millis(5);
+    w.commit(0, second, Ok(()));
+    assert_eq!(codes(&w.recv(&mut c)), [(1, 0), (2, 0)]);
+
+    let stats = &w.shards[0].state.stats;
+    let bucket = |ms: u64| crate::session::Latency::BOUNDS_US.partition_point(|b| *b < ms * 1000);
+    let [total, log, rest] = &stats.ack_latency;
+    // The online: 3 ms in all, all of it the log. The report: 7 ms, 5 of them the log.
+    assert_eq!((total.counts[bucket(3)], total.counts[bucket(7)]), (1, 1));
+    assert_eq!(total.sum_us, 3_000 + 7_000);
+    assert_eq!(log.sum_us, 3_000 + 5_000);
+    assert_eq!(
+        log.counts[bucket(5)],
+        2,
+        "3 and 5 ms share the (2.5, 5] ms bucket"
+    );
+    assert_eq!(rest.sum_us, 2_000);
+    assert_eq!(stats.commit_latency.sum_us, 3_000 + 5_000);
+    assert_eq!(stats.commit_latency.counts.iter().sum::<u64>(), 2);
+}
