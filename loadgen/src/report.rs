@@ -249,7 +249,8 @@ fn bucket_size(seconds: usize) -> usize {
     seconds.div_ceil(MAX_POINTS).max(1)
 }
 
-/// One point per bucket of `k` seconds (x = the bucket's first second); buckets where `f` has
+/// One point per bucket of `k` seconds, at the middle of the bucket (second `t` is
+/// `[t, t + 1)`), gauges (sampled at the end of each second) at its end; buckets where `f` has
 /// no value are left out (the line joins its neighbours).
 fn reduce(
     series: &[SecondSummary],
@@ -271,7 +272,13 @@ fn reduce(
                 Agg::Max => values.iter().copied().reduce(f64::max)?,
                 Agg::Last => *values.last()?,
             };
-            Some((f64::from(bucket[0].t_s), y))
+            let len = bucket.len() as f64;
+            let x = f64::from(bucket[0].t_s)
+                + match agg {
+                    Agg::Last => len,
+                    Agg::Mean | Agg::Max => len / 2.0,
+                };
+            Some((x, y))
         })
         .collect()
 }
@@ -326,7 +333,8 @@ fn draw_time(p: &TimePlot, x_max: f64) -> anyhow::Result<String> {
             .y_desc(p.y_desc)
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| compact(*y))
-            .light_line_style(RGBColor(235, 235, 235))
+            .max_light_lines(0)
+            .bold_line_style(RGBColor(225, 225, 225))
             .draw()?;
         if let Some(d) = p.y2_desc {
             chart
@@ -395,6 +403,7 @@ fn draw_distribution(s: &Summary, title: &str) -> anyhow::Result<String> {
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 16))
             .margin(10)
+            .margin_right(30)
             .x_label_area_size(35)
             .y_label_area_size(60)
             .build_cartesian_2d(0f64..NINES, 0f64..top(y_max))?;
@@ -413,7 +422,8 @@ fn draw_distribution(s: &Summary, title: &str) -> anyhow::Result<String> {
                 }
             })
             .y_label_formatter(&|y| compact(*y))
-            .light_line_style(RGBColor(235, 235, 235))
+            .max_light_lines(0)
+            .bold_line_style(RGBColor(225, 225, 225))
             .draw()?;
         let color = COLORS[0];
         chart
@@ -465,11 +475,11 @@ mod tests {
             .map(|t| sec(t, 10 * u64::from(t), (t != 3).then_some(f64::from(t))))
             .collect();
         let rate = reduce(&series, 4, Agg::Mean, &|x| Some(x.reports_ok as f64));
-        assert_eq!(rate, [(0.0, 15.0), (4.0, 55.0), (8.0, 85.0)]);
+        assert_eq!(rate, [(2.0, 15.0), (6.0, 55.0), (9.0, 85.0)]);
         let worst = reduce(&series, 4, Agg::Max, &|x| x.report_p99_ms);
-        assert_eq!(worst, [(0.0, 2.0), (4.0, 7.0), (8.0, 9.0)]);
+        assert_eq!(worst, [(2.0, 2.0), (6.0, 7.0), (9.0, 9.0)]);
         let gauge = reduce(&series, 4, Agg::Last, &|x| Some(x.connected as f64));
-        assert_eq!(gauge, [(0.0, 3.0), (4.0, 7.0), (8.0, 9.0)]);
+        assert_eq!(gauge, [(4.0, 3.0), (8.0, 7.0), (10.0, 9.0)]);
         let gaps = reduce(&series, 1, Agg::Max, &|x| x.report_p99_ms);
         assert_eq!(gaps.len(), 9, "the second without replies is left out");
         assert_eq!(bucket_size(300), 1);
