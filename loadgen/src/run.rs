@@ -279,6 +279,8 @@ pub fn run(
                 let s = g.series.at(second);
                 s.connected = p.connected;
                 s.online = p.online;
+                // Threads flush at least every 250 ms: seconds before the last are done.
+                g.series.pack_before(second.saturating_sub(1));
             }
             tick(p);
         }

@@ -11,6 +11,10 @@
 //! Children of `--procs` send their series with their final stats; the parent adds the
 //! seconds of the same index (each child counts from its own start: they start within
 //! milliseconds of each other).
+//!
+//! Memory: an open second holds two histograms (~50 KiB); once a second is over (the run's
+//! progress loop calls [`Series::pack_before`]) it is kept in its wire form, histograms V2
+//! serialized and base64 encoded (a few KiB instead of ~50 KiB per second of the run).
 
 use std::collections::BTreeMap;
 
@@ -103,79 +107,142 @@ impl Default for Second {
     }
 }
 
-/// Seconds of the run by index (second `t` is `[t, t + 1)` s after the process's start).
+/// Seconds of the run by index (second `t` is `[t, t + 1)` s after the process's start):
+/// the open ones as histograms, the finished ones packed in their wire form.
 #[derive(Debug, Clone, Default)]
 pub struct Series {
-    pub seconds: BTreeMap<u32, Second>,
+    seconds: BTreeMap<u32, Second>,
+    packed: BTreeMap<u32, WireSecond>,
 }
 
 impl Series {
+    /// Second `t`, unpacked if it was packed (a late flush).
     pub fn at(&mut self, t: u32) -> &mut Second {
+        if let Some(w) = self.packed.remove(&t) {
+            // Our own encoding: cannot fail; if it did, the second would lose its histograms.
+            let s = Second::from_wire(&w).unwrap_or_default();
+            self.seconds.entry(t).or_default().merge(&s);
+        }
         self.seconds.entry(t).or_default()
+    }
+
+    /// Packs every open second before `t`.
+    pub fn pack_before(&mut self, t: u32) {
+        let later = self.seconds.split_off(&t);
+        let done = std::mem::replace(&mut self.seconds, later);
+        for (t, s) in done {
+            match s.to_wire(t) {
+                Ok(w) => {
+                    self.packed.insert(t, w);
+                }
+                Err(_) => {
+                    self.seconds.insert(t, s);
+                }
+            }
+        }
     }
 
     pub fn merge(&mut self, o: &Self) {
         for (t, s) in &o.seconds {
             self.at(*t).merge(s);
         }
+        for (t, w) in &o.packed {
+            if self.seconds.contains_key(t) || self.packed.contains_key(t) {
+                if let Ok(s) = Second::from_wire(w) {
+                    self.at(*t).merge(&s);
+                }
+            } else {
+                self.packed.insert(*t, w.clone());
+            }
+        }
     }
 
     pub fn clear(&mut self) {
         self.seconds.clear();
+        self.packed.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seconds.is_empty() && self.packed.is_empty()
     }
 
     /// Every second from 0 to the last one recorded (missing ones as zeros), for `--json`.
     pub fn summaries(&self) -> Vec<SecondSummary> {
-        let Some(&last) = self.seconds.keys().next_back() else {
+        let last = self
+            .seconds
+            .keys()
+            .next_back()
+            .max(self.packed.keys().next_back());
+        let Some(&last) = last else {
             return Vec::new();
         };
         let empty = Second::new();
         (0..=last)
-            .map(|t| self.seconds.get(&t).unwrap_or(&empty).summary(t))
+            .map(|t| match (self.seconds.get(&t), self.packed.get(&t)) {
+                (Some(s), _) => s.summary(t),
+                (None, Some(w)) => Second::from_wire(w).unwrap_or_default().summary(t),
+                (None, None) => empty.summary(t),
+            })
             .collect()
     }
 
     /// For the wire between processes: histograms in V2 serialization + base64.
     pub fn to_wire(&self) -> anyhow::Result<Vec<WireSecond>> {
-        self.seconds
-            .iter()
-            .map(|(t, s)| {
-                Ok(WireSecond {
-                    t: *t,
-                    reports_sent: s.reports_sent,
-                    reports_ok: s.reports_ok,
-                    downlinks_ok: s.downlinks_ok,
-                    connected: s.connected,
-                    online: s.online,
-                    errors: s.errors.clone(),
-                    report: encode(&s.report)?,
-                    downlink: encode(&s.downlink)?,
-                })
-            })
-            .collect()
+        let mut all = self.packed.clone();
+        for (t, s) in &self.seconds {
+            all.insert(*t, s.to_wire(*t)?);
+        }
+        Ok(all.into_values().collect())
     }
 
     pub fn from_wire(wire: &[WireSecond]) -> anyhow::Result<Self> {
         let mut series = Self::default();
         for w in wire {
-            let s = series.at(w.t);
-            s.reports_sent += w.reports_sent;
-            s.reports_ok += w.reports_ok;
-            s.downlinks_ok += w.downlinks_ok;
-            s.connected += w.connected;
-            s.online += w.online;
-            for (k, v) in &w.errors {
-                *s.errors.entry(k.clone()).or_default() += v;
+            // Check it decodes now: a bad child line is an error, not a hole later.
+            let s = Second::from_wire(w)?;
+            if series.packed.contains_key(&w.t) {
+                series.at(w.t).merge(&s);
+            } else {
+                series.packed.insert(w.t, w.clone());
             }
-            let t = w.t;
-            s.report
-                .add(decode(&w.report).with_context(|| format!("second {t}: report"))?)
-                .map_err(|e| anyhow::anyhow!("second {t}: report: {e:?}"))?;
-            s.downlink
-                .add(decode(&w.downlink).with_context(|| format!("second {t}: downlink"))?)
-                .map_err(|e| anyhow::anyhow!("second {t}: downlink: {e:?}"))?;
         }
         Ok(series)
+    }
+}
+
+impl Second {
+    fn to_wire(&self, t: u32) -> anyhow::Result<WireSecond> {
+        Ok(WireSecond {
+            t,
+            reports_sent: self.reports_sent,
+            reports_ok: self.reports_ok,
+            downlinks_ok: self.downlinks_ok,
+            connected: self.connected,
+            online: self.online,
+            errors: self.errors.clone(),
+            report: encode(&self.report)?,
+            downlink: encode(&self.downlink)?,
+        })
+    }
+
+    fn from_wire(w: &WireSecond) -> anyhow::Result<Self> {
+        let t = w.t;
+        let mut s = Self {
+            reports_sent: w.reports_sent,
+            reports_ok: w.reports_ok,
+            downlinks_ok: w.downlinks_ok,
+            connected: w.connected,
+            online: w.online,
+            errors: w.errors.clone(),
+            ..Self::new()
+        };
+        s.report
+            .add(decode(&w.report).with_context(|| format!("second {t}: report"))?)
+            .map_err(|e| anyhow::anyhow!("second {t}: report: {e:?}"))?;
+        s.downlink
+            .add(decode(&w.downlink).with_context(|| format!("second {t}: downlink"))?)
+            .map_err(|e| anyhow::anyhow!("second {t}: downlink: {e:?}"))?;
+        Ok(s)
     }
 }
 
@@ -263,6 +330,35 @@ mod tests {
     }
 
     #[test]
+    fn packed_seconds_keep_their_numbers() {
+        let mut open = Series::default();
+        *open.at(0) = second(1, 100);
+        *open.at(1) = second(2, 200);
+        *open.at(2) = second(3, 300);
+        let want = open.summaries();
+        let mut packed = open.clone();
+        packed.pack_before(2);
+        assert_eq!(packed.seconds.len(), 1, "second 2 still open");
+        assert_eq!(packed.packed.len(), 2);
+        assert_eq!(packed.summaries(), want);
+        // A late flush into a packed second unpacks it and adds.
+        packed.at(0).reports_sent += 1;
+        assert_eq!(packed.summaries()[0].reports_sent, want[0].reports_sent + 1);
+        // Merging packed with open and packed with packed equals merging open ones.
+        let mut a = open.clone();
+        a.merge(&open);
+        let mut b = packed.clone();
+        b.at(0).reports_sent -= 1;
+        let mut p2 = open.clone();
+        p2.pack_before(3);
+        b.merge(&p2);
+        assert_eq!(b.summaries(), a.summaries());
+        let mut c = p2.clone();
+        c.merge(&p2);
+        assert_eq!(c.summaries(), a.summaries());
+    }
+
+    #[test]
     fn seconds_of_the_same_index_merge_across_processes() {
         // Two "children": child A has seconds 0 and 1, child B seconds 1 and 3.
         let mut a = Series::default();
@@ -291,8 +387,8 @@ mod tests {
 
         // The merged second's percentiles are those of the union of both histograms.
         let mut union = second_histogram();
-        union.add(&a.seconds[&1].report).expect("add");
-        union.add(&b.seconds[&1].report).expect("add");
+        union.add(&a.at(1).report).expect("add");
+        union.add(&b.at(1).report).expect("add");
         assert_eq!(
             one.report_p99_ms,
             Some(union.value_at_quantile(0.99) as f64 / 1000.0)
@@ -300,7 +396,7 @@ mod tests {
         assert_eq!(rows[3].report_count, 400);
         assert_eq!(
             rows[0].report_p50_ms,
-            Some(a.seconds[&0].report.value_at_quantile(0.5) as f64 / 1000.0)
+            Some(a.at(0).report.value_at_quantile(0.5) as f64 / 1000.0)
         );
         assert!(Series::from_wire(&[WireSecond {
             report: "!!".into(),
