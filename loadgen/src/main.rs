@@ -63,6 +63,9 @@ enum Cmd {
         /// Write one SVG per plot into this directory.
         #[arg(long, value_name = "DIR")]
         svg: Option<PathBuf>,
+        /// A note for the HTML page (e.g. what else ran on the machine).
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
     },
     /// Compares two runs saved with --json, B against A. Exits 1 when B's report p99 is higher
     /// or its throughput lower than A's by more than --max-regression percent, 2 on bad input.
@@ -130,12 +133,17 @@ fn main() -> ExitCode {
 fn real_main() -> anyhow::Result<bool> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Cmd::Report { json, html, svg }) => {
+        Some(Cmd::Report {
+            json,
+            html,
+            svg,
+            note,
+        }) => {
             let text =
                 std::fs::read_to_string(&json).with_context(|| format!("{}", json.display()))?;
             let summary: Summary = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not a loadgen --json file", json.display()))?;
-            write_report(&summary, html.as_deref(), svg.as_deref())?;
+            write_report(&summary, html.as_deref(), svg.as_deref(), note.as_deref())?;
             Ok(true)
         }
         Some(Cmd::Compare {
@@ -162,9 +170,10 @@ fn write_report(
     summary: &Summary,
     html: Option<&std::path::Path>,
     svg: Option<&std::path::Path>,
+    note: Option<&str>,
 ) -> anyhow::Result<()> {
     if let Some(path) = html {
-        std::fs::write(path, report::html(summary)?)
+        std::fs::write(path, report::html(summary, note)?)
             .with_context(|| format!("{}", path.display()))?;
         eprintln!("loadgen: report written to {}", path.display());
     }
@@ -265,7 +274,7 @@ fn load_test(cli: RunArgs) -> anyhow::Result<bool> {
         let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text + "\n").with_context(|| format!("{}", path.display()))?;
     }
-    write_report(&summary, cli.report.as_deref(), cli.svg.as_deref())?;
+    write_report(&summary, cli.report.as_deref(), cli.svg.as_deref(), None)?;
     Ok(summary.pass)
 }
 

@@ -70,6 +70,8 @@ struct TimePlot {
     y_desc: &'static str,
     y2_desc: Option<&'static str>,
     lines: Vec<Line>,
+    /// Where the legend goes: where the lines usually are not.
+    legend: SeriesLabelPosition,
 }
 
 /// Every figure of the report, in page order.
@@ -93,6 +95,7 @@ pub fn figures(s: &Summary) -> anyhow::Result<Vec<Figure>> {
             title: format!("Reports per second{per}"),
             y_desc: "reports/s",
             y2_desc: None,
+            legend: SeriesLabelPosition::LowerMiddle,
             lines: vec![
                 line("sent", Agg::Mean, &|x| Some(x.reports_sent as f64)),
                 line("answered 0", Agg::Mean, &|x| Some(x.reports_ok as f64)),
@@ -103,6 +106,7 @@ pub fn figures(s: &Summary) -> anyhow::Result<Vec<Figure>> {
             title: format!("Report latency per second, corrected for coordinated omission{per}"),
             y_desc: "ms",
             y2_desc: None,
+            legend: SeriesLabelPosition::UpperRight,
             lines: vec![
                 line("p50", Agg::Max, &|x| x.report_p50_ms),
                 line("p99", Agg::Max, &|x| x.report_p99_ms),
@@ -114,6 +118,7 @@ pub fn figures(s: &Summary) -> anyhow::Result<Vec<Figure>> {
             title: format!("Connections open and devices online{per}"),
             y_desc: "connections",
             y2_desc: Some("devices"),
+            legend: SeriesLabelPosition::LowerMiddle,
             lines: vec![
                 line("connections", Agg::Last, &|x| Some(x.connected as f64)),
                 Line {
@@ -147,6 +152,7 @@ pub fn figures(s: &Summary) -> anyhow::Result<Vec<Figure>> {
         },
         y_desc: "errors/s",
         y2_desc: None,
+        legend: SeriesLabelPosition::UpperRight,
         lines: kinds[..shown]
             .iter()
             .map(|(kind, _)| {
@@ -161,6 +167,7 @@ pub fn figures(s: &Summary) -> anyhow::Result<Vec<Figure>> {
         title: format!("Downlink round trips per second and their p99{per}"),
         y_desc: "round trips/s",
         y2_desc: Some("p99 ms"),
+        legend: SeriesLabelPosition::UpperRight,
         lines: vec![
             line("round trips/s", Agg::Mean, &|x| Some(x.downlinks_ok as f64)),
             Line {
@@ -199,8 +206,9 @@ pub fn write_svgs(s: &Summary, dir: &Path) -> anyhow::Result<Vec<std::path::Path
     Ok(paths)
 }
 
-/// The whole report as one HTML page: the summary table, then every figure inline.
-pub fn html(s: &Summary) -> anyhow::Result<String> {
+/// The whole report as one HTML page: the summary table, then every figure inline. `note`
+/// (plain text, e.g. what else ran on the machine) goes under the heading.
+pub fn html(s: &Summary, note: Option<&str>) -> anyhow::Result<String> {
     let mut o = String::new();
     let title = format!("loadgen {}: {}", s.profile, s.target);
     let _ = write!(
@@ -218,6 +226,9 @@ pub fn html(s: &Summary) -> anyhow::Result<String> {
         s.throughput_msgs_per_s,
         escape(s.table().trim())
     );
+    if let Some(note) = note {
+        let _ = writeln!(o, "<p><i>Note:</i> {}</p>", escape(note));
+    }
     for f in figures(s)? {
         let _ = write!(
             o,
@@ -369,7 +380,7 @@ fn draw_time(p: &TimePlot, x_max: f64) -> anyhow::Result<String> {
         if !p.lines.is_empty() {
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
+                .position(p.legend.clone())
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK.mix(0.4))
                 .draw()?;

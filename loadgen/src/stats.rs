@@ -642,6 +642,17 @@ impl Summary {
                 r.before_kib, r.held_kib, r.connections_held, r.per_connection_kib, r.peak_kib
             );
         }
+        if let Some(c) = &self.server_cpu {
+            let _ =
+                writeln!(
+                o,
+                "server CPU: {:.2} s in {:.1} s ({:.0}% of a core), {:.1} us per report answered 0",
+                c.cpu_s,
+                c.wall_s,
+                if c.wall_s > 0.0 { c.cpu_s / c.wall_s * 100.0 } else { 0.0 },
+                c.per_report_us
+            );
+        }
         if let Some(m) = &self.mqtt {
             let _ = writeln!(
                 o,

@@ -150,7 +150,7 @@ fn report_subcommand_draws_the_live_report_from_json() {
     let page = std::fs::read_to_string(&html).expect("html written");
     assert_eq!(
         page,
-        report::html(&s).expect("html"),
+        report::html(&s, None).expect("html"),
         "the report from the JSON equals the live one"
     );
     assert!(page.starts_with("<!DOCTYPE html>"));
@@ -184,6 +184,25 @@ fn report_subcommand_draws_the_live_report_from_json() {
         assert!(text.contains("<text"), "{}: labels are SVG text", f.name);
         assert_no_network(&text, f.name);
     }
+
+    // A note goes on the page, escaped.
+    let noted = dir.join("noted.html");
+    let out = loadgen()
+        .arg("report")
+        .arg(&json)
+        .arg("--html")
+        .arg(&noted)
+        .args(["--note", "2 cores <shared>"])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = std::fs::read_to_string(&noted).expect("html written");
+    assert!(page.contains("2 cores &lt;shared&gt;"));
+    assert_no_network(&page, "noted html");
 
     // A file that is not a run: exit 2.
     std::fs::write(dir.join("bad.json"), "{\"x\": 1}").expect("write");
