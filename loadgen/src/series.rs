@@ -200,10 +200,12 @@ impl Series {
         for w in wire {
             // Check it decodes now: a bad child line is an error, not a hole later.
             let s = Second::from_wire(w)?;
-            if series.packed.contains_key(&w.t) {
-                series.at(w.t).merge(&s);
-            } else {
-                series.packed.insert(w.t, w.clone());
+            if let Some(earlier) = series.packed.insert(w.t, w.clone()) {
+                // The same second twice: add them up, unpacked.
+                series.packed.remove(&w.t);
+                let sum = series.at(w.t);
+                sum.merge(&Second::from_wire(&earlier)?);
+                sum.merge(&s);
             }
         }
         Ok(series)
@@ -356,6 +358,11 @@ mod tests {
         let mut c = p2.clone();
         c.merge(&p2);
         assert_eq!(c.summaries(), a.summaries());
+        // One wire holding the same seconds twice adds them up.
+        let mut twice = open.to_wire().expect("wire");
+        twice.extend(open.to_wire().expect("wire"));
+        let d = Series::from_wire(&twice).expect("decode");
+        assert_eq!(d.summaries(), a.summaries());
     }
 
     #[test]
