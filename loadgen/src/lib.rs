@@ -11,8 +11,11 @@
 //! - [`downlink`]: downlinks through the server's HTTP API; [`http`] is its small client.
 //! - [`run`]: one process's share of a run: threads, ramp, churn, progress.
 //! - [`stats`]: histograms, counters, merging across processes, the summary and thresholds.
+//! - [`series`]: the run second by second (counts, gauges, errors, per-second latency).
+//! - [`report`]: HTML and SVG plots of a run; [`compare`]: two runs side by side.
 //! - [`tls`]: the client TLS configuration (trust one file, no host name check).
 
+pub mod compare;
 pub mod conn;
 pub mod device;
 pub mod downlink;
@@ -21,7 +24,9 @@ pub mod model;
 pub mod mqtt;
 pub mod pace;
 pub mod profile;
+pub mod report;
 pub mod run;
 pub mod schedule;
+pub mod series;
 pub mod stats;
 pub mod tls;

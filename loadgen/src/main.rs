@@ -15,12 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
+use loadgen::compare::{self, Comparison};
 use loadgen::http;
 use loadgen::profile::{Overrides, Profile};
+use loadgen::report;
 use loadgen::run::{self, Progress, Slice};
-use loadgen::stats::{CrossCheck, ServerRss, Stats, Summary};
+use loadgen::stats::{CrossCheck, ServerCpu, ServerRss, Stats, Summary};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,14 +33,58 @@ use loadgen::stats::{CrossCheck, ServerRss, Stats, Summary};
         sub-gateways, onlines their devices, reports on an open-loop schedule, answers the \
         server's getProperty/setProperty/callService, sends downlinks through the API, and \
         prints a progress line each second and a final table. Exits 1 when a threshold of the \
-        profile is missed, 2 on a setup error.",
+        profile is missed, 2 on a setup error.\n\n\
+        `loadgen report RUN.json` draws the plots of a saved run, `loadgen compare A.json \
+        B.json` compares two.",
     after_help = "Examples:\n  \
         loadgen profiles/smoke.toml --api 127.0.0.1:17690\n  \
-        loadgen profiles/direct-10k.toml --procs 2 --json out.json"
+        loadgen profiles/direct-10k.toml --procs 2 --json out.json --report out.html\n  \
+        loadgen report out.json --svg plots/\n  \
+        loadgen compare before.json after.json --max-regression 15",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Draws the report of a run saved with --json: an HTML page and/or one SVG per plot.
+    Report {
+        /// The run's --json file.
+        json: PathBuf,
+        /// Write the report as one self-contained HTML file.
+        #[arg(long, value_name = "FILE", required_unless_present = "svg")]
+        html: Option<PathBuf>,
+        /// Write one SVG per plot into this directory.
+        #[arg(long, value_name = "DIR")]
+        svg: Option<PathBuf>,
+        /// A note for the HTML page (e.g. what else ran on the machine).
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
+    },
+    /// Compares two runs saved with --json, B against A. Exits 1 when B's report p99 is higher
+    /// or its throughput lower than A's by more than --max-regression percent, 2 on bad input.
+    Compare {
+        /// The baseline run.
+        a: PathBuf,
+        /// The run to judge.
+        b: PathBuf,
+        /// How many percent report p99 and throughput may get worse.
+        #[arg(long, value_name = "PCT", default_value_t = compare::DEFAULT_MAX_REGRESSION_PCT)]
+        max_regression: f64,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
     /// The load profile (TOML).
-    profile: PathBuf,
+    #[arg(required = true)]
+    profile: Option<PathBuf>,
     /// Server to load, ws://IP:PORT or wss://IP:PORT (overrides the profile's `target` and
     /// `targets`). Repeat it for the nodes of a cluster: connection k goes to the (k mod n)th.
     #[arg(long, value_name = "URL")]
@@ -64,6 +110,13 @@ struct Cli {
     /// The server's pid: sample its RSS each second (like the profile's `server_pid_file`).
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
+    /// Write the run's report (summary table and plots over time) as one self-contained HTML
+    /// file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Write the report's plots as one SVG file each into this directory.
+    #[arg(long, value_name = "DIR")]
+    svg: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -79,6 +132,61 @@ fn main() -> ExitCode {
 
 fn real_main() -> anyhow::Result<bool> {
     let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::Report {
+            json,
+            html,
+            svg,
+            note,
+        }) => {
+            let text =
+                std::fs::read_to_string(&json).with_context(|| format!("{}", json.display()))?;
+            let summary: Summary = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a loadgen --json file", json.display()))?;
+            write_report(&summary, html.as_deref(), svg.as_deref(), note.as_deref())?;
+            Ok(true)
+        }
+        Some(Cmd::Compare {
+            a,
+            b,
+            max_regression,
+        }) => {
+            let c = Comparison::new(
+                &a.display().to_string(),
+                &compare::load(&a)?,
+                &b.display().to_string(),
+                &compare::load(&b)?,
+                max_regression,
+            )?;
+            print!("{}", c.table());
+            Ok(c.pass())
+        }
+        None => load_test(cli.run),
+    }
+}
+
+/// Writes the HTML report and/or the SVGs, saying where.
+fn write_report(
+    summary: &Summary,
+    html: Option<&std::path::Path>,
+    svg: Option<&std::path::Path>,
+    note: Option<&str>,
+) -> anyhow::Result<()> {
+    if let Some(path) = html {
+        std::fs::write(path, report::html(summary, note)?)
+            .with_context(|| format!("{}", path.display()))?;
+        eprintln!("loadgen: report written to {}", path.display());
+    }
+    if let Some(dir) = svg {
+        let n = report::write_svgs(summary, dir)?.len();
+        eprintln!("loadgen: {n} plots written to {}", dir.display());
+    }
+    Ok(())
+}
+
+/// `loadgen PROFILE.toml [flags]`: the load test itself.
+fn load_test(cli: RunArgs) -> anyhow::Result<bool> {
+    let profile_path = cli.profile.context("no profile given")?;
     let overrides = Overrides {
         target: cli.target.clone(),
         api: cli.api.clone(),
@@ -86,7 +194,7 @@ fn real_main() -> anyhow::Result<bool> {
         duration_s: cli.duration,
         mqtt: cli.mqtt.clone(),
     };
-    let profile = Arc::new(Profile::load(&cli.profile, &overrides)?);
+    let profile = Arc::new(Profile::load(&profile_path, &overrides)?);
     if let Ok(slice) = std::env::var(SLICE_ENV) {
         child(profile, Slice::parse(&slice)?)?;
         return Ok(true);
@@ -151,17 +259,22 @@ fn real_main() -> anyhow::Result<bool> {
         }
         None => None,
     };
-    let summary = Summary::new(
+    let server_cpu = rss
+        .as_ref()
+        .and_then(|r| r.cpu(stats.counters.reports_ok()));
+    let mut summary = Summary::new(
         &profile,
         &mut stats,
         cross_check,
         rss.and_then(RssSampler::result),
     );
+    summary.server_cpu = server_cpu;
     print!("{}", summary.table());
     if let Some(path) = &cli.json {
         let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text + "\n").with_context(|| format!("{}", path.display()))?;
     }
+    write_report(&summary, cli.report.as_deref(), cli.svg.as_deref(), None)?;
     Ok(summary.pass)
 }
 
@@ -264,9 +377,12 @@ fn parent(profile: &Profile, mut rss: Option<&mut RssSampler>) -> anyhow::Result
 }
 
 /// Samples the server's VmRSS each second: the first sample, the peak, and the RSS while the
-/// most connections were open (the last sample at that count).
+/// most connections were open (the last sample at that count). Also reads its CPU time at the
+/// start and at the end.
 struct RssSampler {
     pid: u32,
+    /// CPU seconds (user + system, all threads) and when they were read.
+    cpu_before: Option<(f64, std::time::Instant)>,
     before: Option<u64>,
     peak: u64,
     held: u64,
@@ -277,13 +393,44 @@ impl RssSampler {
     fn new(pid: u32) -> Self {
         let mut s = Self {
             pid,
+            cpu_before: None,
             before: None,
             peak: 0,
             held: 0,
             max_connected: 0,
         };
         s.before = s.read();
+        s.cpu_before = s.cpu_s().map(|c| (c, std::time::Instant::now()));
         s
+    }
+
+    /// The server's CPU time so far: utime + stime of /proc/PID/stat (exited threads
+    /// included), seconds.
+    fn cpu_s(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        // Fields after the command name (which may hold spaces), from field 3 (state) on.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let mut fields = rest.split_whitespace().skip(11);
+        let utime: u64 = fields.next()?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        // In clock ticks of USER_HZ, which Linux fixes at 100 for /proc on the architectures
+        // it runs on (what `getconf CLK_TCK` prints).
+        Some((utime + stime) as f64 / USER_HZ)
+    }
+
+    /// CPU used since the start, per report answered 0.
+    fn cpu(&self, reports_ok: u64) -> Option<ServerCpu> {
+        let (before, at) = self.cpu_before?;
+        let cpu_s = (self.cpu_s()? - before).max(0.0);
+        Some(ServerCpu {
+            cpu_s,
+            wall_s: at.elapsed().as_secs_f64(),
+            per_report_us: if reports_ok > 0 {
+                cpu_s * 1e6 / reports_ok as f64
+            } else {
+                0.0
+            },
+        })
     }
 
     fn read(&self) -> Option<u64> {
@@ -317,6 +464,9 @@ impl RssSampler {
         })
     }
 }
+
+/// /proc's clock ticks per second.
+const USER_HZ: f64 = 100.0;
 
 /// Set in children: which slice of the connections they run.
 const SLICE_ENV: &str = "LOADGEN_SLICE";
@@ -370,9 +520,52 @@ mod tests {
             "127.0.0.1:12",
         ])
         .expect("parses");
+        assert!(cli.command.is_none());
+        let cli = cli.run;
         assert_eq!(cli.target, ["ws://127.0.0.1:1", "ws://127.0.0.1:2"]);
         assert_eq!(cli.api, ["127.0.0.1:11", "127.0.0.1:12"]);
         let cli = Cli::try_parse_from(["loadgen", "p.toml"]).expect("parses");
-        assert!(cli.target.is_empty() && cli.api.is_empty());
+        assert!(cli.run.target.is_empty() && cli.run.api.is_empty());
+        assert_eq!(cli.run.profile, Some(PathBuf::from("p.toml")));
+    }
+
+    #[test]
+    fn subcommands_next_to_the_profile_form() {
+        let cli = Cli::try_parse_from(["loadgen", "compare", "a.json", "b.json"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Some(Cmd::Compare { max_regression, .. }) if max_regression == compare::DEFAULT_MAX_REGRESSION_PCT
+        ));
+        let cli =
+            Cli::try_parse_from(["loadgen", "report", "r.json", "--svg", "d"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Some(Cmd::Report {
+                html: None,
+                svg: Some(_),
+                ..
+            })
+        ));
+        assert!(
+            Cli::try_parse_from(["loadgen", "report", "r.json"]).is_err(),
+            "report needs --html or --svg"
+        );
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "profiles/smoke.toml",
+            "--report",
+            "r.html",
+            "--svg",
+            "d",
+            "--json",
+            "r.json",
+        ])
+        .expect("parses");
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.report, Some(PathBuf::from("r.html")));
+        assert!(
+            Cli::try_parse_from(["loadgen"]).is_err(),
+            "a profile is required"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! current-thread tokio runtime each), ramp, churn, downlinks, and a progress snapshot each
 //! second.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -193,14 +193,20 @@ pub fn run(
                         mqtt: tracker,
                     });
                     let pacer = ctx.pacer.clone().map(|p| tokio::task::spawn_local(p.run()));
-                    // Flush this thread's numbers into the process total a few times a second.
+                    // Flush this thread's numbers into the process total a few times a second,
+                    // at quarters of a second since the start, so that each flush covers a
+                    // quarter of one second of the series.
+                    let flushed = Rc::new(Cell::new(start));
                     let flusher = {
                         let stats = stats.clone();
                         let global = global.clone();
+                        let flushed = flushed.clone();
                         tokio::task::spawn_local(async move {
+                            let mut n = 1u32;
                             loop {
-                                tokio::time::sleep(Duration::from_millis(250)).await;
-                                flush(&global, &stats);
+                                sleep_until((start + FLUSH_EVERY * n).into()).await;
+                                flush(&global, &stats, start, &flushed);
+                                n += 1;
                             }
                         })
                     };
@@ -254,7 +260,7 @@ pub fn run(
                     if let Some(p) = pacer {
                         p.abort();
                     }
-                    flush(&global, &stats);
+                    flush(&global, &stats, start, &flushed);
                 });
                 Ok(())
             })?;
@@ -266,8 +272,17 @@ pub fn run(
     while handles.iter().any(|h| !h.is_finished()) {
         std::thread::sleep(Duration::from_millis(20));
         if Instant::now() >= next {
+            let second = (next - start).as_secs() as u32 - 1;
             next += Duration::from_secs(1);
-            tick(snapshot(&global, &gauges, start));
+            let p = snapshot(&global, &gauges, start);
+            if let Ok(mut g) = global.lock() {
+                let s = g.series.at(second);
+                s.connected = p.connected;
+                s.online = p.online;
+                // Threads flush at least every 250 ms: seconds before the last are done.
+                g.series.pack_before(second.saturating_sub(1));
+            }
+            tick(p);
         }
     }
     for h in handles {
@@ -378,9 +393,18 @@ async fn churn(slots: Vec<Rc<Notify>>, rate: f64, start: Instant, deadline: Inst
     }
 }
 
-fn flush(global: &Mutex<Stats>, local: &RefCell<Stats>) {
+/// How often a thread flushes its numbers into the process total (and the series).
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
+
+/// Adds a thread's numbers since its previous flush (at `flushed`) to the process total and to
+/// the second of the series that the middle of that interval lies in.
+fn flush(global: &Mutex<Stats>, local: &RefCell<Stats>, start: Instant, flushed: &Cell<Instant>) {
+    let now = Instant::now();
+    let from = flushed.replace(now);
+    let middle = (from - start) + (now - from) / 2;
+    let second = u32::try_from(middle.as_secs()).unwrap_or(u32::MAX);
     if let Ok(mut g) = global.lock() {
-        g.absorb(&mut local.borrow_mut());
+        g.absorb_at(&mut local.borrow_mut(), second);
     }
 }
 

@@ -15,6 +15,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::profile::Profile;
+use crate::series::{SecondSummary, Series, WireSecond};
 
 /// Every histogram of a run, by name.
 pub const HISTOGRAMS: [&str; 6] = [
@@ -38,6 +39,8 @@ pub struct Stats {
     pub counters: Counters,
     /// Errors by kind, e.g. `timeout_report`, `connect`, `report_code_109001`, `lost`.
     pub errors: BTreeMap<String, u64>,
+    /// The run second by second (see [`crate::series`]); filled by [`Stats::absorb_at`].
+    pub series: Series,
 }
 
 /// Event counts; merged by adding (except `ramp_us` and `max_reports_in_flight`, the largest).
@@ -97,6 +100,7 @@ impl Stats {
             hists: std::array::from_fn(|_| new_histogram()),
             counters: Counters::default(),
             errors: BTreeMap::new(),
+            series: Series::default(),
         }
     }
 
@@ -131,6 +135,22 @@ impl Stats {
         other.reset();
     }
 
+    /// Like [`Stats::absorb`], and also adds `local` (a thread's numbers since its previous
+    /// flush) to second `t` of the series.
+    pub fn absorb_at(&mut self, local: &mut Self, t: u32) {
+        let s = self.series.at(t);
+        s.reports_sent += local.counters.reports_sent;
+        s.reports_ok += local.counters.reports_ok();
+        s.downlinks_ok += local.counters.downlinks_ok;
+        for (k, v) in &local.errors {
+            *s.errors.entry(k.clone()).or_default() += v;
+        }
+        // The per-second histograms have the same range, fewer digits: cannot fail.
+        let _ = s.report.add(&local.hists[Hist::Report as usize]);
+        let _ = s.downlink.add(&local.hists[Hist::Downlink as usize]);
+        self.absorb(local);
+    }
+
     /// Adds `other` into `self`.
     pub fn merge(&mut self, other: &Self) {
         for (a, b) in self.hists.iter_mut().zip(&other.hists) {
@@ -142,6 +162,7 @@ impl Stats {
         for (k, v) in &other.errors {
             self.error_n(k, *v);
         }
+        self.series.merge(&other.series);
     }
 
     fn reset(&mut self) {
@@ -150,6 +171,7 @@ impl Stats {
         }
         self.counters = Counters::default();
         self.errors.clear();
+        self.series.clear();
     }
 
     /// One JSON line carrying everything, histograms in V2 serialization + base64.
@@ -169,6 +191,7 @@ impl Stats {
             counters: self.counters,
             errors: self.errors.clone(),
             hists,
+            series: self.series.to_wire()?,
         };
         Ok(serde_json::to_string(&wire)?)
     }
@@ -179,6 +202,7 @@ impl Stats {
         let mut stats = Self::new();
         stats.counters = wire.counters;
         stats.errors = wire.errors;
+        stats.series = Series::from_wire(&wire.series).context("series")?;
         for (i, name) in HISTOGRAMS.iter().enumerate() {
             let b64 = wire
                 .hists
@@ -237,10 +261,12 @@ struct Wire {
     counters: Counters,
     errors: BTreeMap<String, u64>,
     hists: BTreeMap<String, String>,
+    #[serde(default)]
+    series: Vec<WireSecond>,
 }
 
 /// Latency percentiles of one histogram, in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
     pub count: u64,
     pub p50: f64,
@@ -265,7 +291,7 @@ impl Latency {
 }
 
 /// Server-side count of answered reports vs what loadgen saw answered.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CrossCheck {
     /// Increase of `ringlink_requests_total{method="reportProperty"|"reportEvent",code="0"}`.
     pub server: u64,
@@ -275,7 +301,7 @@ pub struct CrossCheck {
 }
 
 /// The server's resident memory, sampled each second.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerRss {
     pub before_kib: u64,
     pub peak_kib: u64,
@@ -288,7 +314,7 @@ pub struct ServerRss {
 }
 
 /// The MQTT sink end to end: reports sent -> their Alink posts received from the broker.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MqttSummary {
     pub broker: String,
     /// Report sent -> its post received by loadgen's subscriber.
@@ -318,7 +344,7 @@ pub struct MqttSummary {
 }
 
 /// One threshold and whether it held.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
     pub name: String,
     pub limit: f64,
@@ -327,7 +353,7 @@ pub struct Check {
 }
 
 /// The final result of a run; printed as a table and written by `--json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub profile: String,
     pub target: String,
@@ -362,6 +388,48 @@ pub struct Summary {
     pub mqtt: Option<MqttSummary>,
     pub thresholds: Vec<Check>,
     pub pass: bool,
+    /// The server's CPU time over the run, with `--server-pid` (or `server_pid_file`).
+    #[serde(default)]
+    pub server_cpu: Option<ServerCpu>,
+    /// The final report latency distribution (corrected): HdrHistogram's percentile
+    /// iteration, 5 steps per halving of the remaining tail, for the percentile plot.
+    #[serde(default)]
+    pub report_percentiles: Vec<PercentilePoint>,
+    /// The run second by second (see [`crate::series`]).
+    #[serde(default)]
+    pub series: Vec<SecondSummary>,
+}
+
+/// One point of a percentile distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PercentilePoint {
+    /// 0..100.
+    pub percentile: f64,
+    pub ms: f64,
+}
+
+/// The server's CPU time (user + system, all threads) over the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerCpu {
+    pub cpu_s: f64,
+    pub wall_s: f64,
+    /// Server CPU microseconds per report answered 0.
+    pub per_report_us: f64,
+}
+
+impl PercentilePoint {
+    /// The distribution of `h` (microseconds) in milliseconds; empty for an empty histogram.
+    pub fn of(h: &Histogram<u64>) -> Vec<Self> {
+        if h.is_empty() {
+            return Vec::new();
+        }
+        h.iter_quantiles(5)
+            .map(|v| Self {
+                percentile: v.quantile_iterated_to() * 100.0,
+                ms: h.highest_equivalent(v.value_iterated_to()) as f64 / 1000.0,
+            })
+            .collect()
+    }
 }
 
 impl Summary {
@@ -480,6 +548,9 @@ impl Summary {
             mqtt,
             thresholds: checks,
             pass,
+            server_cpu: None,
+            report_percentiles: PercentilePoint::of(&stats.hists[Hist::Report as usize]),
+            series: stats.series.summaries(),
         }
     }
 
@@ -569,6 +640,17 @@ impl Summary {
                 o,
                 "server RSS: {} KiB before, {} KiB with {} connections open ({:.1} KiB per connection), {} KiB peak",
                 r.before_kib, r.held_kib, r.connections_held, r.per_connection_kib, r.peak_kib
+            );
+        }
+        if let Some(c) = &self.server_cpu {
+            let _ =
+                writeln!(
+                o,
+                "server CPU: {:.2} s in {:.1} s ({:.0}% of a core), {:.1} us per report answered 0",
+                c.cpu_s,
+                c.wall_s,
+                if c.wall_s > 0.0 { c.cpu_s / c.wall_s * 100.0 } else { 0.0 },
+                c.per_report_us
             );
         }
         if let Some(m) = &self.mqtt {

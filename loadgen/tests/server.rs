@@ -170,6 +170,27 @@ fn mini_profile_against_the_real_server() {
                 .expect("in flight")
                 >= 1
         );
+        // The series accounts for every reply, latency sample and downlink, second by second,
+        // and its gauges add up the processes' connections.
+        let series = v["series"].as_array().expect("series");
+        assert!((3..=8).contains(&series.len()), "{} seconds", series.len());
+        let sum =
+            |key: &str| -> u64 { series.iter().map(|s| s[key].as_u64().expect("count")).sum() };
+        assert_eq!(sum("reports_ok"), ok, "procs {procs}");
+        assert_eq!(sum("reports_sent"), v["reports_sent"], "procs {procs}");
+        assert_eq!(sum("report_count"), v["latency_ms"]["report"]["count"]);
+        assert_eq!(sum("downlinks_ok"), v["downlinks_ok"], "procs {procs}");
+        let most = series
+            .iter()
+            .map(|s| s["connected"].as_u64().expect("connected"))
+            .max();
+        assert!(
+            most.is_some_and(|m| (20..=24).contains(&m)),
+            "procs {procs}: {most:?}"
+        );
+        for (t, s) in series.iter().enumerate() {
+            assert_eq!(s["t_s"], t as u64);
+        }
     }
 }
 
