@@ -72,45 +72,60 @@ impl Decoder {
         // simd-json unescapes strings in place, so after it refused a document the input may
         // no longer be the document: the slow path then needs a copy taken before. Only a
         // document with an escape can change, and device messages rarely have one.
-        let escaped = input.contains(&b'\\');
+        let escaped = memchr::memchr(b'\\', input).is_some();
         if escaped {
             self.scratch.clear();
             self.scratch.extend_from_slice(input);
         }
         let mut tape = self.tape.take().unwrap_or_else(Tape::null).reset();
-        let number_error = match simd_json::fill_tape(input, &mut self.buffers, &mut tape) {
+        match simd_json::fill_tape(input, &mut self.buffers, &mut tape) {
             Ok(()) => {
                 let r = f(Some(tape.as_value()));
                 self.tape = Some(tape.reset());
-                self.scratch.clear();
-                return r;
+                if escaped {
+                    self.scratch.clear();
+                }
+                r
             }
-            Err(e) => matches!(
-                e.error(),
-                ErrorType::InvalidNumber | ErrorType::InvalidExponent
-            ),
-        };
-        if !number_error {
-            self.tape = Some(tape.reset());
+            Err(e) => {
+                let number = matches!(
+                    e.error(),
+                    ErrorType::InvalidNumber | ErrorType::InvalidExponent
+                );
+                self.tape = Some(tape.reset());
+                self.parse_wide(input, escaped, number, f)
+            }
+        }
+    }
+
+    /// After the fast parser refused `input`: the slow path when it was over a number (the
+    /// message as sent is in `scratch` when `escaped`, else still in `input`), else not JSON.
+    #[cold]
+    #[inline(never)]
+    fn parse_wide<R>(
+        &mut self,
+        input: &[u8],
+        escaped: bool,
+        number: bool,
+        f: impl FnOnce(Option<Json<'_, '_>>) -> R,
+    ) -> R {
+        if !number {
             self.scratch.clear();
             return f(None);
         }
-        let mut tape = tape.reset();
         if !escaped {
             self.scratch.clear();
             self.scratch.extend_from_slice(input);
         }
         let mut scratch = std::mem::take(&mut self.scratch);
-        let r = if fill_wide(
+        let mut tape = self.tape.take().unwrap_or_else(Tape::null).reset();
+        let filled = fill_wide(
             &mut scratch,
             &mut self.numbers,
             &mut self.buffers,
             &mut tape,
-        ) {
-            f(Some(tape.as_value()))
-        } else {
-            f(None)
-        };
+        );
+        let r = f(filled.then(|| tape.as_value()));
         self.tape = Some(tape.reset());
         scratch.clear();
         self.scratch = scratch;
