@@ -42,6 +42,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
         ringlink serve --config ringlink.toml --listen 0.0.0.0:18000\n  \
         ringlink get a1ThermoPK0 thermo-00001 temperature\n  \
         ringlink set a1ThermoPK0 thermo-00001 setpoint=21.5\n  \
+        ringlink set --token-file api.token a1ThermoPK0 thermo-00001 setpoint=21.5\n  \
         ringlink call a1ThermoPK0 thermo-00001 reboot delay=5"
 )]
 struct Cli {
@@ -152,6 +153,11 @@ struct DeviceArgs {
     /// The northbound API of a running ringlink.
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:17690")]
     api: String,
+    /// File holding the API's Bearer token (the server's api.token_file; whitespace around it
+    /// is ignored). Default: the file named by RINGLINK_API_TOKEN_FILE, if set; else no token,
+    /// which a server without api.token_file accepts.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// The device's productKey.
     #[arg(value_name = "PK")]
     product_key: String,
@@ -231,6 +237,7 @@ fn serve(
         threads,
         io: config.runtime.io,
         max_connections: config.limits.max_connections as usize,
+        api_connections: config.api.max_connections as usize,
         log,
         batch_max: uplink.batch_max as usize,
         flush_delay: Duration::from_micros(uplink.flush_us),
@@ -238,19 +245,36 @@ fn serve(
         tls,
         sink: sink_options(&config, mqtt_tls, mqtt_gateway)?,
     };
-    ringlink::shard::serve(opts, config.api.listen, |server, api| {
+    let api = ringlink::api::ApiOptions {
+        listen: config.api.listen,
+        token: config.api.token.as_ref().map(|t| Arc::clone(&t.0)),
+        max_connections: config.api.max_connections as usize,
+        request_timeout: Duration::from_millis(config.api.request_timeout_ms),
+    };
+    let auth = if api.token.is_some() {
+        "token"
+    } else {
+        "no token"
+    };
+    ringlink::shard::serve(opts, api, |server, api| {
         let scheme = if tls_on { "wss" } else { "ws" };
         let mode = if echo {
             ", ECHO MODE (conformance testing only)"
         } else {
             ""
         };
+        // The open-files limit may have lowered the device cap: say so where it is seen.
+        let capped = match &server.fd_note {
+            Some(note) => format!("; WARNING: {note}"),
+            None => String::new(),
+        };
         println!(
-            "ringlink: listening on {scheme}://{} (tls {}), io {} ({}), {threads} threads, {devices} devices, api http://{}{mode}",
+            "ringlink: listening on {scheme}://{} (tls {}), io {} ({}), {threads} threads, {devices} devices, max {} connections, api http://{} ({auth}){mode}{capped}",
             server.listen_addr,
             if tls_on { "on" } else { "off" },
             server.driver,
             server.driver_reason,
+            server.max_connections,
             api.addr,
         );
     })?;
@@ -367,7 +391,15 @@ fn summary(shown: &str, checked: &Checked) -> String {
         "runtime     io {}, {} threads",
         c.runtime.io, c.runtime.threads
     );
-    let _ = writeln!(w, "api         {}", c.api.listen);
+    let auth = match &c.api.token_file {
+        Some(f) => format!("token from {}", f.display()),
+        None => "no token (loopback only)".to_owned(),
+    };
+    let _ = writeln!(
+        w,
+        "api         {} ({auth}), max_connections {}, request_timeout_ms {}",
+        c.api.listen, c.api.max_connections, c.api.request_timeout_ms
+    );
     let _ = writeln!(w, "data_dir    {}", c.data_dir.display());
     let u = &c.uplink;
     let _ = writeln!(
@@ -482,9 +514,11 @@ fn api_call(device: &DeviceArgs, path: &str, body: &Value) -> anyhow::Result<()>
         .timeout_global(Some(API_TIMEOUT))
         .build()
         .into();
-    let mut response = agent
-        .post(&url)
-        .header("content-type", "application/json")
+    let mut request = agent.post(&url).header("content-type", "application/json");
+    if let Some(token) = api_token(device)? {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let mut response = request
         .send(body.to_string())
         .with_context(|| format!("POST {url}"))?;
     let status = response.status();
@@ -508,6 +542,25 @@ fn api_call(device: &DeviceArgs, path: &str, body: &Value) -> anyhow::Result<()>
         }
         _ => anyhow::bail!("HTTP {status}: {}", text.trim()),
     }
+}
+
+/// The token of `--token-file`, else of the file in `RINGLINK_API_TOKEN_FILE` (the variable
+/// the server reads too), trimmed; `None` when neither is given.
+fn api_token(device: &DeviceArgs) -> anyhow::Result<Option<String>> {
+    let path = match &device.token_file {
+        Some(p) => p.clone(),
+        None => match std::env::var_os("RINGLINK_API_TOKEN_FILE") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => return Ok(None),
+        },
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the API token from {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        anyhow::bail!("the API token file {} is empty", path.display());
+    }
+    Ok(Some(token.to_owned()))
 }
 
 /// Percent-encodes a URL path segment (productKeys and deviceNames may hold `@`, `.`, `-`).

@@ -239,7 +239,9 @@ impl Downlinks {
         let res = tokio::time::timeout(timeout, async {
             let mut conn = match pooled {
                 Some(c) => c,
-                None => HttpConn::connect(self.apis[i]).await?,
+                None => HttpConn::connect(self.apis[i])
+                    .await?
+                    .with_token(self.profile.api_token.as_deref()),
             };
             let res = conn.request("POST", path, Some(body)).await?;
             anyhow::Ok((conn, res))

@@ -13,6 +13,8 @@ pub struct HttpConn {
     stream: TcpStream,
     host: String,
     buf: Vec<u8>,
+    /// Sent as `Authorization: Bearer <token>` with every request when set.
+    token: Option<String>,
 }
 
 /// A response: status, body, and whether the connection may be reused.
@@ -32,7 +34,15 @@ impl HttpConn {
             stream,
             host: addr.to_string(),
             buf: Vec::with_capacity(1024),
+            token: None,
         })
+    }
+
+    /// Sends `Authorization: Bearer <token>` from now on (the server's `api.token_file`).
+    #[must_use]
+    pub fn with_token(mut self, token: Option<&str>) -> Self {
+        self.token = token.map(str::to_owned);
+        self
     }
 
     /// Sends one request and reads its response.
@@ -49,6 +59,11 @@ impl HttpConn {
         req.extend_from_slice(b" HTTP/1.1\r\nHost: ");
         req.extend_from_slice(self.host.as_bytes());
         req.extend_from_slice(b"\r\n");
+        if let Some(token) = &self.token {
+            req.extend_from_slice(b"Authorization: Bearer ");
+            req.extend_from_slice(token.as_bytes());
+            req.extend_from_slice(b"\r\n");
+        }
         if let Some(b) = body {
             req.extend_from_slice(b"Content-Type: application/json\r\nContent-Length: ");
             req.extend_from_slice(b.len().to_string().as_bytes());
@@ -203,6 +218,46 @@ pub fn scrape_reports_answered(api: SocketAddr) -> anyhow::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_goes_in_an_authorization_header() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.expect("accept");
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    n += s.read(&mut buf[n..]).await.expect("read");
+                }
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .expect("write");
+                String::from_utf8_lossy(&buf[..n]).into_owned()
+            });
+            let mut conn = HttpConn::connect(addr)
+                .await
+                .expect("connect")
+                .with_token(Some("tok-1"));
+            let res = conn
+                .request("GET", "/v1/devices", None)
+                .await
+                .expect("request");
+            assert_eq!((res.status, res.body.as_slice()), (200, &b"ok"[..]));
+            let head = server.await.expect("server");
+            assert!(
+                head.contains("\r\nAuthorization: Bearer tok-1\r\n"),
+                "{head}"
+            );
+        });
+    }
 
     #[test]
     fn metrics_sum_code_0_reports_only() {

@@ -34,6 +34,12 @@ pub struct Profile {
     /// every API's `/metrics`. After validation `apis` holds every API (just `api` when the
     /// file gave one) and `api` the first.
     pub apis: Vec<String>,
+    /// File holding the API's Bearer token (the server's `api.token_file`), sent with every
+    /// downlink (default: none, for a server without a token). Read by [`Profile::validate`].
+    pub api_token_file: Option<PathBuf>,
+    /// The token read from `api_token_file`, trimmed (not a profile key).
+    #[serde(skip)]
+    pub api_token: Option<String>,
     /// WebSocket connections (default 100).
     pub connections: u32,
     /// Devices onlined on each connection: 1 = direct devices, more = sub-gateways (default 1).
@@ -189,9 +195,14 @@ impl Profile {
             );
         }
         let dir = path.parent().unwrap_or(Path::new("."));
-        for file in [&mut p.tsl, &mut p.ca_file, &mut p.server_pid_file]
-            .into_iter()
-            .flatten()
+        for file in [
+            &mut p.tsl,
+            &mut p.ca_file,
+            &mut p.server_pid_file,
+            &mut p.api_token_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             if file.is_relative() {
                 *file = dir.join(&*file);
@@ -243,6 +254,14 @@ impl Profile {
             (None, Some(api)) => self.apis = vec![api.clone()],
             (Some(first), _) => self.api = Some(first.clone()),
             (None, None) => {}
+        }
+        if let Some(path) = &self.api_token_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("api_token_file {}", path.display()))?;
+            if text.trim().is_empty() {
+                bail!("api_token_file {} is empty", path.display());
+            }
+            self.api_token = Some(text.trim().to_owned());
         }
         let (tls, _) = parse_target(&self.target)?;
         for t in &self.targets {
@@ -452,6 +471,8 @@ impl Default for Profile {
             targets: Vec::new(),
             api: None,
             apis: Vec::new(),
+            api_token_file: None,
+            api_token: None,
             connections: 100,
             devices_per_connection: 1,
             subgateways: 0,
@@ -551,6 +572,23 @@ mod tests {
             Ok(p) => panic!("accepted: {p:?}"),
             Err(e) => format!("{e:#}"),
         }
+    }
+
+    #[test]
+    fn api_token_file_is_read_relative_to_the_profile() {
+        let dir = std::env::temp_dir().join(format!("loadgen-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("api.token"), " tok-9\n").expect("token");
+        std::fs::write(dir.join("empty.token"), "\n").expect("token");
+        let profile = dir.join("p.toml");
+        std::fs::write(&profile, "api_token_file = \"api.token\"\n").expect("profile");
+        let p = Profile::load(&profile, &Overrides::default()).expect("valid");
+        assert_eq!(p.api_token.as_deref(), Some("tok-9"));
+        std::fs::write(&profile, "api_token_file = \"empty.token\"\n").expect("profile");
+        let e = Profile::load(&profile, &Overrides::default()).expect_err("empty");
+        assert!(format!("{e:#}").contains("is empty"), "{e:#}");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(check("").expect("valid").api_token, None);
     }
 
     #[test]

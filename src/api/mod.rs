@@ -9,18 +9,27 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokio::sync::broadcast;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, oneshot, Notify, Semaphore};
+use tower::ServiceExt;
 
 use crate::model::Access;
 use crate::protocol::Code;
@@ -30,6 +39,42 @@ use crate::shard::Server;
 use crate::shard::Shared;
 use crate::worker::Worker;
 
+/// How the API serves: where, who may call it, and how much a client may hold.
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    pub listen: SocketAddr,
+    /// Bearer token every route but `/healthz`, `/readyz` and `/metrics` needs; `None`: no
+    /// authentication (configuration allows that on loopback addresses only).
+    pub token: Option<Arc<str>>,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// A request must be read whole (headers and body) within this long of its connection
+    /// becoming idle (accepted, or its previous response sent); an idle connection is closed
+    /// after this long.
+    pub request_timeout: Duration,
+}
+
+impl ApiOptions {
+    /// The defaults of `[api]` on `listen`: no token, 1024 connections, 10 s.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            token: None,
+            max_connections: 1_024,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The API's counters, shown by `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct ApiStats {
+    open: AtomicU64,
+    timed_out: AtomicU64,
+    evicted: AtomicU64,
+    unauthorized: AtomicU64,
+}
+
 /// The running API.
 pub struct Api {
     pub addr: SocketAddr,
@@ -37,9 +82,9 @@ pub struct Api {
 }
 
 impl Api {
-    /// Binds `listen` and serves on a thread of its own.
-    pub fn start(server: &Server, listen: SocketAddr) -> io::Result<Self> {
-        let std_listener = std::net::TcpListener::bind(listen)?;
+    /// Binds `opts.listen` and serves on a thread of its own.
+    pub fn start(server: &Server, opts: ApiOptions) -> io::Result<Self> {
+        let std_listener = std::net::TcpListener::bind(opts.listen)?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
         let state = Arc::clone(&server.shared);
@@ -47,29 +92,361 @@ impl Api {
             .enable_all()
             .build()?;
         let worker = Worker::spawn("ringlink-api", rt, move |stopped| async move {
-            let listener = match tokio::net::TcpListener::from_std(std_listener) {
+            let listener = match TcpListener::from_std(std_listener) {
                 Ok(l) => l,
                 Err(e) => {
-                    eprintln!("ringlink: API listener: {e}");
+                    tracing::error!("API listener: {e}");
                     return;
                 }
             };
-            let app = router(state);
-            let served = axum::serve(listener, app).with_graceful_shutdown(async {
-                let _ = stopped.await;
-            });
-            if let Err(e) = served.await {
-                eprintln!("ringlink: API stopped: {e}");
-            }
+            accept_loop(listener, state, opts, stopped).await;
         })?;
         Ok(Self { addr, worker })
     }
 
-    /// Stops serving and waits for the thread.
+    /// Stops serving and waits for the thread; open API connections are closed.
     pub fn stop(self) {
         self.worker.stop();
     }
 }
+
+/// Accepts while a connection slot is free. At the cap, a newcomer takes the slot of the
+/// connection idle the longest between requests (so that `/healthz` from a monitor is
+/// answered even while idle clients hold every slot); when every connection is busy with a
+/// request, the newcomer waits for a slot and later ones wait in the kernel's accept queue.
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    opts: ApiOptions,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let epoch = Instant::now();
+    let app = router(Arc::clone(&shared));
+    let slots = Arc::new(Semaphore::new(opts.max_connections));
+    let token = opts.token.clone();
+    let timeout = opts.request_timeout;
+    // Every connection that may hold a slot; pruned of closed ones when looking for one to evict.
+    let mut conns: Vec<Arc<ConnState>> = Vec::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stopped => return,
+            r = listener.accept() => r,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                // EMFILE and the like: the kernel keeps the connection queued; try again soon
+                // rather than spin.
+                tracing::warn!("API accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let slot = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                conns.retain(|c| !c.closed.load(Ordering::Acquire));
+                let now = ms_since(epoch);
+                if let Some(victim) = conns
+                    .iter()
+                    .filter(|c| c.evictable())
+                    .min_by_key(|c| c.idle_since_ms.load(Ordering::Acquire))
+                {
+                    tracing::debug!(
+                        "API at {} connections: closing one idle for {} ms for a newcomer",
+                        opts.max_connections,
+                        now.saturating_sub(victim.idle_since_ms.load(Ordering::Acquire))
+                    );
+                    victim.evict();
+                    shared.api_stats.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                let acquired = tokio::select! {
+                    _ = &mut stopped => return,
+                    s = Arc::clone(&slots).acquire_owned() => s,
+                };
+                // The semaphore is never closed.
+                let Ok(slot) = acquired else { return };
+                slot
+            }
+        };
+        let conn = Arc::new(ConnState::new(ms_since(epoch)));
+        conns.push(Arc::clone(&conn));
+        let served = Served {
+            app: app.clone(),
+            shared: Arc::clone(&shared),
+            token: token.clone(),
+            conn,
+            epoch,
+            timeout,
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            served.run(stream).await;
+        });
+    }
+}
+
+/// One API connection and what serving it needs.
+struct Served {
+    app: Router,
+    shared: Arc<Shared>,
+    token: Option<Arc<str>>,
+    conn: Arc<ConnState>,
+    epoch: Instant,
+    timeout: Duration,
+}
+
+/// Why a connection ended.
+enum End {
+    Done,
+    TimedOut,
+    Evicted,
+}
+
+impl Served {
+    async fn run(self, stream: TcpStream) {
+        let shared = Arc::clone(&self.shared);
+        let stats = &shared.api_stats;
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let conn = Arc::clone(&self.conn);
+        let (epoch, timeout) = (self.epoch, self.timeout);
+        let this = Arc::new(self);
+        let svc = {
+            let this = Arc::clone(&this);
+            hyper::service::service_fn(move |req| {
+                let this = Arc::clone(&this);
+                async move { Ok::<_, Infallible>(this.handle(req).await) }
+            })
+        };
+        let http = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), svc);
+        let end = tokio::select! {
+            r = http => {
+                if let Err(e) = r {
+                    tracing::debug!("API connection: {e}");
+                }
+                End::Done
+            }
+            () = conn.expired(epoch, timeout) => End::TimedOut,
+            () = conn.evicted.notified() => End::Evicted,
+        };
+        // Dropping the connection future above closed the socket. Evictions are counted by
+        // the accept loop, which decides them.
+        if let End::TimedOut = end {
+            stats.timed_out.fetch_add(1, Ordering::Relaxed);
+        }
+        conn.closed.store(true, Ordering::Release);
+        stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Checks the token, reads the body whole (still under the request deadline), then hands
+    /// the request to the router; the connection counts as busy until the response has been
+    /// sent.
+    async fn handle(&self, req: Request<Incoming>) -> Response {
+        if let Some(token) = &self.token {
+            if !OPEN_ROUTES.contains(&req.uri().path()) && !authorized(req.headers(), token) {
+                self.shared
+                    .api_stats
+                    .unauthorized
+                    .fetch_add(1, Ordering::Relaxed);
+                let busy = self.conn.busy(self.epoch);
+                return with_guard(unauthorized(), busy);
+            }
+        }
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                let busy = self.conn.busy(self.epoch);
+                let msg =
+                    format!("cannot read the request body (at most {MAX_BODY_BYTES} bytes): {e}");
+                let mut resp = error(Code::InvalidParameter, &msg);
+                *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                return with_guard(resp, busy);
+            }
+        };
+        let busy = self.conn.busy(self.epoch);
+        let req = Request::from_parts(parts, Body::from(body));
+        let resp = match self.app.clone().oneshot(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        };
+        with_guard(resp, busy)
+    }
+}
+
+/// A response whose body holds `busy` until hyper has taken all of it (or the connection
+/// went): only then does the connection's idle time start.
+fn with_guard(resp: Response, busy: Busy) -> Response {
+    resp.map(|inner| Body::new(Guarded { inner, _busy: busy }))
+}
+
+/// A response body and the [`Busy`] guard it holds; its size hint is the inner body's, so
+/// that hyper still sends `Content-Length` where it can.
+struct Guarded {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What the accept loop and a connection's task share about that connection.
+///
+/// ```text
+///   accepted ──▶ idle (deadline = idle_since + timeout) ──request read──▶ busy
+///                  ▲                                                       │
+///                  └──────────────── response sent (idle_since = now) ◀────┘
+/// ```
+#[derive(Debug)]
+struct ConnState {
+    /// Milliseconds since the API's epoch at which the connection last became idle.
+    idle_since_ms: AtomicU64,
+    /// Requests read whole whose response is not sent yet (0 or 1 with HTTP/1.1).
+    busy: AtomicU32,
+    /// Set once the accept loop chose to close it.
+    evicting: AtomicBool,
+    evicted: Notify,
+    closed: AtomicBool,
+}
+
+impl ConnState {
+    fn new(now_ms: u64) -> Self {
+        Self {
+            idle_since_ms: AtomicU64::new(now_ms),
+            busy: AtomicU32::new(0),
+            evicting: AtomicBool::new(false),
+            evicted: Notify::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Between requests (or in the middle of reading one) and not already being closed.
+    fn evictable(&self) -> bool {
+        self.busy.load(Ordering::Acquire) == 0
+            && !self.evicting.load(Ordering::Acquire)
+            && !self.closed.load(Ordering::Acquire)
+    }
+
+    fn evict(&self) {
+        self.evicting.store(true, Ordering::Release);
+        // Stores a permit if the task is not waiting yet.
+        self.evicted.notify_one();
+    }
+
+    /// Marks a request read whole; the guard marks its response sent when dropped.
+    fn busy(self: &Arc<Self>, epoch: Instant) -> Busy {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Busy {
+            conn: Arc::clone(self),
+            epoch,
+        }
+    }
+
+    /// Completes when the connection has been idle for `timeout`: no request read whole and
+    /// no response in flight since it became idle. Never completes while busy.
+    async fn expired(&self, epoch: Instant, timeout: Duration) {
+        loop {
+            if self.busy.load(Ordering::Acquire) > 0 {
+                // A deadline set while this sleeps is at least `timeout` away, so waking up
+                // within `timeout` never misses it.
+                tokio::time::sleep(timeout).await;
+                continue;
+            }
+            let idle_since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+            let due = epoch + idle_since + timeout;
+            if Instant::now() >= due {
+                if self.busy.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                continue;
+            }
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+}
+
+/// A request in progress on a connection; see [`ConnState::busy`].
+struct Busy {
+    conn: Arc<ConnState>,
+    epoch: Instant,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        // idle_since first, so that the watchdog never sees idle with a stale start.
+        self.conn
+            .idle_since_ms
+            .store(ms_since(self.epoch), Ordering::Release);
+        self.conn.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn ms_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+/// `Authorization: Bearer <token>` with the right token, compared in constant time.
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    let Some((scheme, given)) = value.split_at_checked(7) else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case(b"bearer ") && constant_time_eq(given, token.as_bytes())
+}
+
+/// Equal byte strings, in a time that depends on their lengths only, so that a caller cannot
+/// find the token a byte at a time by timing answers.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, x) in a.iter().enumerate() {
+        // Reads b at some index whatever the lengths, so the loop is the same for every guess.
+        let y = if b.is_empty() { 0 } else { b[i % b.len()] };
+        diff |= x ^ y;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// 401 with the JSON error body and the challenge.
+fn unauthorized() -> Response {
+    let mut resp = error(
+        Code::InvalidParameter,
+        "missing or wrong API token: send Authorization: Bearer <token> (api.token_file)",
+    );
+    *resp.status_mut() = StatusCode::UNAUTHORIZED;
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    resp
+}
+
+/// Routes that answer without the token: probes and scrapers carry no secrets.
+const OPEN_ROUTES: &[&str] = &["/healthz", "/readyz", "/metrics"];
+/// Largest request body read (downlink bodies are small JSON objects).
+const MAX_BODY_BYTES: usize = 2 << 20;
 
 fn router(state: Arc<Shared>) -> Router {
     Router::new()
@@ -131,6 +508,11 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
                 sp.stats.backlog_bytes.load(Ordering::Relaxed) as f64
             }),
         ),
+        (
+            "ringlink_api_connections_open",
+            "Northbound API connections open now.",
+            s.api_stats.open.load(Ordering::Relaxed) as f64,
+        ),
     ];
     let mut text = s.env.metrics.render(&gauges);
     let counters = [
@@ -153,6 +535,22 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             "ringlink_uplink_spool_full_refusals_total",
             "Commits refused because the spool was full (uplink.on_full = block).",
             &log.spool_full,
+        ),
+        (
+            "ringlink_api_connections_timed_out_total",
+            "API connections closed because a request was not read whole, or the connection \
+             stayed idle, for api.request_timeout_ms.",
+            &s.api_stats.timed_out,
+        ),
+        (
+            "ringlink_api_connections_evicted_total",
+            "Idle API connections closed to make room for a newcomer at api.max_connections.",
+            &s.api_stats.evicted,
+        ),
+        (
+            "ringlink_api_unauthorized_total",
+            "API requests answered 401 (no or wrong Bearer token).",
+            &s.api_stats.unauthorized,
         ),
     ];
     for (name, help, n) in counters {
@@ -405,4 +803,35 @@ fn error(code: Code, message: &str) -> Response {
         Json(json!({"code": code.as_u32(), "message": message})),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_whole_strings() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secre", b"secret"));
+        assert!(!constant_time_eq(b"secretsecret", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+        assert!(!constant_time_eq(b"secret", b""));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn bearer_header_is_required_with_the_right_token() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().expect("header"));
+            h
+        };
+        assert!(authorized(&with("Bearer tok-1"), "tok-1"));
+        assert!(authorized(&with("bearer tok-1"), "tok-1"));
+        assert!(!authorized(&with("Bearer tok-2"), "tok-1"));
+        assert!(!authorized(&with("Basic tok-1"), "tok-1"));
+        assert!(!authorized(&with("Bearer"), "tok-1"));
+        assert!(!authorized(&HeaderMap::new(), "tok-1"));
+    }
 }

@@ -183,11 +183,38 @@ impl Default for Limits {
 }
 
 /// `[api]`: the northbound HTTP API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Api {
-    /// Address of the API (default `127.0.0.1:17690`). Loopback because the API can drive every
-    /// device and has no authentication; expose it deliberately, behind something that has.
+    /// Address of the API (default `127.0.0.1:17690`). Loopback by default because the API can
+    /// drive every device; any other address needs `token_file`.
     pub listen: SocketAddr,
+    /// The Bearer token read from `token_file` (default none; the file's contents trimmed of
+    /// whitespace, must not be empty). Set, every route but `/healthz`, `/readyz` and
+    /// `/metrics` needs `Authorization: Bearer <token>`; required when `listen` is not a
+    /// loopback address, since whoever reaches the API can set properties and call services
+    /// on every device.
+    pub token: Option<ApiToken>,
+    /// Where the token came from (`token_file`), for `ringlink check`.
+    pub token_file: Option<PathBuf>,
+    /// API connections served at once (default 1024, 1-65536); more wait in the kernel's accept
+    /// queue. Bounds the file descriptors and memory a flood of idle HTTP clients can take from
+    /// the devices; at the cap, the connection idle the longest between requests is closed for
+    /// a newcomer so that `/healthz` keeps answering.
+    pub max_connections: u32,
+    /// A request not fully read (headers and body) this long after its connection became idle
+    /// is closed, and so is a keep-alive connection idle this long (default 10000, 100-600000
+    /// ms). Stops slowloris clients that trickle a request byte by byte to hold connections.
+    pub request_timeout_ms: u64,
+}
+
+/// The API's Bearer token; `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken(pub Arc<str>);
+
+impl fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiToken(<{} bytes>)", self.0.len())
+    }
 }
 
 /// `[uplink]`: how uplinks (online, offline, reports, events) leave for the edge core.

@@ -13,8 +13,8 @@ use std::str::FromStr;
 use toml::de::{DeTable, DeValue};
 
 use crate::config::{
-    Api, Config, ConfigError, Fsync, InlineDevice, IoMode, Limits, Listener, Mqtt, Nats, OnFull,
-    Origin, Overrides, RegistrySources, Runtime, SinkKind, TlsFiles, Uplink, DEFAULT_API,
+    Api, ApiToken, Config, ConfigError, Fsync, InlineDevice, IoMode, Limits, Listener, Mqtt, Nats,
+    OnFull, Origin, Overrides, RegistrySources, Runtime, SinkKind, TlsFiles, Uplink, DEFAULT_API,
     DEFAULT_BACKLOG, DEFAULT_DATA_DIR, DEFAULT_IP, DEFAULT_PORT,
 };
 use crate::registry::DriverListener;
@@ -39,6 +39,9 @@ pub const KNOBS: &[&str] = &[
     "limits.message_timeout_ms",
     "limits.auto_online_on_report",
     "api.listen",
+    "api.token_file",
+    "api.max_connections",
+    "api.request_timeout_ms",
     "data_dir",
     "uplink.sink",
     "uplink.batch_max",
@@ -455,9 +458,7 @@ impl Draft {
             );
         }
 
-        let api = Api {
-            listen: self.parsed("api.listen", DEFAULT_API, "an IP:PORT address"),
-        };
+        let api = self.api();
         if api.listen.port() != 0 && api.listen.port() == listener.port {
             let (a, b) = (api.listen.ip(), listener.ip);
             if a == b || a.is_unspecified() || b.is_unspecified() {
@@ -707,6 +708,44 @@ impl Draft {
                 ));
                 default.to_owned()
             }
+        }
+    }
+
+    /// `[api]`: the token file is read here, so that `ringlink check` reports a missing or
+    /// empty one, and a non-loopback `listen` without one is refused.
+    fn api(&mut self) -> Api {
+        let listen = self.parsed("api.listen", DEFAULT_API, "an IP:PORT address");
+        let token_file = self.path("api.token_file");
+        let token = token_file
+            .as_ref()
+            .and_then(|path| match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => Some(ApiToken(text.trim().into())),
+                Ok(_) => {
+                    let msg = format!("{} is empty: the token must not be empty", path.display());
+                    self.fail("api.token_file", msg);
+                    None
+                }
+                Err(e) => {
+                    let msg = format!("cannot read {}: {e}", path.display());
+                    self.fail("api.token_file", msg);
+                    None
+                }
+            });
+        if token_file.is_none() && !listen.ip().is_loopback() {
+            self.fail(
+                "api.listen",
+                format!(
+                    "{listen} is not a loopback address: set api.token_file too, or whoever \
+                     reaches the API can drive every device"
+                ),
+            );
+        }
+        Api {
+            listen,
+            token,
+            token_file,
+            max_connections: self.int("api.max_connections", 1_024, 1, 65_536) as u32,
+            request_timeout_ms: self.int("api.request_timeout_ms", 10_000, 100, 600_000),
         }
     }
 

@@ -280,11 +280,11 @@ fn wrong_types_say_what_was_found() {
 
 #[test]
 fn cross_field_rules() {
-    let e = errors("[limits]\nping_interval_ms = 60000\n[api]\nlisten = \"0.0.0.0:17682\"\n");
+    let e = errors("[limits]\nping_interval_ms = 60000\n[api]\nlisten = \"127.0.0.1:17682\"\n");
     assert_eq!(
         e,
         [
-            "ringlink.toml:4: api.listen: 0.0.0.0:17682 overlaps the device listener 0.0.0.0:17682 (port from default); give the API its own port",
+            "ringlink.toml:4: api.listen: 127.0.0.1:17682 overlaps the device listener 0.0.0.0:17682 (port from default); give the API its own port",
             "default: limits.pong_timeout_ms: must be greater than limits.ping_interval_ms (60000 from ringlink.toml:2), got 60000: a connection would be closed before its next ping",
         ]
     );
@@ -603,8 +603,9 @@ fn the_example_file_uncommented_gives_the_defaults() {
         .count();
     assert_eq!(
         set,
-        KNOBS.len() - 17,
-        "every knob but tls.*, registry.* and the optional uplink.mqtt credentials is set"
+        KNOBS.len() - 18,
+        "every knob but tls.*, registry.*, api.token_file and the optional uplink.mqtt \
+         credentials is set"
     );
     let (_dir, c) = load(&uncommented, &[], &Overrides::default());
     let mut c = c.expect("the example is valid");
@@ -664,4 +665,98 @@ fn mqtt_sink_settings_are_checked_when_the_sink_is_mqtt() {
         e[0].starts_with("ringlink.toml:2: uplink.mqtt.url: "),
         "{e:?}"
     );
+}
+
+#[test]
+fn api_token_file_is_read_and_trimmed() {
+    let dir = Dir::new();
+    dir.file("api.token", "  s3cret-token\n\n");
+    let file = dir.file(
+        "ringlink.toml",
+        "[api]\nlisten = \"0.0.0.0:17690\"\ntoken_file = \"api.token\"\nmax_connections = 20\nrequest_timeout_ms = 500\n",
+    );
+    let c = Config::load(Some(&file), env(&[]), &Overrides::default()).expect("valid");
+    assert_eq!(c.api.token, Some(ApiToken("s3cret-token".into())));
+    assert_eq!(c.api.token_file, Some(dir.0.join("api.token")));
+    assert_eq!(c.api.max_connections, 20);
+    assert_eq!(c.api.request_timeout_ms, 500);
+    // Debug never shows the token.
+    assert!(!format!("{c:?}").contains("s3cret"));
+}
+
+#[test]
+fn api_defaults_have_no_token_and_bounded_connections() {
+    let (_dir, c) = load("", &[], &Overrides::default());
+    let c = c.expect("valid");
+    assert_eq!(c.api.token, None);
+    assert_eq!(c.api.max_connections, 1_024);
+    assert_eq!(c.api.request_timeout_ms, 10_000);
+}
+
+#[test]
+fn api_token_file_empty_or_missing_is_an_error_naming_the_key() {
+    let dir = Dir::new();
+    dir.file("empty.token", " \n\t\n");
+    let file = dir.file("ringlink.toml", "[api]\ntoken_file = \"empty.token\"\n");
+    let e = Config::load(Some(&file), env(&[]), &Overrides::default()).expect_err("empty");
+    let msgs: Vec<String> = e.0.iter().map(|e| relative(&dir, e)).collect();
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(
+        msgs[0].starts_with("ringlink.toml:2: api.token_file:") && msgs[0].contains("empty"),
+        "{msgs:?}"
+    );
+    let errs = errors("[api]\ntoken_file = \"no-such.token\"\n");
+    assert!(
+        errs[0].starts_with("ringlink.toml:2: api.token_file: cannot read"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn api_on_a_non_loopback_address_needs_a_token() {
+    let errs = errors("[api]\nlisten = \"0.0.0.0:17690\"\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("ringlink.toml:2: api.listen: 0.0.0.0:17690 is not a loopback")
+            && errs[0].contains("api.token_file"),
+        "{errs:?}"
+    );
+    // Also when the address comes from a flag; loopback v4 and v6 need none.
+    let flags = Overrides {
+        api: Some("192.168.1.5:0".parse().expect("addr")),
+        ..Overrides::default()
+    };
+    let (_dir, r) = load("", &[], &flags);
+    let errs = r.expect_err("non-loopback flag");
+    assert!(errs[0].starts_with("flag --api: api.listen:"), "{errs:?}");
+    for listen in ["127.0.0.1:0", "[::1]:0", "127.0.0.9:1234"] {
+        let (_dir, r) = load(
+            &format!("[api]\nlisten = \"{listen}\"\n"),
+            &[],
+            &Overrides::default(),
+        );
+        r.unwrap_or_else(|e| panic!("{listen}: {e:?}"));
+    }
+}
+
+#[test]
+fn api_limits_are_range_checked() {
+    let errs = errors("[api]\nmax_connections = 0\nrequest_timeout_ms = 10\n");
+    assert_eq!(
+        errs,
+        [
+            "ringlink.toml:2: api.max_connections: must be between 1 and 65536, got 0",
+            "ringlink.toml:3: api.request_timeout_ms: must be between 100 and 600000, got 10",
+        ]
+    );
+    let (_dir, r) = load(
+        "",
+        &[
+            ("RINGLINK_API_MAX_CONNECTIONS", "7"),
+            ("RINGLINK_API_REQUEST_TIMEOUT_MS", "250"),
+        ],
+        &Overrides::default(),
+    );
+    let c = r.expect("valid");
+    assert_eq!((c.api.max_connections, c.api.request_timeout_ms), (7, 250));
 }

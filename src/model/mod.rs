@@ -26,7 +26,7 @@ mod value;
 pub use error::{Invalid, ModelError, ModelErrorKind};
 pub use kind::DataKind;
 pub use thing::{Access, CallType, Event, EventLevel, Param, Property, Service, ThingModel};
-pub use value::{write_json, DataType, ValueError, ValueStyle};
+pub use value::{out_of_range_number, write_json, DataType, ValueError, ValueStyle};
 
 /// A JSON value as decoded by simd-json's zero-copy tape: `'t` is the tape, `'i` the input bytes.
 pub type Json<'t, 'i> = simd_json::tape::Value<'t, 'i>;

@@ -252,14 +252,43 @@ pub(super) struct FloatRange {
     pub(super) max: f64,
 }
 
-/// A JSON integer node (I64 or U64; a float node such as `2.0` is not an integer).
+/// A JSON integer node (I64 or U64; a float node such as `2.0` is not an integer). An integer
+/// literal beyond u64 and i64 reads as `i128::MAX` or `i128::MIN`: an integer, out of every
+/// range.
 fn integer(value: Json<'_, '_>) -> Option<i128> {
     match value.value_type() {
         ValueType::I64 => value.as_i64().map(i128::from),
         ValueType::U64 => value.as_u64().map(i128::from),
+        ValueType::F64 => {
+            let bits = value.as_f64()?.to_bits();
+            match bits & !SIGN_BIT {
+                OUT_OF_RANGE_INTEGER if bits & SIGN_BIT == 0 => Some(i128::MAX),
+                OUT_OF_RANGE_INTEGER => Some(i128::MIN),
+                _ => None,
+            }
+        }
         _ => None,
     }
 }
+
+/// The value the decoder gives a JSON number that no 64-bit node holds (PROTOCOL.md 4.2 and
+/// 11.4): an integer literal beyond u64 or i64, or a number beyond f64 (`1e400`). It is a NaN,
+/// which JSON itself cannot carry, so it is no real value: every float range check fails on it
+/// (100007), and with `integer` true, int, enum and bool take it as an integer out of range
+/// (100007) rather than as a float (109008); a messageId or a type code reads as no integer.
+pub fn out_of_range_number(integer: bool, negative: bool) -> f64 {
+    let tag = if integer {
+        OUT_OF_RANGE_INTEGER
+    } else {
+        OUT_OF_RANGE_FLOAT
+    };
+    f64::from_bits(if negative { tag | SIGN_BIT } else { tag })
+}
+
+/// Quiet NaNs with payloads 1 and 2 (see [`out_of_range_number`]).
+const OUT_OF_RANGE_INTEGER: u64 = 0x7ff8_0000_0000_0001;
+const OUT_OF_RANGE_FLOAT: u64 = 0x7ff8_0000_0000_0002;
+const SIGN_BIT: u64 = 1 << 63;
 
 /// Any JSON number node.
 fn number(value: Json<'_, '_>) -> Option<f64> {
@@ -393,6 +422,77 @@ mod tests {
     }
 
     const OK: Result<(), ValueError> = Ok(());
+
+    #[test]
+    fn numbers_beyond_64_bits_are_out_of_range_not_another_kind() {
+        let two_pow_64 = "18446744073709551616";
+        let huge = "9".repeat(60_000);
+        let minus_huge = format!("-{huge}");
+        // Without specs the bounds are the widest: still out of range (a NaN, not infinity).
+        for t in [
+            ty(r#"{"type":"int"}"#),
+            ty(r#"{"type":"enum","specs":{"0":"a"}}"#),
+        ] {
+            for v in [two_pow_64, "-9223372036854775809", &huge, &minus_huge] {
+                assert_eq!(
+                    check(&t, v),
+                    Err(ValueError::Range),
+                    "{:?} {v:.30}",
+                    t.kind()
+                );
+            }
+            // A float literal stays a float: the wrong kind for int and enum, as 2.0 is.
+            assert_eq!(check(&t, "1e400"), Err(ValueError::Kind));
+            assert_eq!(check(&t, "1e30"), Err(ValueError::Kind));
+        }
+        assert_eq!(
+            check(&ty(r#"{"type":"bool"}"#), two_pow_64),
+            Err(ValueError::Range)
+        );
+        assert_eq!(
+            check(&ty(r#"{"type":"bool"}"#), "1e400"),
+            Err(ValueError::Kind)
+        );
+        for t in [ty(r#"{"type":"float"}"#), ty(r#"{"type":"double"}"#)] {
+            for v in [
+                "1e400",
+                "-1e400",
+                two_pow_64,
+                &huge,
+                &minus_huge,
+                "1.5e99999",
+            ] {
+                // Also an integer literal beyond 64 bits where a double would hold it (2^64
+                // without specs): the decoder keeps no value for it.
+                assert_eq!(
+                    check(&t, v),
+                    Err(ValueError::Range),
+                    "{:?} {v:.30}",
+                    t.kind()
+                );
+            }
+            assert_eq!(check(&t, "1e30"), OK);
+        }
+        // Text and date want strings: a number is the wrong kind however large.
+        assert_eq!(
+            check(&ty(r#"{"type":"date"}"#), "1e400"),
+            Err(ValueError::Kind)
+        );
+        assert_eq!(
+            check(&ty(r#"{"type":"text"}"#), &huge),
+            Err(ValueError::Kind)
+        );
+        // Inside an array, a struct: the same, and the kind rule still wins over the range one.
+        let week = ty(r#"{"type":"array","specs":{"size":"7","item":{"type":"int"}}}"#);
+        assert_eq!(
+            check(&week, &format!("[1,{two_pow_64}]")),
+            Err(ValueError::Range)
+        );
+        assert_eq!(
+            check(&week, &format!("[{two_pow_64},1.5]")),
+            Err(ValueError::Kind)
+        );
+    }
     const KIND: Result<(), ValueError> = Err(ValueError::Kind);
     const RANGE: Result<(), ValueError> = Err(ValueError::Range);
 

@@ -6,9 +6,9 @@
 //! receive buffer (simd-json unescapes in place). No IO, no clock.
 
 use simd_json::prelude::*;
-use simd_json::{Buffers, Tape};
+use simd_json::{Buffers, ErrorType, Node, StaticNode, Tape};
 
-use crate::model::{DataKind, Json};
+use crate::model::{out_of_range_number, DataKind, Json};
 use crate::protocol::Code;
 
 /// Decodes inbound Link messages with buffers that are reused from one message to the next.
@@ -19,6 +19,10 @@ pub struct Decoder {
     buffers: Buffers,
     /// Kept between calls only for its allocation; always empty when stored here.
     tape: Option<Tape<'static>>,
+    /// The slow path's copy of a message (see [`Decoder::decode`]); empty between calls.
+    scratch: Vec<u8>,
+    /// The slow path's number values, in document order.
+    numbers: Vec<StaticNode>,
 }
 
 impl Decoder {
@@ -26,6 +30,8 @@ impl Decoder {
         Self {
             buffers: Buffers::new(1024),
             tape: Some(Tape::null().reset()),
+            scratch: Vec::new(),
+            numbers: Vec::new(),
         }
     }
 
@@ -43,28 +49,86 @@ impl Decoder {
         if len == 0 {
             return f(Ok(None));
         }
-        let mut tape = self.tape.take().unwrap_or_else(Tape::null).reset();
-        let r = match simd_json::fill_tape(&mut input[..len], &mut self.buffers, &mut tape) {
-            Ok(()) => f(classify(tape.as_value()).map(Some)),
-            Err(_) => f(Err(Reject::new(0, Code::JsonFormat))),
-        };
-        self.tape = Some(tape.reset());
-        r
+        self.parse_json(&mut input[..len], |doc| match doc {
+            Some(doc) => f(classify(doc).map(Some)),
+            // 1. Not JSON -> 109007, messageId 0.
+            None => f(Err(Reject::new(0, Code::JsonFormat))),
+        })
     }
 
-    /// Parses a JSON document that is not a protocol message (for example a downlink body from
-    /// the northbound API) with the same reused buffers.
+    /// Parses a JSON document in place with the reused buffers and hands it to `f`; `None`
+    /// when it is not JSON. Also for documents that are not protocol messages (for example a
+    /// downlink body from the northbound API).
+    ///
+    /// A number no 64-bit node holds is JSON all the same (RFC 8259 section 6 sets no limit),
+    /// though the fast parser refuses it: such a document takes a slow path ([`fill_wide`])
+    /// that reads the number as [`out_of_range_number`], which the checks after parsing reject
+    /// (100001 as a messageId, 100007 as a property value; PROTOCOL.md sections 4.2 and 11.4).
     pub fn parse_json<R>(
         &mut self,
         input: &mut [u8],
         f: impl FnOnce(Option<Json<'_, '_>>) -> R,
     ) -> R {
+        // simd-json unescapes strings in place, so after it refused a document the input may
+        // no longer be the document: the slow path then needs a copy taken before. Only a
+        // document with an escape can change, and device messages rarely have one.
+        let escaped = memchr::memchr(b'\\', input).is_some();
+        if escaped {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(input);
+        }
         let mut tape = self.tape.take().unwrap_or_else(Tape::null).reset();
-        let r = match simd_json::fill_tape(input, &mut self.buffers, &mut tape) {
-            Ok(()) => f(Some(tape.as_value())),
-            Err(_) => f(None),
-        };
+        match simd_json::fill_tape(input, &mut self.buffers, &mut tape) {
+            Ok(()) => {
+                let r = f(Some(tape.as_value()));
+                self.tape = Some(tape.reset());
+                if escaped {
+                    self.scratch.clear();
+                }
+                r
+            }
+            Err(e) => {
+                let number = matches!(
+                    e.error(),
+                    ErrorType::InvalidNumber | ErrorType::InvalidExponent
+                );
+                self.tape = Some(tape.reset());
+                self.parse_wide(input, escaped, number, f)
+            }
+        }
+    }
+
+    /// After the fast parser refused `input`: the slow path when it was over a number (the
+    /// message as sent is in `scratch` when `escaped`, else still in `input`), else not JSON.
+    #[cold]
+    #[inline(never)]
+    fn parse_wide<R>(
+        &mut self,
+        input: &[u8],
+        escaped: bool,
+        number: bool,
+        f: impl FnOnce(Option<Json<'_, '_>>) -> R,
+    ) -> R {
+        if !number {
+            self.scratch.clear();
+            return f(None);
+        }
+        if !escaped {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(input);
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut tape = self.tape.take().unwrap_or_else(Tape::null).reset();
+        let filled = fill_wide(
+            &mut scratch,
+            &mut self.numbers,
+            &mut self.buffers,
+            &mut tape,
+        );
+        let r = f(filled.then(|| tape.as_value()));
         self.tape = Some(tape.reset());
+        scratch.clear();
+        self.scratch = scratch;
         r
     }
 }
@@ -179,6 +243,130 @@ impl<'t, 'i> Item<'t, 'i> {
             kind,
             value: value?,
         })
+    }
+}
+
+/// The slow path of [`Decoder::decode`], for a message the fast parser refused over a number.
+///
+/// Every number token of `text` is parsed here (an integer that fits i64 or u64 as that, any
+/// other finite number as f64, anything larger as [`out_of_range_number`]) and overwritten
+/// with `0` and spaces; simd-json then parses the rest as usual and each number node of the
+/// tape gets its value back, in document order. One pass over the text, one parse, and each
+/// number is read once: linear in the message, whatever its numbers look like (a 60,000-digit
+/// integer stops parsing as i64 at its 20th digit). False: not JSON after all.
+fn fill_wide<'s>(
+    text: &'s mut [u8],
+    numbers: &mut Vec<StaticNode>,
+    buffers: &mut Buffers,
+    tape: &mut Tape<'s>,
+) -> bool {
+    numbers.clear();
+    if !take_numbers(text, numbers) || simd_json::fill_tape(text, buffers, tape).is_err() {
+        return false;
+    }
+    let mut values = numbers.iter();
+    for node in &mut tape.0 {
+        if let Node::Static(s) = node {
+            if !matches!(s, StaticNode::Bool(_) | StaticNode::Null) {
+                match values.next() {
+                    Some(v) => *s = *v,
+                    None => return false,
+                }
+            }
+        }
+    }
+    values.next().is_none()
+}
+
+/// Reads every number token outside strings into `out` and blanks it to `0` (RFC 8259 section
+/// 6: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`, followed by a delimiter). False
+/// for a token that is not a JSON number, so that nothing malformed turns into JSON here.
+fn take_numbers(text: &mut [u8], out: &mut Vec<StaticNode>) -> bool {
+    let mut i = 0;
+    while i < text.len() {
+        match text[i] {
+            b'"' => {
+                i += 1;
+                while i < text.len() && text[i] != b'"' {
+                    i += if text[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let Some((end, integral)) = number_end(text, i) else {
+                    return false;
+                };
+                if text.get(end).is_some_and(|b| {
+                    !matches!(b, b',' | b']' | b'}' | b' ' | b'\t' | b'\n' | b'\r')
+                }) {
+                    return false;
+                }
+                // ASCII digits, signs, '.', 'e': always UTF-8.
+                let Ok(token) = std::str::from_utf8(&text[i..end]) else {
+                    return false;
+                };
+                out.push(number_value(token, integral));
+                text[i] = b'0';
+                text[i + 1..end].fill(b' ');
+                i = end;
+            }
+            _ => i += 1,
+        }
+    }
+    true
+}
+
+/// The end of the JSON number starting at `start`, and whether it is an integer literal (no
+/// fraction, no exponent); None when the bytes there are not a number.
+fn number_end(text: &[u8], start: usize) -> Option<(usize, bool)> {
+    let digits = |mut i: usize| {
+        let from = i;
+        while text.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        (i > from).then_some(i)
+    };
+    let mut i = start;
+    if text[i] == b'-' {
+        i += 1;
+    }
+    i = match text.get(i)? {
+        b'0' => i + 1,
+        b'1'..=b'9' => digits(i)?,
+        _ => return None,
+    };
+    let mut integral = true;
+    if text.get(i) == Some(&b'.') {
+        i = digits(i + 1)?;
+        integral = false;
+    }
+    if matches!(text.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(text.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        i = digits(i)?;
+        integral = false;
+    }
+    Some((i, integral))
+}
+
+/// A number token's node, as simd-json would make it where it can: i64, else u64, for an
+/// integer literal; f64 for any other; out of range beyond those.
+fn number_value(token: &str, integral: bool) -> StaticNode {
+    let negative = token.starts_with('-');
+    if integral {
+        if let Ok(n) = token.parse::<i64>() {
+            return StaticNode::I64(n);
+        }
+        if let Ok(n) = token.parse::<u64>() {
+            return StaticNode::U64(n);
+        }
+        return StaticNode::F64(out_of_range_number(true, negative));
+    }
+    match token.parse::<f64>() {
+        Ok(x) if x.is_finite() => StaticNode::F64(x),
+        _ => StaticNode::F64(out_of_range_number(false, negative)),
     }
 }
 
@@ -333,6 +521,166 @@ mod tests {
                 summary(text.as_bytes()),
                 "request 3 reportEvent p/d",
                 "{text}"
+            );
+        }
+    }
+
+    const REPORT_HEAD: &str = r#"{"version":"1.0","method":"reportProperty","payload":{"productKey":"a1ThermoPK0","deviceName":"thermo-01","properties":[{"identifier":"setpoint","type":"float","value":"#;
+
+    /// A report whose value is `value` (and id 7): it decodes as a request whatever the number;
+    /// the model's checks judge the value.
+    fn report_with(value: &str) -> String {
+        format!(r#"{REPORT_HEAD}{value}}}]}},"messageId":7}}"#)
+    }
+
+    /// The value the decoder gives the number in a report.
+    fn decoded_value(value: &str) -> String {
+        let mut buf = report_with(value).into_bytes();
+        Decoder::new().decode(&mut buf, |r| match r {
+            Ok(Some(Inbound::Request(req))) => {
+                let props = req.payload.get("properties").and_then(|p| p.as_array());
+                let item = props.and_then(|a| a.iter().next()).and_then(Item::parse);
+                let v = item.expect("one item").value;
+                match v.as_f64() {
+                    Some(x) if x.is_nan() => format!("nan {:#x}", x.to_bits()),
+                    _ => format!("{:?}", v.value_type()),
+                }
+            }
+            other => panic!("{value:.30}: {:?}", other.map(|_| ())),
+        })
+    }
+
+    #[test]
+    fn numbers_beyond_64_bits_are_values_not_109007() {
+        // The fast parser refuses each of these; they are JSON all the same.
+        let huge = "9".repeat(60_000);
+        let cases = [
+            ("1e400", out_of_range_number(false, false)),
+            ("-1e400", out_of_range_number(false, true)),
+            ("18446744073709551616", out_of_range_number(true, false)),
+            ("-9223372036854775809", out_of_range_number(true, true)),
+            (huge.as_str(), out_of_range_number(true, false)),
+        ];
+        for (value, want) in cases {
+            let mut fast = report_with(value).into_bytes();
+            assert!(
+                simd_json::to_tape(&mut fast).is_err(),
+                "{value:.30}: the fast parser takes it, so this tests nothing"
+            );
+            assert_eq!(decoded_value(value), format!("nan {:#x}", want.to_bits()));
+        }
+        // What the fast parser takes keeps its node type.
+        assert_eq!(decoded_value("18446744073709551615"), "U64");
+        assert_eq!(decoded_value("1e30"), "F64");
+    }
+
+    #[test]
+    fn a_message_id_beyond_64_bits_is_100001_not_109007() {
+        for id in [
+            "18446744073709551616",
+            "1e400",
+            "-9223372036854775809",
+            &"7".repeat(60_000),
+        ] {
+            let msg = format!(
+                r#"{{"version":"1.0","messageId":{id},"method":"onlineDevice","payload":{{"productKey":"a1ThermoPK0","deviceName":"thermo-01"}}}}"#
+            );
+            assert_eq!(summary(msg.as_bytes()), "reject 0 100001", "{id:.30}");
+            // As the code of a reply it is no code: passed on as Unknown, like 2^32.
+            let reply = format!(r#"{{"code":{id},"messageId":3,"payload":{{}}}}"#);
+            assert_eq!(
+                summary(reply.as_bytes()),
+                "reply 3 100000 payload=true",
+                "{id:.30}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_slow_path_keeps_every_other_value_and_escaped_strings() {
+        // Escapes are unescaped in place by the fast parser before it meets the number: the
+        // slow path must still see the message as sent.
+        let msg = br#"{"version":"1.0","messageId":4294967295,"method":"reportProperty","payload":{"productKey":"a1\"PK\\0","deviceName":"d\u00e9v\n1","properties":[{"identifier":"setpoint","type":"float","value":1e400},{"identifier":"x","type":"int","value":-12},{"identifier":"y","type":2,"value":0.5e-3},{"identifier":"z","type":"bool","value":true}]}}"#;
+        let mut buf = msg.to_vec();
+        let got = Decoder::new().decode(&mut buf, |r| match r {
+            Ok(Some(Inbound::Request(req))) => {
+                let props = req.payload.get("properties").and_then(|p| p.as_array());
+                let items: Vec<String> = props
+                    .into_iter()
+                    .flat_map(|a| a.iter())
+                    .filter_map(Item::parse)
+                    .map(|i| {
+                        format!(
+                            "{}:{}:{:?}",
+                            i.identifier,
+                            i.kind.name(),
+                            i.value.cast_f64()
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{} {} {:?} {:?} {items:?}",
+                    req.id,
+                    req.method.as_str(),
+                    req.product_key,
+                    req.device_name
+                )
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        });
+        assert_eq!(
+            got,
+            r#"4294967295 reportProperty "a1\"PK\\0" "dév\n1" ["setpoint:float:Some(NaN)", "x:int:Some(-12.0)", "y:float:Some(0.0005)", "z:bool:None"]"#
+        );
+    }
+
+    #[test]
+    fn malformed_numbers_and_json_stay_109007_on_the_slow_path() {
+        // Each has a number the fast parser refuses and something else wrong.
+        for bad in [
+            r#"{"messageId":1e400,"a":01}"#,
+            r#"{"messageId":1e400,"a":1.}"#,
+            r#"{"messageId":1e400,"a":-}"#,
+            r#"{"messageId":1e400,"a":1e}"#,
+            r#"{"messageId":1e400,"a":.5}"#,
+            r#"{"messageId":1e400,"a":+1}"#,
+            r#"{"messageId":1e400,"a":1x}"#,
+            r#"{"messageId":1e400,"a":1 2}"#,
+            r#"{"messageId":1e400,"a":[1,]}"#,
+            r#"{"messageId":1e400,"a":"x}"#,
+            r#"{"messageId":1e400,1:2}"#,
+            r#"{"messageId":1e400"#,
+            r#"{"messageId":18446744073709551616,"a":tru}"#,
+            r#"[1e400,NaN]"#,
+            r#"[1e400,Infinity]"#,
+            r#"[1e400,0x10]"#,
+        ] {
+            assert_eq!(summary(bad.as_bytes()), "reject 0 109007", "{bad}");
+        }
+        // A number inside a string is text, whatever it looks like.
+        assert_eq!(
+            summary(br#"{"messageId":1e400,"a":"01 1. -"}"#),
+            "reject 0 100001"
+        );
+    }
+
+    #[test]
+    fn a_60000_digit_number_costs_linear_time() {
+        // 60,000 digits within a 64 KiB frame: quadratic work would be billions of steps.
+        let mut decoder = Decoder::new();
+        for digits in ["9", "1.", "0.0"] {
+            let value = format!("{}{}", digits, "7".repeat(60_000));
+            let msg = report_with(&value);
+            let start = std::time::Instant::now();
+            for _ in 0..10 {
+                let mut buf = msg.clone().into_bytes();
+                let ok = decoder.decode(&mut buf, |r| matches!(r, Ok(Some(Inbound::Request(_)))));
+                assert!(ok, "{digits}");
+            }
+            let per = start.elapsed() / 10;
+            assert!(
+                per < std::time::Duration::from_millis(100),
+                "{digits}: {per:?} per decode"
             );
         }
     }

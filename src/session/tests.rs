@@ -541,6 +541,77 @@ fn c23_bad_reports_forward_nothing() {
     }
 }
 
+/// Numbers no 64-bit value holds are JSON (not 109007): the checks of PROTOCOL.md sections 7
+/// and 11.4 decide. Out of an int, enum, bool, float or double range -> 100007; a float literal
+/// where an integer is wanted -> 109008 (as 2.0 is); a messageId beyond u32 -> 100001, id 0.
+#[test]
+fn numbers_beyond_64_bits_get_the_value_codes_not_109007() {
+    let mut h = Harness::new();
+    h.code_of(&online(1, "thermo-02"));
+    h.take_events();
+    let huge = "9".repeat(60_000);
+    let item = |id: &str, ty: &str, v: &str| {
+        format!(r#"[{{"identifier":"{id}","type":"{ty}","value":{v}}}]"#)
+    };
+    let cases = [
+        (item("setpoint", "float", "1e400"), 100_007),
+        (item("setpoint", "float", "-1e400"), 100_007),
+        (item("setpoint", "float", &huge), 100_007),
+        (item("roomTemp", "double", "1e400"), 100_007),
+        (item("roomTemp", "double", "18446744073709551616"), 100_007),
+        (item("roomTemp", "double", &format!("-{huge}")), 100_007),
+        (item("mode", "enum", "18446744073709551616"), 100_007),
+        (item("power", "bool", "18446744073709551616"), 100_007),
+        (item("week", "array", "[1,18446744073709551616]"), 100_007),
+        (item("week", "array", &format!("[{huge}]")), 100_007),
+        (item("week", "array", "[1e30]"), 109_008),
+        (item("week", "array", "[1e400]"), 109_008),
+        (
+            item("limits", "struct", r#"{"lo":18446744073709551616}"#),
+            100_007,
+        ),
+        (
+            item("limits", "struct", r#"{"lo":-9223372036854775809}"#),
+            100_007,
+        ),
+        (item("limits", "struct", r#"{"lo":1e30}"#), 109_008),
+        (item("label", "text", "1e400"), 109_008),
+        (item("serviced", "date", "18446744073709551616"), 109_008),
+    ];
+    for (items, code) in &cases {
+        let reply = h.request(&report(2, "thermo-02", items));
+        assert_eq!(reply["code"], *code, "{items:.80}");
+        assert_eq!(reply["messageId"], 2, "{items:.80}");
+        assert!(
+            h.take_events().is_empty(),
+            "nothing forwarded for {items:.80}"
+        );
+    }
+    // A good report still goes through after the slow path ran.
+    assert_eq!(
+        h.code_of(&report(3, "thermo-02", &item("setpoint", "float", "21.5"))),
+        0
+    );
+    // messageId beyond u32, beyond 64 bits: 100001 with id 0.
+    for id in ["4294967296", "18446744073709551616", "1e400", huge.as_str()] {
+        let reply = h.request(
+            &online(0, "thermo-02").replace("\"messageId\":0", &format!("\"messageId\":{id}")),
+        );
+        assert_eq!(
+            (reply["code"].as_u64(), reply["messageId"].as_u64()),
+            (Some(100_001), Some(0)),
+            "{id:.30}"
+        );
+    }
+    // Malformed JSON stays 109007.
+    for bad in [
+        r#"{"messageId":1e400,"a":01}"#,
+        r#"{"messageId":1,"a":1e400"#,
+    ] {
+        assert_eq!(h.code_of(bad), 109_007, "{bad}");
+    }
+}
+
 #[test]
 fn c24_c25_c26_value_leniency_and_normalisation() {
     let mut h = Harness::new();

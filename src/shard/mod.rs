@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     pub(crate) spool: Option<Arc<Spool>>,
     /// With the NATS sink: this node's view of the cluster (set once its forwarder started).
     pub(crate) cluster: OnceLock<Arc<Cluster>>,
+    /// The northbound API's connection counters (for `/metrics`).
+    pub(crate) api_stats: crate::api::ApiStats,
 }
 
 impl Shared {
@@ -151,7 +153,11 @@ pub struct ServerOptions {
     /// Shards; at least 1.
     pub threads: usize,
     pub io: IoMode,
+    /// Device connections at once; lowered at start when the open-files limit cannot hold
+    /// them next to the API's connections and the reserve (see [`fd_budget`]).
     pub max_connections: usize,
+    /// The API's `max_connections`: file descriptors the device listener must leave to it.
+    pub api_connections: usize,
     pub log: LogOptions,
     pub batch_max: usize,
     pub flush_delay: Duration,
@@ -194,6 +200,11 @@ pub struct Server {
     pub driver: &'static str,
     /// Why that driver (for the start-up line), e.g. "io_uring refused: Operation not permitted".
     pub driver_reason: String,
+    /// Device connections at once in effect: `max_connections`, or less when the open-files
+    /// limit is lower (then `fd_note` says why).
+    pub max_connections: usize,
+    /// Set when the open-files limit lowered `max_connections`: the reason, for the start line.
+    pub fd_note: Option<String>,
     pub(crate) shared: Arc<Shared>,
     shards: Vec<JoinHandle<io::Result<()>>>,
     forwarder: Option<Forwarders>,
@@ -214,14 +225,38 @@ pub enum StartError {
     Shard(io::Error),
     #[error("cannot start the uplink forwarder: {0}")]
     Forwarder(io::Error),
+    #[error(
+        "the open-files limit {limit} cannot hold api.max_connections = {api_connections} plus \
+         {reserve} reserved descriptors and any device: raise `ulimit -n` or lower \
+         api.max_connections"
+    )]
+    FdLimit {
+        limit: usize,
+        api_connections: usize,
+        reserve: usize,
+    },
 }
 
 impl Server {
     pub fn start(opts: ServerOptions) -> Result<Self, StartError> {
-        if let Err(e) = raise_fd_limit() {
-            eprintln!("ringlink: cannot raise the open-files limit: {e}");
-        }
+        let fd_limit = match raise_fd_limit() {
+            Ok(limit) => limit,
+            Err(e) => {
+                eprintln!("ringlink: cannot raise the open-files limit: {e}");
+                None
+            }
+        };
         let threads = opts.threads.max(1).min(usize::from(u8::MAX));
+        let budget = fd_budget(
+            opts.max_connections,
+            opts.api_connections,
+            threads,
+            fd_limit,
+        )?;
+        if let Some(note) = &budget.note {
+            tracing::warn!("{note}");
+        }
+        let max_connections = budget.max_connections;
         let (driver, driver_reason) = pick_driver(opts.io)?;
         let listeners = bind_listeners(opts.listen, threads, opts.backlog)?;
         let listen_addr = listeners[0]
@@ -266,7 +301,7 @@ impl Server {
             owners: Arc::new(Owners::new(devices)),
             metrics: Arc::new(Metrics::new(threads)),
             shadows: Arc::new(Shadows::new(devices)),
-            max_connections: opts.max_connections,
+            max_connections,
             echo: opts.echo,
             tls: opts.tls,
             batch_max: opts.batch_max,
@@ -280,6 +315,7 @@ impl Server {
             log_stats: LogStats::new(threads),
             spool,
             cluster: OnceLock::new(),
+            api_stats: crate::api::ApiStats::default(),
         });
         let mut shards = Vec::with_capacity(threads);
         let (ready, setups) = std::sync::mpsc::sync_channel(threads);
@@ -352,6 +388,8 @@ impl Server {
             listen_addr,
             driver,
             driver_reason,
+            max_connections,
+            fd_note: budget.note,
             shared,
             shards,
             forwarder,
@@ -431,11 +469,76 @@ impl ShardRun {
     }
 }
 
+/// How many device connections the open-files limit leaves room for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdBudget {
+    /// Device connections at once: the configured cap, or what the limit leaves of it.
+    pub max_connections: usize,
+    /// Why the cap was lowered, when it was.
+    pub note: Option<String>,
+}
+
+/// File descriptors ringlink holds besides device and API connections, per process. Measured
+/// with `ls /proc/PID/fd` on an idle gateway (no sink): 16 (stdio, the API listener, the main
+/// and API threads' runtimes: epoll, eventfds, the signal pipe). The rest is room for what
+/// comes and goes: an external sink's sockets and its forwarder's runtime (about 6), the
+/// registry reload and a TLS certificate re-read (a file at a time), and one descriptor for
+/// accepting a connection that is then refused at the cap.
+pub const FD_RESERVE_BASE: usize = 32;
+/// ... and per shard: measured 6 with epoll (listener, epoll, eventfds, the open log segment)
+/// and 4 with io_uring; 8 leaves room for the next log segment while rotating.
+pub const FD_RESERVE_PER_SHARD: usize = 8;
+
+/// Splits the open-files limit (`None`: unknown, no cap) between the device connections, the
+/// API's and the reserve. The API's share is never given to devices, so that a flood of
+/// device sockets cannot starve `/healthz` and a flood of API sockets cannot refuse devices.
+/// When the limit cannot hold `max_connections` the device cap is lowered to what it can hold
+/// (a warning says so); when it cannot hold the API and the reserve, ringlink refuses to start.
+pub fn fd_budget(
+    max_connections: usize,
+    api_connections: usize,
+    shards: usize,
+    fd_limit: Option<u64>,
+) -> Result<FdBudget, StartError> {
+    let reserve = FD_RESERVE_BASE + FD_RESERVE_PER_SHARD * shards;
+    let Some(limit) = fd_limit else {
+        return Ok(FdBudget {
+            max_connections,
+            note: None,
+        });
+    };
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let room = limit.saturating_sub(api_connections + reserve);
+    if room == 0 {
+        return Err(StartError::FdLimit {
+            limit,
+            api_connections,
+            reserve,
+        });
+    }
+    if room >= max_connections {
+        return Ok(FdBudget {
+            max_connections,
+            note: None,
+        });
+    }
+    Ok(FdBudget {
+        max_connections: room,
+        note: Some(format!(
+            "device connections capped at {room} (limits.max_connections = {max_connections}): \
+             the open-files limit {limit} holds {room} devices + {api_connections} API \
+             connections (api.max_connections) + {reserve} reserved; raise `ulimit -Hn` or \
+             lower a max_connections"
+        )),
+    })
+}
+
 /// Raises the soft limit on open files to the hard limit: every device connection is a socket,
-/// and many systems start processes at a soft limit of 1024.
+/// and many systems start processes at a soft limit of 1024. Returns the soft limit now in
+/// effect (`None`: unlimited).
 // The one libc call ringlink makes directly; no safe wrapper in the dependencies offers it.
 #[allow(unsafe_code)]
-fn raise_fd_limit() -> io::Result<()> {
+fn raise_fd_limit() -> io::Result<Option<u64>> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -451,7 +554,7 @@ fn raise_fd_limit() -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
     }
-    Ok(())
+    Ok((lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur))
 }
 
 /// Chooses the driver; with `Auto`, probes io_uring by creating a small ring the way the
@@ -529,7 +632,7 @@ pub fn log_dir(data_dir: &std::path::Path) -> PathBuf {
 /// closes every connection with 1001, flushes and persists the uplink batches, and returns.
 pub fn serve(
     opts: ServerOptions,
-    api_listen: SocketAddr,
+    api: crate::api::ApiOptions,
     on_ready: impl FnOnce(&Server, &crate::api::Api),
 ) -> Result<(), ServeError> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -547,7 +650,8 @@ pub fn serve(
         })
         .map_err(ServeError::Signal)?;
     let server = Server::start(opts)?;
-    let api = crate::api::Api::start(&server, api_listen).map_err(|source| ServeError::Api {
+    let api_listen = api.listen;
+    let api = crate::api::Api::start(&server, api).map_err(|source| ServeError::Api {
         addr: api_listen,
         source,
     })?;
@@ -574,4 +678,39 @@ pub enum ServeError {
     Signal(io::Error),
     #[error("uplink log at shutdown: {0}")]
     Flush(#[from] UplinkError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_budget_keeps_the_api_share_and_the_reserve_from_devices() {
+        let reserve = FD_RESERVE_BASE + 2 * FD_RESERVE_PER_SHARD;
+        // Room for everything: the cap stands, no note.
+        let b = fd_budget(1_000, 1_024, 2, Some(100_000)).expect("fits");
+        assert_eq!(
+            b,
+            FdBudget {
+                max_connections: 1_000,
+                note: None
+            }
+        );
+        // Unknown (unlimited) limit: the cap stands.
+        assert_eq!(fd_budget(7, 1, 1, None).expect("ok").max_connections, 7);
+        // 20000 open files: devices get what the API and the reserve leave, and a note says so.
+        let b = fd_budget(100_000, 1_024, 2, Some(20_000)).expect("lowered");
+        assert_eq!(b.max_connections, 20_000 - 1_024 - reserve);
+        let note = b.note.expect("note");
+        assert!(
+            note.contains("capped at") && note.contains("20000"),
+            "{note}"
+        );
+        // Exactly full still starts with one device.
+        let b = fd_budget(10, 4, 2, Some((4 + reserve + 1) as u64)).expect("one");
+        assert_eq!(b.max_connections, 1);
+        // No room for a single device: refuse.
+        let e = fd_budget(10, 4, 2, Some((4 + reserve) as u64)).expect_err("refused");
+        assert!(e.to_string().contains("api.max_connections"), "{e}");
+    }
 }

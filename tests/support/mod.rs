@@ -62,9 +62,15 @@ impl Gateway {
         Self::start_full(io, args, env, None)
     }
 
-    /// Starts with the process's open-files limit (soft and hard) set to `fd_limit`.
-    pub fn start_with_fd_limit(io: &str, fd_limit: u32) -> Self {
-        Self::start_full(io, &[], &[], Some(fd_limit))
+    /// Starts with the process's open-files limit (soft and hard) set to `fd_limit`, and extra
+    /// flags and environment variables.
+    pub fn start_with_fd_limit(
+        io: &str,
+        fd_limit: u32,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::start_full(io, args, env, Some(fd_limit))
     }
 
     /// Starts on an existing data directory (a restart after a crash, say).
