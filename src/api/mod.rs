@@ -50,7 +50,7 @@ impl Api {
             let listener = match tokio::net::TcpListener::from_std(std_listener) {
                 Ok(l) => l,
                 Err(e) => {
-                    eprintln!("ringlink: API listener: {e}");
+                    tracing::error!(error = %e, "API listener");
                     return;
                 }
             };
@@ -59,7 +59,7 @@ impl Api {
                 let _ = stopped.await;
             });
             if let Err(e) = served.await {
-                eprintln!("ringlink: API stopped: {e}");
+                tracing::error!(error = %e, "API stopped");
             }
         })?;
         Ok(Self { addr, worker })

@@ -219,7 +219,7 @@ pub enum StartError {
 impl Server {
     pub fn start(opts: ServerOptions) -> Result<Self, StartError> {
         if let Err(e) = raise_fd_limit() {
-            eprintln!("ringlink: cannot raise the open-files limit: {e}");
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
         }
         let threads = opts.threads.max(1).min(usize::from(u8::MAX));
         let (driver, driver_reason) = pick_driver(opts.io)?;
@@ -311,11 +311,11 @@ impl Server {
                     match result {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => {
-                            eprintln!("ringlink: shard {i} stopped: {e}; exiting");
+                            tracing::error!(shard = i, error = %e, "shard stopped; exiting");
                             std::process::exit(70);
                         }
                         Err(_) => {
-                            eprintln!("ringlink: shard {i} panicked; exiting");
+                            tracing::error!(shard = i, "shard panicked; exiting");
                             std::process::exit(70);
                         }
                     }
@@ -380,11 +380,11 @@ impl Server {
             match handle.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    eprintln!("ringlink: shard stopped with an error: {e}");
+                    tracing::error!(error = %e, "shard stopped with an error");
                     result = Err(UplinkError::Closed);
                 }
                 Err(_) => {
-                    eprintln!("ringlink: a shard thread panicked");
+                    tracing::error!("a shard thread panicked");
                     result = Err(UplinkError::Closed);
                 }
             }
