@@ -176,14 +176,39 @@ pub enum UplinkKind {
 pub enum CloseReason {
     /// The peer sent a Close frame.
     PeerClosed(Option<u16>),
-    /// The peer broke RFC 6455; the close frame or HTTP error is in the transmit buffer.
-    Protocol(&'static str),
+    /// The peer broke RFC 6455 (the error's label); the close frame with the code, if any
+    /// (none for a refused upgrade: an HTTP error answers it), is in the transmit buffer.
+    Protocol(&'static str, Option<u16>),
     HandshakeTimeout,
     PongTimeout,
     /// The transport went away (EOF, reset, write error).
     Disconnected,
     /// ringlink is shutting down (close code 1001 sent).
     Shutdown,
+}
+
+impl CloseReason {
+    /// A stable, low-cardinality label for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::PeerClosed(_) => "peer_closed",
+            Self::Protocol(label, _) => label,
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::PongTimeout => "pong_timeout",
+            Self::Disconnected => "disconnected",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
+    /// The close code of the Close frame that ended the connection, the peer's or ours, when
+    /// there was one with a code.
+    pub fn close_code(&self) -> Option<u16> {
+        match self {
+            Self::PeerClosed(code) | Self::Protocol(_, code) => *code,
+            Self::Shutdown => Some(1001),
+            Self::HandshakeTimeout | Self::PongTimeout | Self::Disconnected => None,
+        }
+    }
 }
 
 /// One WebSocket connection's Link protocol state.
@@ -277,7 +302,8 @@ impl Session {
                 }
                 Err(e) => {
                     shard.stats.ws_errors += 1;
-                    self.core.end(CloseReason::Protocol(e.as_str()));
+                    let code = e.close_code().map(u16::from);
+                    self.core.end(CloseReason::Protocol(e.as_str(), code));
                 }
             }
         }
