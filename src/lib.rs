@@ -13,6 +13,8 @@
 //!   only place with sockets, and `shard::mesh` the one crossing point between threads.
 //! - [`api`]: the northbound HTTP API; [`shadow`] and [`metrics`] are what it shows.
 //! - [`config`]: the configuration: defaults, file, environment, flags, one validation.
+//! - [`logging`]: the `tracing` subscriber (filter, text or JSON) and the rate limit of
+//!   repeated warnings.
 //! - [`tls`]: the rustls server configuration from certificate and key files.
 //! - [`mqtt`]: an MQTT 3.1.1 client: a sans-IO codec and client state machine, and a small
 //!   tokio driver (the one place in it with sockets) for the forwarder, loadgen and tests.
@@ -27,6 +29,7 @@
 pub mod alink;
 pub mod api;
 pub mod config;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod mqtt;

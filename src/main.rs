@@ -1,7 +1,6 @@
 //! The `ringlink` command: `serve` (the default), `check`, and the `get`/`set`/`call` clients
 //! of the northbound API. Thin: parsing, loading through `ringlink::config`, printing.
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use ringlink::config::{self, Checked, Config, IoMode, Overrides, SinkKind};
+use ringlink::logging::{self, LogFormat};
 use ringlink::mqtt;
 use ringlink::registry::Registry;
 use ringlink::shard::{ServerOptions, SinkOptions};
@@ -132,6 +132,16 @@ struct ServeArgs {
     /// Autobahn test suite on the real drivers. Not for production.
     #[arg(long, hide = true)]
     echo: bool,
+    /// Which log events to show on stderr, as a filter like RUST_LOG's: a level (error, warn,
+    /// info, debug, trace) or per-module directives, e.g. `warn,ringlink::shard=debug`.
+    /// Default: RUST_LOG, else info. `debug` adds a line per connection and device change.
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+    /// Log lines on stderr as `text` (for people) or `json` (one object per line, for a log
+    /// collector). Default: RINGLINK_LOG_FORMAT, else text. The start line stays as it is,
+    /// on stdout, in both.
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<LogFormat>,
 }
 
 impl ServeArgs {
@@ -190,13 +200,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ringlink: {e:#}");
+            // With JSON logs, `serve` fails through its log (every stderr line is JSON);
+            // otherwise the error is printed as the subcommands print theirs.
+            if logging::installed() == Some(LogFormat::Json) {
+                tracing::error!(error = %format_args!("{e:#}"), "stopped");
+            } else {
+                eprintln!("ringlink: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
 fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let log = logging::LogOptions {
+        filter: args.log.clone(),
+        format: args.log_format,
+    };
+    let format = logging::init(&log).map_err(anyhow::Error::msg)?;
     let Checked {
         config,
         registry,
@@ -205,7 +226,15 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         mqtt_gateway,
     } = Config::check(args.config.as_deref(), std::env::vars(), &args.overrides())
         .context("configuration")?;
-    serve(config, registry, tls, mqtt_tls, mqtt_gateway, args.echo)
+    serve(
+        config,
+        registry,
+        tls,
+        mqtt_tls,
+        mqtt_gateway,
+        args.echo,
+        format,
+    )
 }
 
 /// Runs the gateway until SIGINT/SIGTERM, then drains (see `ringlink::shard::serve`).
@@ -216,6 +245,7 @@ fn serve(
     mqtt_tls: Option<Arc<rustls::ClientConfig>>,
     mqtt_gateway: Option<ringlink::alink::Gateway>,
     echo: bool,
+    log_format: LogFormat,
 ) -> anyhow::Result<()> {
     let devices = registry.len();
     let tls_on = tls.is_some();
@@ -263,6 +293,9 @@ fn serve(
         } else {
             ""
         };
+        // The start line contract (PRODUCT.md): tests/support, loadgen's tests and the
+        // scripts (tests/run.sh, tests/autobahn/run.sh, benches/*.sh) read this exact text from
+        // stdout, so it is printed, not logged, whatever the log format.
         // The open-files limit may have lowered the device cap: say so where it is seen.
         let capped = match &server.fd_note {
             Some(note) => format!("; WARNING: {note}"),
@@ -277,10 +310,22 @@ fn serve(
             server.max_connections,
             api.addr,
         );
+        // A log collector reading the JSON lines gets the same facts as an event.
+        if log_format == LogFormat::Json {
+            tracing::info!(
+                listen = %format_args!("{scheme}://{}", server.listen_addr),
+                tls = tls_on,
+                io = %server.driver,
+                io_reason = %server.driver_reason,
+                threads,
+                devices,
+                api = %format_args!("http://{}", api.addr),
+                echo,
+                "started"
+            );
+        }
     })?;
-    // Whoever read the start line may be gone by now (a closed pipe): that must not turn a
-    // clean drain into a panic.
-    let _ = writeln!(std::io::stdout(), "ringlink: drained, uplinks flushed, bye");
+    tracing::info!("drained, uplinks flushed, bye");
     Ok(())
 }
 

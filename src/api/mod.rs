@@ -95,7 +95,7 @@ impl Api {
             let listener = match TcpListener::from_std(std_listener) {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::error!("API listener: {e}");
+                    tracing::error!(error = %e, "API listener");
                     return;
                 }
             };

@@ -181,8 +181,9 @@ pub enum UplinkKind {
 pub enum CloseReason {
     /// The peer sent a Close frame.
     PeerClosed(Option<u16>),
-    /// The peer broke RFC 6455; the close frame or HTTP error is in the transmit buffer.
-    Protocol(&'static str),
+    /// The peer broke RFC 6455 (the error's label); the close frame with the code, if any
+    /// (none for a refused upgrade: an HTTP error answers it), is in the transmit buffer.
+    Protocol(&'static str, Option<u16>),
     HandshakeTimeout,
     PongTimeout,
     /// A started data message did not complete within the message timeout (close code 1008).
@@ -209,12 +210,36 @@ impl CloseReason {
     pub fn index(&self) -> usize {
         match self {
             Self::PeerClosed(_) => 0,
-            Self::Protocol(_) => 1,
+            Self::Protocol(..) => 1,
             Self::HandshakeTimeout => 2,
             Self::PongTimeout => 3,
             Self::MessageTimeout => 4,
             Self::Disconnected => 5,
             Self::Shutdown => 6,
+        }
+    }
+
+    /// A stable, low-cardinality label for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::PeerClosed(_) => "peer_closed",
+            Self::Protocol(label, _) => label,
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::PongTimeout => "pong_timeout",
+            Self::MessageTimeout => "message_timeout",
+            Self::Disconnected => "disconnected",
+            Self::Shutdown => "shutdown",
+        }
+    }
+
+    /// The close code of the Close frame that ended the connection, the peer's or ours, when
+    /// there was one with a code.
+    pub fn close_code(&self) -> Option<u16> {
+        match self {
+            Self::PeerClosed(code) | Self::Protocol(_, code) => *code,
+            Self::Shutdown => Some(1001),
+            Self::MessageTimeout => Some(1008),
+            Self::HandshakeTimeout | Self::PongTimeout | Self::Disconnected => None,
         }
     }
 }
@@ -315,7 +340,8 @@ impl Session {
                 }
                 Err(e) => {
                     shard.stats.ws_errors += 1;
-                    self.core.end(CloseReason::Protocol(e.as_str()));
+                    let code = e.close_code().map(u16::from);
+                    self.core.end(CloseReason::Protocol(e.as_str(), code));
                 }
             }
         }

@@ -31,6 +31,13 @@
 //!
 //! Time: `now: Instant` is passed into every call; uplink records carry wall-clock
 //! milliseconds derived from the last [`ShardCore::set_wall_clock`] and `now`.
+//!
+//! Logs: the core emits `tracing` events (a side effect that changes none of its state), so
+//! both drivers log alike. A connection's debug events (accepted, closed with its reason and
+//! close code, device online, offline, taken over) are emitted inside a `conn` span with its
+//! `shard`, `slot` and `peer` (and `device`, for a device's). No span is kept per connection:
+//! one is built around an event only after the `debug` level check passed, so with debug off a
+//! connection costs no byte and no time more (see [`crate::logging`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -39,7 +46,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
+use tracing::Level;
 
+use crate::logging::RateLimit;
 use crate::metrics::Metrics;
 use crate::protocol::Code;
 use crate::registry::{ConnRef, DeviceId, Owners, Registry};
@@ -280,6 +289,8 @@ pub(crate) struct ShardCore<D, R> {
     /// When this shard publishes its counters next, if they changed.
     next_publish: Instant,
     stats_dirty: bool,
+    /// Connections refused at `max_connections` come in floods.
+    refused_warn: RateLimit,
 }
 
 impl<D, R> ShardCore<D, R> {
@@ -307,6 +318,7 @@ impl<D, R> ShardCore<D, R> {
             wall_anchor: (now, wall_ms),
             next_publish: now,
             stats_dirty: false,
+            refused_warn: RateLimit::warnings(),
         }
     }
 
@@ -338,6 +350,15 @@ impl<D, R> ShardCore<D, R> {
         if open as usize >= self.env.max_connections || self.conns.len() >= ConnRef::MAX_SLOT {
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
             m.connections_rejected.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = self.refused_warn.allow(now) {
+                tracing::warn!(
+                    shard = self.id,
+                    peer = %peer,
+                    max_connections = self.env.max_connections,
+                    suppressed,
+                    "connection refused: at max_connections"
+                );
+            }
             return None;
         }
         m.connections_accepted.fetch_add(1, Ordering::Relaxed);
@@ -372,6 +393,10 @@ impl<D, R> ShardCore<D, R> {
             flagged: false,
             io,
         }));
+        if tracing::enabled!(Level::DEBUG) {
+            let _in = self.conn_span(slot, None).entered();
+            tracing::debug!(tls = self.env.tls.is_some(), "connection accepted");
+        }
         self.after(slot, now);
         Some(slot)
     }
@@ -490,6 +515,18 @@ impl<D, R> ShardCore<D, R> {
             session.handle_disconnect();
         }
         self.drain_events(slot, now);
+        if tracing::enabled!(Level::DEBUG) {
+            let c = &self.conns[slot];
+            let (reason, code) = match &c.machine {
+                _ if c.tls.as_ref().is_some_and(|t| t.failed) => ("tls_error", None),
+                Machine::Link(s) => s
+                    .close_reason()
+                    .map_or(("disconnected", None), |r| (r.as_str(), r.close_code())),
+                Machine::Echo(_) => ("echo_closed", None),
+            };
+            let _in = self.conn_span(slot, None).entered();
+            tracing::debug!(reason, code, "connection closed");
+        }
         let conn = self.conns.remove(slot);
         if let Some(t) = conn.timer {
             self.timers.remove(&(t, slot));
@@ -554,6 +591,7 @@ impl<D, R> ShardCore<D, R> {
         match msg {
             ShardMsg::TakenOver { conn, device } => {
                 if let Some(slot) = self.live_slot(conn) {
+                    self.debug_taken_over(slot, device);
                     if let Some(s) = self.conns[slot].machine.link() {
                         s.handle_taken_over(device);
                     }
@@ -762,7 +800,19 @@ impl<D, R> ShardCore<D, R> {
             };
             match event {
                 Event::Online { device, ack } => {
-                    if let Some(previous) = self.env.owners.claim(device, me) {
+                    let previous = self.env.owners.claim(device, me);
+                    if tracing::enabled!(Level::DEBUG) {
+                        let _in = self.conn_span(slot, Some(device)).entered();
+                        match previous {
+                            Some(p) => tracing::debug!(
+                                previous_shard = p.shard(),
+                                previous_slot = p.slot(),
+                                "device online, taken over from another connection"
+                            ),
+                            None => tracing::debug!("device online"),
+                        }
+                    }
+                    if let Some(previous) = previous {
                         self.taken_over(previous, device);
                     }
                     self.env.shadows.online(device, peer, wall);
@@ -775,7 +825,16 @@ impl<D, R> ShardCore<D, R> {
                     self.push_record(device, wall, RecordBody::Online { peer }, ack, now);
                 }
                 Event::Offline { device, ack } => {
-                    if self.env.owners.release(device, me) {
+                    let released = self.env.owners.release(device, me);
+                    if tracing::enabled!(Level::DEBUG) {
+                        let _in = self.conn_span(slot, Some(device)).entered();
+                        if released {
+                            tracing::debug!("device offline");
+                        } else {
+                            tracing::debug!("device offline here, online on another connection");
+                        }
+                    }
+                    if released {
                         self.env.shadows.offline(device, wall);
                         self.state.stats.uplinks[3] += 1;
                         let ack = ack.map(|token| AckRef {
@@ -838,6 +897,7 @@ impl<D, R> ShardCore<D, R> {
                 msg,
             });
         } else if let Some(old) = self.live_slot(previous) {
+            self.debug_taken_over(old, device);
             if let Some(s) = self.conns[old].machine.link() {
                 s.handle_taken_over(device);
             }
@@ -890,6 +950,35 @@ impl<D, R> ShardCore<D, R> {
             reply: w.reply,
             outcome,
         });
+    }
+
+    /// The `conn` span of `slot` (and `device`) for the events about to be emitted; built only
+    /// after a `debug` level check, never kept (see the module docs).
+    fn conn_span(&self, slot: usize, device: Option<DeviceId>) -> tracing::Span {
+        let Some(c) = self.conns.get(slot) else {
+            return tracing::Span::none();
+        };
+        let span = tracing::debug_span!(
+            "conn",
+            shard = self.id,
+            slot,
+            peer = %c.peer,
+            device = tracing::field::Empty
+        );
+        if let Some(d) = device {
+            let r = self.env.registry();
+            let name = format!("{}/{}", r.product_key(d), r.device_name(d));
+            span.record("device", tracing::field::display(&name));
+        }
+        span
+    }
+
+    /// On the connection that loses `device` to another one.
+    fn debug_taken_over(&self, slot: usize, device: DeviceId) {
+        if tracing::enabled!(Level::DEBUG) {
+            let _in = self.conn_span(slot, Some(device)).entered();
+            tracing::debug!("device taken over by another connection");
+        }
     }
 
     /// The slot of `conn` if that connection is still open on this shard.

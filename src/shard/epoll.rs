@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::logging::RateLimit;
 use crate::shard::core::{Action, Commit, ShardCore, ShardMsg};
 use crate::shard::mesh::{Msg, Reply};
 use crate::shard::partition::ShardLog;
@@ -47,6 +48,8 @@ struct Local {
     read_buf: RefCell<Vec<u8>>,
     /// Scratch list of ready slots.
     ready: RefCell<Vec<usize>>,
+    /// Accept errors come in floods (out of descriptors): a few lines, then a count.
+    accept_warn: RefCell<RateLimit>,
 }
 
 impl Local {
@@ -135,6 +138,7 @@ pub(crate) fn run(run: ShardRun) -> io::Result<()> {
             wakers: ShardWakers::default(),
             read_buf: RefCell::new(vec![0; read_buf_bytes]),
             ready: RefCell::new(Vec::new()),
+            accept_warn: RefCell::new(RateLimit::warnings()),
         });
         spawn_local(timers(Rc::clone(&local)));
         spawn_local(flusher(Rc::clone(&local)));
@@ -172,7 +176,7 @@ async fn accept(local: Rc<Local>, listener: tokio::net::TcpListener) {
                 local.after_core_call();
             }
             Err(e) => {
-                accept_backoff(&local.shared, &e).await;
+                accept_backoff(&local, &e).await;
             }
         }
     }
@@ -316,10 +320,8 @@ fn append(local: &Rc<Local>, commit: Commit) {
     };
     let written = ShardLog::write(&p, &commit);
     if written.is_err() || !p.sync {
+        // `complete` logs a failure (rate-limited).
         let result = local.log.borrow_mut().complete(p, &commit, written);
-        if let Err(e) = &result {
-            eprintln!("ringlink: uplink log: {e}");
-        }
         let mut core = local.core.borrow_mut();
         return core.committed(commit, result, Instant::now());
     }
@@ -330,9 +332,6 @@ fn append(local: &Rc<Local>, commit: Commit) {
             .await
             .unwrap_or_else(|e| Err(io::Error::other(e)));
         let result = local.log.borrow_mut().complete(p, &commit, synced);
-        if let Err(e) = &result {
-            eprintln!("ringlink: uplink log: {e}");
-        }
         local
             .core
             .borrow_mut()
@@ -414,8 +413,8 @@ async fn timers(local: Rc<Local>) {
 
 /// After a failed accept: count it, and back off when the process is out of descriptors (the
 /// connection stays in the backlog; accepting again at once would spin).
-async fn accept_backoff(shared: &Shared, e: &io::Error) {
-    let metrics = &shared.env.metrics;
+async fn accept_backoff(local: &Local, e: &io::Error) {
+    let metrics = &local.shared.env.metrics;
     metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
     let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
     let pause = if out_of_fds {
@@ -424,8 +423,17 @@ async fn accept_backoff(shared: &Shared, e: &io::Error) {
         Duration::from_millis(5)
     };
     let n = metrics.accept_errors.load(Ordering::Relaxed);
-    if n.is_power_of_two() {
-        eprintln!("ringlink: accept failed ({e}); {n} accept errors so far, backing off {pause:?}");
+    let allowed = local.accept_warn.borrow_mut().allow(Instant::now());
+    if let Some(suppressed) = allowed {
+        let shard = local.core.borrow().id;
+        tracing::warn!(
+            shard,
+            error = %e,
+            total = n,
+            suppressed,
+            backoff_ms = pause.as_millis() as u64,
+            "accept failed"
+        );
     }
     tokio::time::sleep(pause).await;
 }

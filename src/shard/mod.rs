@@ -242,7 +242,7 @@ impl Server {
         let fd_limit = match raise_fd_limit() {
             Ok(limit) => limit,
             Err(e) => {
-                eprintln!("ringlink: cannot raise the open-files limit: {e}");
+                tracing::warn!(error = %e, "cannot raise the open-files limit");
                 None
             }
         };
@@ -347,11 +347,11 @@ impl Server {
                     match result {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => {
-                            eprintln!("ringlink: shard {i} stopped: {e}; exiting");
+                            tracing::error!(shard = i, error = %e, "shard stopped; exiting");
                             std::process::exit(70);
                         }
                         Err(_) => {
-                            eprintln!("ringlink: shard {i} panicked; exiting");
+                            tracing::error!(shard = i, "shard panicked; exiting");
                             std::process::exit(70);
                         }
                     }
@@ -418,11 +418,11 @@ impl Server {
             match handle.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    eprintln!("ringlink: shard stopped with an error: {e}");
+                    tracing::error!(error = %e, "shard stopped with an error");
                     result = Err(UplinkError::Closed);
                 }
                 Err(_) => {
-                    eprintln!("ringlink: a shard thread panicked");
+                    tracing::error!("a shard thread panicked");
                     result = Err(UplinkError::Closed);
                 }
             }

@@ -11,7 +11,9 @@
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
+use crate::logging::RateLimit;
 use crate::shard::core::Commit;
 use crate::shard::Shared;
 use crate::uplink::{LocalLog, Prepared, UplinkError};
@@ -22,6 +24,8 @@ pub(crate) struct ShardLog {
     shared: Arc<Shared>,
     /// The last commit was refused for a full spool (and that was said).
     spool_full: bool,
+    /// Log errors repeat with every commit while a disk is full or failing.
+    warn_limit: RateLimit,
 }
 
 impl ShardLog {
@@ -31,6 +35,7 @@ impl ShardLog {
             shard,
             shared,
             spool_full: false,
+            warn_limit: RateLimit::warnings(),
         };
         s.publish_bytes();
         s
@@ -58,8 +63,9 @@ impl ShardLog {
     ) -> Result<(), UplinkError> {
         let result = self.log.complete(p, result);
         self.count(commit, &result);
-        if result.is_ok() {
-            self.spool_full = false;
+        match &result {
+            Ok(()) => self.spool_full = false,
+            Err(e) => self.warn(e),
         }
         if let (Ok(()), Some(spool)) = (&result, &self.shared.spool) {
             spool.commits.notify_one();
@@ -67,8 +73,8 @@ impl ShardLog {
         result
     }
 
-    /// A commit that failed before it was written (prepare refused it): counted, and said on
-    /// stderr (a full spool once per episode, not once per refused commit).
+    /// A commit that failed before it was written (prepare refused it): counted, and logged (a
+    /// full spool once per episode, not once per refused commit, and episodes rate-limited).
     pub(crate) fn failed(&mut self, commit: &Commit, e: &UplinkError) {
         let full = matches!(e, UplinkError::SpoolFull { .. });
         if full {
@@ -78,10 +84,18 @@ impl ShardLog {
                 .fetch_add(1, Ordering::Relaxed);
         }
         if !(full && self.spool_full) {
-            eprintln!("ringlink: uplink log: {e}");
+            self.warn(e);
         }
         self.spool_full = full;
         self.count::<(), ()>(commit, &Err(()));
+    }
+
+    /// A failed commit, at most a few lines per interval (the clock is read here, in the
+    /// driver's thread, only when there is an error to tell).
+    fn warn(&mut self, e: &UplinkError) {
+        if let Some(suppressed) = self.warn_limit.allow(Instant::now()) {
+            tracing::warn!(shard = self.shard, error = %e, suppressed, "uplink log: commit failed");
+        }
     }
 
     fn count<T, E>(&self, commit: &Commit, result: &Result<T, E>) {

@@ -31,6 +31,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use crate::logging::RateLimit;
 use crate::shard::core::{Action, Commit, ShardCore};
 use crate::shard::mesh::Reply;
 use crate::shard::partition::ShardLog;
@@ -106,6 +107,7 @@ pub(crate) fn run(run: ShardRun) -> io::Result<()> {
         ready: Vec::new(),
         writing: None,
         spare_sends: Vec::new(),
+        accept_warn: RateLimit::warnings(),
     };
     // Messages sent before the wake function was registered.
     d.drain_inbox(Instant::now());
@@ -147,6 +149,8 @@ struct Driver {
     /// The commit whose fdatasync is on the ring.
     writing: Option<(Prepared, Commit)>,
     spare_sends: Vec<Vec<u8>>,
+    /// Accept errors come in floods (out of descriptors): a few lines, then a count.
+    accept_warn: RateLimit,
 }
 
 impl Driver {
@@ -215,8 +219,14 @@ impl Driver {
                     .accept_errors
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                     + 1;
-                if n.is_power_of_two() {
-                    eprintln!("ringlink: accept failed ({e}); {n} accept errors so far");
+                if let Some(suppressed) = self.accept_warn.allow(now) {
+                    tracing::warn!(
+                        shard = self.core.id,
+                        error = %e,
+                        total = n,
+                        suppressed,
+                        "accept failed"
+                    );
                 }
             }
             Completion::Written {
@@ -381,10 +391,8 @@ impl Driver {
     }
 
     fn finish(&mut self, p: Prepared, commit: Commit, result: io::Result<()>, now: Instant) {
+        // `complete` logs a failure (rate-limited).
         let result: Result<(), UplinkError> = self.log.complete(p, &commit, result);
-        if let Err(e) = &result {
-            eprintln!("ringlink: uplink log: {e}");
-        }
         self.core.committed(commit, result, now);
     }
 }

@@ -21,9 +21,11 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
+use crate::logging::RateLimit;
 use crate::uplink::Marks;
 
 /// What the shards and the forwarder of an external sink share.
@@ -34,6 +36,8 @@ pub struct Spool {
     /// Notified after every commit, so that an idle forwarder picks new records up at once.
     pub commits: Notify,
     pub stats: SinkStats,
+    /// Problems a forwarder has with the local log repeat at every turn while they last.
+    log_warn: Mutex<RateLimit>,
 }
 
 impl Spool {
@@ -42,6 +46,19 @@ impl Spool {
             partitions,
             commits: Notify::new(),
             stats: SinkStats::default(),
+            log_warn: Mutex::new(RateLimit::warnings()),
+        }
+    }
+
+    /// Logs a forwarder's problem with the local log (`what`: "cannot read the log", ...) as
+    /// a warning, at most a few per interval.
+    pub(crate) fn warn_log(&self, sink: &'static str, what: &str, error: &dyn std::fmt::Display) {
+        let allowed = match self.log_warn.lock() {
+            Ok(mut limit) => limit.allow(Instant::now()),
+            Err(_) => Some(0),
+        };
+        if let Some(suppressed) = allowed {
+            tracing::warn!(sink, error = %error, suppressed, "{what}");
         }
     }
 

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::alink;
+use crate::logging::RateLimit;
 use crate::mqtt::{self, BrokerUrl, Client, Connection, Event, PublishError, QoS, Step};
 use crate::protocol::Code;
 use crate::shard::{unix_ms, Shared};
@@ -140,6 +141,8 @@ struct Run {
     backlog: Backlog,
     resent_base: u64,
     dial_error: Option<String>,
+    /// Refused connections and records that cannot be published repeat while they last.
+    warn_limit: RateLimit,
 }
 
 impl Run {
@@ -168,6 +171,7 @@ impl Run {
             backlog,
             resent_base: 0,
             dial_error: None,
+            warn_limit: RateLimit::warnings(),
             opts,
         }
     }
@@ -187,7 +191,7 @@ impl Run {
             .map(|f| (f.as_str(), QoS::AtLeastOnce))
             .collect();
         if let Err(e) = conn.client().subscribe(&filters) {
-            eprintln!("ringlink: mqtt: cannot subscribe to the downlink topics: {e}");
+            tracing::warn!(sink = "mqtt", error = %e, "cannot subscribe to the downlink topics");
         }
         let mut stopping: Option<Instant> = None;
         let mut next_tick = Instant::now() + TICK;
@@ -224,9 +228,12 @@ impl Run {
                 Step::DialFailed(e) => {
                     let e = e.to_string();
                     if self.dial_error.as_ref() != Some(&e) {
-                        eprintln!(
-                            "ringlink: mqtt: cannot reach {}: {e} (spooling, retrying)",
-                            self.opts.url
+                        // Once per distinct error while the broker stays unreachable.
+                        tracing::warn!(
+                            sink = "mqtt",
+                            url = %self.opts.url,
+                            error = %e,
+                            "cannot reach the broker (spooling, retrying)"
                         );
                         self.dial_error = Some(e);
                     }
@@ -246,7 +253,17 @@ impl Run {
             match client.publish(&r.topic, &r.body, qos, REPLY_TAG) {
                 Ok(()) => {}
                 Err(PublishError::Full | PublishError::NotConnected) => break,
-                Err(e) => eprintln!("ringlink: mqtt: reply to {} dropped: {e}", r.topic),
+                Err(e) => {
+                    if let Some(suppressed) = self.warn_limit.allow(now) {
+                        tracing::warn!(
+                            sink = "mqtt",
+                            topic = %r.topic,
+                            error = %e,
+                            suppressed,
+                            "reply dropped"
+                        );
+                    }
+                }
             }
             self.replies.pop_front();
         }
@@ -283,7 +300,7 @@ impl Run {
                             Err(e) => {
                                 // Never expected: the shards wrote the line.
                                 self.spool.stats.bad_records.fetch_add(1, Ordering::Relaxed);
-                                eprintln!("ringlink: mqtt: skipped a log record: {e}");
+                                self.spool.warn_log("mqtt", "skipped a log record", &e);
                                 self.outbox.ack(tag);
                                 continue;
                             }
@@ -295,7 +312,7 @@ impl Run {
                         return None;
                     }
                     Err(e) => {
-                        eprintln!("ringlink: mqtt: cannot read the log: {e}");
+                        self.spool.warn_log("mqtt", "cannot read the log", &e);
                         self.dry = true;
                         return None;
                     }
@@ -321,7 +338,15 @@ impl Run {
                 Err(e) => {
                     // A device name that cannot be a topic (a wildcard in it) or a record too
                     // big for MQTT: it can never be published; skip it rather than wedge.
-                    eprintln!("ringlink: mqtt: record for {topic} skipped: {e}");
+                    if let Some(suppressed) = self.warn_limit.allow(Instant::now()) {
+                        tracing::warn!(
+                            sink = "mqtt",
+                            topic = %topic,
+                            error = %e,
+                            suppressed,
+                            "record skipped: it cannot be published"
+                        );
+                    }
                     self.spool.stats.bad_records.fetch_add(1, Ordering::Relaxed);
                     self.outbox.ack(tag);
                 }
@@ -338,7 +363,7 @@ impl Run {
                 stats.connects.fetch_add(1, Ordering::Relaxed);
                 let first = stats.connects.load(Ordering::Relaxed) == 1;
                 if self.dial_error.take().is_some() || first {
-                    eprintln!("ringlink: mqtt: connected to {}", self.opts.url);
+                    tracing::info!(sink = "mqtt", url = %self.opts.url, "connected");
                 }
                 if first {
                     self.topo_add();
@@ -351,17 +376,24 @@ impl Run {
             }
             Event::Refused { code } => {
                 stats.disconnects.fetch_add(1, Ordering::Relaxed);
-                eprintln!(
-                    "ringlink: mqtt: {} refused the connection: {code}",
-                    self.opts.url
-                );
+                if let Some(suppressed) = self.warn_limit.allow(Instant::now()) {
+                    tracing::warn!(
+                        sink = "mqtt",
+                        url = %self.opts.url,
+                        code = %code,
+                        suppressed,
+                        "the broker refused the connection"
+                    );
+                }
             }
             Event::Lost(why) => {
                 if stats.connected.swap(false, Ordering::Relaxed) {
                     stats.disconnects.fetch_add(1, Ordering::Relaxed);
-                    eprintln!(
-                        "ringlink: mqtt: connection to {} lost: {why} (spooling)",
-                        self.opts.url
+                    tracing::warn!(
+                        sink = "mqtt",
+                        url = %self.opts.url,
+                        error = %why,
+                        "connection to the broker lost (spooling)"
                     );
                 }
             }
@@ -373,8 +405,10 @@ impl Run {
             Event::Subscribed { granted } => {
                 let refused = granted.iter().filter(|g| g.is_none()).count();
                 if refused > 0 {
-                    eprintln!(
-                        "ringlink: mqtt: the broker refused {refused} downlink subscription(s)"
+                    tracing::warn!(
+                        sink = "mqtt",
+                        refused,
+                        "the broker refused downlink subscriptions"
                     );
                 }
             }
@@ -457,7 +491,8 @@ impl Run {
     /// Stores moved cursors and updates the gauges.
     fn tick(&mut self, client: &mut Client) {
         if let Err(e) = self.outbox.store_cursors() {
-            eprintln!("ringlink: mqtt: cannot store the forwarding cursor: {e}");
+            self.spool
+                .warn_log("mqtt", "cannot store the forwarding cursor", &e);
         }
         let stats = &self.spool.stats;
         stats

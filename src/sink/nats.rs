@@ -41,6 +41,7 @@ use futures_util::{Future, StreamExt};
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
+use crate::logging::RateLimit;
 use crate::protocol::Code;
 use crate::registry::DeviceId;
 use crate::session::{DownlinkRequest, Outcome};
@@ -342,11 +343,19 @@ async fn run(
     let backlog = Backlog::new(&outbox, shared.log_stats.records.load(Ordering::Relaxed));
     tick(&mut outbox, &shared, &spool, &backlog, 0);
     // The stream and buckets; NATS may not be there yet: retried until it is.
+    let mut down = RateLimit::warnings();
     let (owners, nodes) = loop {
         match setup(&js, &opts).await {
             Ok(b) => break b,
             Err(e) => {
-                eprintln!("ringlink: nats: setting up stream and buckets: {e} (retrying)");
+                if let Some(suppressed) = down.allow(Instant::now()) {
+                    tracing::warn!(
+                        sink = "nats",
+                        error = %e,
+                        suppressed,
+                        "setting up stream and buckets failed (retrying)"
+                    );
+                }
                 tokio::select! {
                     _ = &mut stop => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -429,8 +438,13 @@ async fn run(
                     }
                 }
                 Err(e) => {
+                    // Once per outage (the retry queue empties when NATS is back).
                     if retry.is_empty() {
-                        eprintln!("ringlink: nats: publish failed: {e} (spooling, retrying)");
+                        tracing::warn!(
+                            sink = "nats",
+                            error = %e,
+                            "publish failed (spooling, retrying)"
+                        );
                     }
                     cluster.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
                     retry.push_back(item);
@@ -510,7 +524,7 @@ fn next_record(
             Ok(Some(t)) => t,
             Ok(None) => return None,
             Err(e) => {
-                eprintln!("ringlink: nats: cannot read the log: {e}");
+                spool.warn_log("nats", "cannot read the log", &e);
                 return None;
             }
         };
@@ -519,7 +533,7 @@ fn next_record(
             Ok(r) => r,
             Err(e) => {
                 spool.stats.bad_records.fetch_add(1, Ordering::Relaxed);
-                eprintln!("ringlink: nats: skipped a log record: {e}");
+                spool.warn_log("nats", "skipped a log record", &e);
                 outbox.ack(tag);
                 continue;
             }
@@ -581,7 +595,7 @@ fn publish(js: jetstream::Context, item: InFlight) -> AckFuture {
 /// Stores moved cursors and updates the gauges.
 fn tick(outbox: &mut Outbox, shared: &Shared, spool: &Spool, backlog: &Backlog, inflight: usize) {
     if let Err(e) = outbox.store_cursors() {
-        eprintln!("ringlink: nats: cannot store the forwarding cursor: {e}");
+        spool.warn_log("nats", "cannot store the forwarding cursor", &e);
     }
     let stats = &spool.stats;
     stats.inflight.store(inflight as u64, Ordering::Relaxed);
@@ -641,6 +655,7 @@ async fn write_owners(
     cluster: Arc<Cluster>,
 ) {
     let mut mine: HashMap<String, u64> = HashMap::new();
+    let mut down = RateLimit::warnings();
     while let Some(op) = ops.recv().await {
         loop {
             let done = match &op {
@@ -670,7 +685,14 @@ async fn write_owners(
                 Ok(()) => break,
                 Err(e) => {
                     cluster.stats.kv_errors.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("ringlink: nats: ownership bucket: {e} (retrying)");
+                    if let Some(suppressed) = down.allow(Instant::now()) {
+                        tracing::warn!(
+                            sink = "nats",
+                            error = %e,
+                            suppressed,
+                            "writing the ownership bucket failed (retrying)"
+                        );
+                    }
                     tokio::time::sleep(RETRY).await;
                 }
             }
@@ -681,12 +703,20 @@ async fn write_owners(
 /// Keeps the cluster's view of ownership, and hands a device over when it came online on
 /// another node after it came online here.
 async fn watch_owners(store: kv::Store, shared: Arc<Shared>, cluster: Arc<Cluster>) {
+    let mut down = RateLimit::warnings();
     loop {
         // With history: the current owner of every device first, then changes.
         let mut watch = match store.watch_with_history(">").await {
             Ok(w) => w,
             Err(e) => {
-                eprintln!("ringlink: nats: watching the ownership bucket: {e} (retrying)");
+                if let Some(suppressed) = down.allow(Instant::now()) {
+                    tracing::warn!(
+                        sink = "nats",
+                        error = %e,
+                        suppressed,
+                        "watching the ownership bucket failed (retrying)"
+                    );
+                }
                 tokio::time::sleep(RETRY).await;
                 continue;
             }
@@ -764,11 +794,14 @@ async fn heartbeat(store: kv::Store, cluster: Arc<Cluster>, timeout: Duration) {
         }
     });
     let every = timeout / 4;
+    let mut down = RateLimit::warnings();
     loop {
         let now = unix_ms();
         if let Err(e) = store.put(&cluster.node, Bytes::from(now.to_string())).await {
             cluster.stats.kv_errors.fetch_add(1, Ordering::Relaxed);
-            eprintln!("ringlink: nats: heartbeat: {e}");
+            if let Some(suppressed) = down.allow(Instant::now()) {
+                tracing::warn!(sink = "nats", error = %e, suppressed, "heartbeat failed");
+            }
         }
         if let Ok(alive) = cluster.alive.lock() {
             let n = alive
@@ -786,13 +819,21 @@ async fn heartbeat(store: kv::Store, cluster: Arc<Cluster>, timeout: Duration) {
 async fn serve_downlinks(client: Client, shared: Arc<Shared>, cluster: Arc<Cluster>) {
     let public = format!("{}.down.>", cluster.prefix);
     let own = format!("{}.node.{}.down.>", cluster.prefix, cluster.node);
+    let mut down = RateLimit::warnings();
     let subs = loop {
         let a = client.queue_subscribe(public.clone(), QUEUE.into()).await;
         let b = client.subscribe(own.clone()).await;
         match (a, b) {
             (Ok(a), Ok(b)) => break futures_util::stream::select(a, b),
             (Err(e), _) | (_, Err(e)) => {
-                eprintln!("ringlink: nats: subscribing to downlinks: {e} (retrying)");
+                if let Some(suppressed) = down.allow(Instant::now()) {
+                    tracing::warn!(
+                        sink = "nats",
+                        error = %e,
+                        suppressed,
+                        "subscribing to downlinks failed (retrying)"
+                    );
+                }
                 tokio::time::sleep(RETRY).await;
             }
         }
