@@ -12,6 +12,7 @@
 //!   group commit) under a driver (a hand-written io_uring loop, or epoll); the drivers are the
 //!   only place with sockets, and `shard::mesh` the one crossing point between threads.
 //! - [`api`]: the northbound HTTP API; [`shadow`] and [`metrics`] are what it shows.
+//! - [`limits`]: message rate, accept pacing, connections per IP, flapping. Sans-IO.
 //! - [`config`]: the configuration: defaults, file, environment, flags, one validation.
 //! - [`tls`]: the rustls server configuration from certificate and key files.
 //! - [`mqtt`]: an MQTT 3.1.1 client: a sans-IO codec and client state machine, and a small
@@ -27,6 +28,7 @@
 pub mod alink;
 pub mod api;
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod mqtt;
