@@ -68,6 +68,16 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// A bucket whose theoretical arrival time is `tat` (`None`: full), for callers that keep
+    /// the instant in a field of their own.
+    pub fn at(tat: Option<Instant>) -> Self {
+        Self { tat }
+    }
+
+    pub fn tat(&self) -> Option<Instant> {
+        self.tat
+    }
+
     /// Counts one message at `now`. Returns the instant until which the next message would be
     /// over `rate` (the caller stops reading until then), or `None` while there is room.
     /// Messages counted while paused (already read) push that instant further: a debt.
@@ -79,8 +89,12 @@ impl Bucket {
 
     /// When reading may resume, if it may not now.
     pub fn resume_at(&self, rate: &Rate, now: Instant) -> Option<Instant> {
-        let until = self.tat?.checked_sub(rate.slack())?;
-        (until > now).then_some(until)
+        self.refilled_at(rate).filter(|&until| until > now)
+    }
+
+    /// When the bucket has room for one more message (`None`: it always had; may be past).
+    pub fn refilled_at(&self, rate: &Rate) -> Option<Instant> {
+        self.tat?.checked_sub(rate.slack())
     }
 }
 
@@ -437,7 +451,10 @@ mod tests {
         }
         let f = Flapping::new(None);
         for _ in 0..100 {
-            assert_eq!(f.online(DeviceId::for_tests(1), Instant::now()), Verdict::Admit);
+            assert_eq!(
+                f.online(DeviceId::for_tests(1), Instant::now()),
+                Verdict::Admit
+            );
         }
     }
 

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use simd_json::prelude::*;
 
+use crate::limits::{Bucket, Rate};
 use crate::model::{DataType, Json, ThingModel, ValueStyle};
 use crate::protocol::{self, json, Code, Inbound, Item, Method, Request};
 use crate::registry::{DeviceId, Registry};
@@ -64,6 +65,9 @@ pub struct Config {
     pub downlink_timeout: Duration,
     /// Whether a report for a device online nowhere first onlines it on this connection.
     pub auto_online_on_report: bool,
+    /// Messages per second a connection may send (`None`: no limit). Over it the connection
+    /// is not read until its bucket refills (see [`Session::wants_input`]).
+    pub message_rate: Option<Rate>,
 }
 
 impl Default for Config {
@@ -75,6 +79,7 @@ impl Default for Config {
             pong_timeout: Duration::from_millis(60_000),
             downlink_timeout: Duration::from_millis(8_000),
             auto_online_on_report: false,
+            message_rate: None,
         }
     }
 }
@@ -86,9 +91,17 @@ pub struct Context {
     pub config: Config,
 }
 
-/// Whether a device is online on any connection; the router answers it (auto-online only).
+/// What the router knows beyond this connection: whether a device is online anywhere
+/// (auto-online only), and whether it may come online now (flapping).
 pub trait Presence: Send + Sync {
     fn is_online(&self, device: DeviceId) -> bool;
+
+    /// `device` is about to come online here at `now`; false refuses it (it is banned for
+    /// flapping, see [`crate::limits::Flapping`]). Called only for an actual change: not for
+    /// a device already online on this connection.
+    fn admit_online(&self, _device: DeviceId, _now: Instant) -> bool {
+        true
+    }
 }
 
 /// A [`Presence`] for a single connection in isolation: nothing is online elsewhere.
@@ -210,10 +223,15 @@ struct Core {
     /// The [`AckToken`] of `held[0]`; tokens count every reply ever held.
     held_front: u64,
     /// Set until the upgrade completes.
-    handshake_deadline: Option<Instant>,
+    /// Before the upgrade (`next_ping` is `None`): its deadline. After it: the message
+    /// bucket's theoretical arrival time ([`Bucket`]). One field for both keeps an idle
+    /// connection's entry in its allocation class (see the shard core's size test).
+    clock: Option<Instant>,
     next_ping: Option<Instant>,
     last_pong: Instant,
     ended: Option<CloseReason>,
+    /// Over the message rate: not read until the bucket refills.
+    rate_paused: bool,
 }
 
 impl Session {
@@ -233,10 +251,11 @@ impl Session {
                 events: VecDeque::new(),
                 held: VecDeque::new(),
                 held_front: 0,
-                handshake_deadline,
+                clock: handshake_deadline,
                 next_ping: None,
                 last_pong: now,
                 ended: None,
+                rate_paused: false,
             },
         }
     }
@@ -257,7 +276,7 @@ impl Session {
                 Ok(ws::Event::NeedMore) => break,
                 Ok(ws::Event::Consumed(n)) => {
                     consumed += n;
-                    if self.core.handshake_deadline.is_some() && self.ws.is_open() {
+                    if self.core.next_ping.is_none() && self.ws.is_open() {
                         self.core.opened(now);
                     }
                 }
@@ -265,7 +284,16 @@ impl Session {
                     consumed: n, data, ..
                 }) => {
                     consumed += n;
-                    self.core.handle_message(data, shard);
+                    // Counted, then handled: a message already read is never dropped; over
+                    // the rate, the driver just stops reading (see `wants_input`).
+                    if let Some(rate) = &self.core.ctx.config.message_rate {
+                        let mut bucket = self.core.bucket();
+                        if bucket.take(rate, now).is_some() {
+                            self.core.rate_paused = true;
+                        }
+                        self.core.clock = bucket.tat();
+                    }
+                    self.core.handle_message(data, now, shard);
                 }
                 Ok(ws::Event::Pong { consumed: n }) => {
                     consumed += n;
@@ -290,7 +318,12 @@ impl Session {
         if core.ended.is_some() {
             return;
         }
-        if core.handshake_deadline.is_some_and(|d| now >= d) {
+        if core.rate_paused {
+            if let Some(rate) = &core.ctx.config.message_rate {
+                core.rate_paused = core.bucket().resume_at(rate, now).is_some();
+            }
+        }
+        if core.handshake_deadline().is_some_and(|d| now >= d) {
             core.end(CloseReason::HandshakeTimeout);
             return;
         }
@@ -377,10 +410,19 @@ impl Session {
     /// [`MAX_HELD_REPLIES`] replies wait for their uplinks to become durable (the uplink
     /// writer is behind) or [`MAX_QUEUED_BYTES`] wait to be sent (the peer is not reading):
     /// the driver stops reading, the socket's receive window fills and the peer slows down,
-    /// instead of the gateway queueing without bound. The driver asks again whenever the
-    /// connection is flagged (replies released) and after each write.
+    /// instead of the gateway queueing without bound. Also false while the connection is over
+    /// its message rate ([`Config::message_rate`]) until [`poll_timeout`](Self::poll_timeout)
+    /// says the bucket has refilled. The driver asks again whenever the connection is flagged
+    /// (replies released, the rate pause over) and after each write.
     pub fn wants_input(&self) -> bool {
-        self.core.held.len() < MAX_HELD_REPLIES && self.core.tx.len() < MAX_QUEUED_BYTES
+        self.core.held.len() < MAX_HELD_REPLIES
+            && self.core.tx.len() < MAX_QUEUED_BYTES
+            && !self.core.rate_paused
+    }
+
+    /// Whether the connection is not read because it is over its message rate.
+    pub fn is_rate_paused(&self) -> bool {
+        self.core.rate_paused
     }
 
     /// Whether [`poll_transmit`](Self::poll_transmit) has bytes to give.
@@ -395,8 +437,13 @@ impl Session {
             return None;
         }
         let pong = c.next_ping.map(|_| c.last_pong + c.ctx.config.pong_timeout);
+        let resume = match (&c.ctx.config.message_rate, c.rate_paused) {
+            (Some(rate), true) => c.bucket().refilled_at(rate),
+            _ => None,
+        };
         [
-            c.handshake_deadline,
+            resume,
+            c.handshake_deadline(),
             c.next_ping,
             pong,
             c.downlinks
@@ -446,13 +493,23 @@ impl Session {
 }
 
 impl Core {
+    /// Until the upgrade completes.
+    fn handshake_deadline(&self) -> Option<Instant> {
+        self.next_ping.is_none().then_some(self.clock).flatten()
+    }
+
+    /// The message bucket (full until the upgrade completes).
+    fn bucket(&self) -> Bucket {
+        Bucket::at(self.next_ping.and(self.clock))
+    }
+
     fn opened(&mut self, now: Instant) {
-        self.handshake_deadline = None;
+        self.clock = None; // from now on the message bucket: full
         self.last_pong = now;
         self.next_ping = Some(now + self.ctx.config.ping_interval);
     }
 
-    fn handle_message(&mut self, data: &mut [u8], shard: &mut ShardState) {
+    fn handle_message(&mut self, data: &mut [u8], now: Instant, shard: &mut ShardState) {
         let ShardState {
             decoder,
             stats,
@@ -462,7 +519,7 @@ impl Core {
         decoder.decode(data, |decoded| match decoded {
             Ok(None) => {}
             Ok(Some(Inbound::Request(req))) => {
-                let outcome = self.handle_request(&req, presence.as_ref());
+                let outcome = self.handle_request(&req, presence.as_ref(), now);
                 stats.count_request(Some(req.method), outcome.unwrap_or(Code::Success));
                 // `None`: answered by ack() once the uplink is durable.
                 if let Some(code) = outcome {
@@ -483,7 +540,12 @@ impl Core {
 
     /// The per-method checks of PROTOCOL.md section 7. `Some(code)` is the reply to send now;
     /// `None` means an uplink with an `ack` was emitted and the reply waits for it.
-    fn handle_request(&mut self, req: &Request<'_, '_>, presence: &dyn Presence) -> Option<Code> {
+    fn handle_request(
+        &mut self,
+        req: &Request<'_, '_>,
+        presence: &dyn Presence,
+        now: Instant,
+    ) -> Option<Code> {
         let registry = Arc::clone(&self.ctx.registry);
         let Some(device) = registry.lookup(req.product_key, req.device_name) else {
             return Some(Code::DeviceNotRegistered);
@@ -493,9 +555,16 @@ impl Core {
                 if !registry.allows_peer(device, self.peer) {
                     return Some(Code::DeviceNotRegistered);
                 }
-                if !self.owned.insert(device) {
+                if self.owned.contains(device) {
                     return Some(Code::Success); // already online here: nothing changes
                 }
+                if !presence.admit_online(device, now) {
+                    // Banned for flapping. 109000 is the code ringlink already answers when
+                    // a registered device may not come online (clientIp mismatch); the SDK
+                    // treats any non-zero code as "not online" and retries later.
+                    return Some(Code::DeviceNotRegistered);
+                }
+                self.owned.insert(device);
                 let ack = Some(self.hold_reply(req.id));
                 self.events.push_back(Event::Online { device, ack });
                 None
@@ -512,7 +581,8 @@ impl Core {
                 if !self.owned.contains(device) {
                     let auto = self.ctx.config.auto_online_on_report
                         && registry.allows_peer(device, self.peer)
-                        && !presence.is_online(device);
+                        && !presence.is_online(device)
+                        && presence.admit_online(device, now);
                     if !auto {
                         return Some(Code::DeviceOffline);
                     }

@@ -1226,3 +1226,96 @@ fn stops_wanting_input_while_the_peer_does_not_read_what_it_is_sent() {
     assert!(out.len() >= MAX_QUEUED_BYTES);
     assert!(h.session.wants_input());
 }
+
+#[test]
+fn over_its_message_rate_a_connection_is_paused_not_dropped_until_the_bucket_refills() {
+    let config = Config {
+        message_rate: Rate::per_second(10, 5),
+        ..Config::default()
+    };
+    let mut h = Harness::with(config, ip("127.0.0.1"));
+    assert!(h.session.wants_input());
+    // Five requests fill the burst: still read.
+    for id in 1..=4 {
+        h.send(&online(id, "nobody"));
+    }
+    assert!(h.session.wants_input());
+    h.send(&online(5, "nobody"));
+    assert!(!h.session.wants_input(), "the burst is used up");
+    assert!(h.session.is_rate_paused());
+    // Three more already read (in flight when the driver paused): answered all the same.
+    let mut frames = Vec::new();
+    for id in 6..=8 {
+        h.client
+            .send_text(&mut frames, online(id, "nobody").as_bytes());
+    }
+    h.feed(&frames);
+    let replies = h.recv();
+    assert_eq!(replies.len(), 8, "every message is answered: {replies:?}");
+    // The pause lasts until the debt is paid: 8 messages, burst 5, 10/s -> 400 ms.
+    let resume = h.session.poll_timeout().expect("a resume deadline");
+    assert_eq!(resume, h.now + Duration::from_millis(400));
+    h.advance(Duration::from_millis(399));
+    assert!(!h.session.wants_input());
+    h.advance(Duration::from_millis(1));
+    assert!(
+        h.session.wants_input(),
+        "read again once the bucket refilled"
+    );
+    assert!(!h.session.is_closed(), "never closed for its rate");
+    // From then on one message per 100 ms.
+    h.send(&online(9, "nobody"));
+    assert!(!h.session.wants_input());
+    h.advance(Duration::from_millis(100));
+    assert!(h.session.wants_input());
+}
+
+#[test]
+fn the_default_has_no_message_rate() {
+    let mut h = Harness::new();
+    for id in 1..=2000 {
+        h.send(&online(id, "nobody"));
+        let _ = h.recv();
+    }
+    assert!(h.session.wants_input());
+}
+
+/// Refuses every online of one device, like the router does for a device banned for flapping.
+struct Banned(DeviceId);
+
+impl Presence for Banned {
+    fn is_online(&self, _: DeviceId) -> bool {
+        false
+    }
+
+    fn admit_online(&self, device: DeviceId, _: Instant) -> bool {
+        device != self.0
+    }
+}
+
+#[test]
+fn a_device_banned_for_flapping_gets_109000_and_is_not_onlined() {
+    let ctx = context(Config {
+        auto_online_on_report: true,
+        ..Config::default()
+    });
+    let banned = ctx
+        .registry
+        .lookup("a1ThermoPK0", "thermo-02")
+        .expect("registered");
+    let mut h = Harness::on(ctx, ip("127.0.0.1"), Arc::new(Banned(banned)));
+    let r = h.request(&online(1, "thermo-02"));
+    assert_eq!(r["code"], json!(109_000), "{r}");
+    assert!(h.take_events().is_empty(), "no online uplink");
+    assert_eq!(h.session.devices().count(), 0);
+    // Nor does a report bring it online through auto-online.
+    let r = h.request(&report(
+        2,
+        "thermo-02",
+        r#"[{"identifier":"temperature","type":"float","value":21.5}]"#,
+    ));
+    assert_eq!(r["code"], json!(109_001), "{r}");
+    assert!(h.take_events().is_empty());
+    // Other devices are not affected.
+    assert_eq!(h.code_of(&online(3, "thermo-03")), 0);
+}

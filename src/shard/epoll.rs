@@ -170,6 +170,15 @@ async fn accept(local: Rc<Local>, listener: tokio::net::TcpListener) {
                     spawn_local(connection(Rc::clone(&local), slot, stream, wake));
                 }
                 local.after_core_call();
+                // Over the accept rate: not accepting until then; connections wait in the
+                // backlog.
+                let pause = local.core.borrow_mut().take_accept_pause();
+                if let Some(until) = pause {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until.into()) => {}
+                        () = local.wakers.draining.notified() => return,
+                    }
+                }
             }
             Err(e) => {
                 accept_backoff(&local.shared, &e).await;

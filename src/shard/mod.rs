@@ -33,6 +33,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::IoMode;
+use crate::limits::{Admission, AdmissionSettings};
 use crate::metrics::Metrics;
 use crate::protocol::Code;
 use crate::registry::{DeviceId, Owners, Registry};
@@ -152,6 +153,8 @@ pub struct ServerOptions {
     pub threads: usize,
     pub io: IoMode,
     pub max_connections: usize,
+    /// The process-wide limits: accept pacing, connections per IP, flapping.
+    pub admission: AdmissionSettings,
     pub log: LogOptions,
     pub batch_max: usize,
     pub flush_delay: Duration,
@@ -267,6 +270,7 @@ impl Server {
             metrics: Arc::new(Metrics::new(threads)),
             shadows: Arc::new(Shadows::new(devices)),
             max_connections: opts.max_connections,
+            admission: Admission::new(&opts.admission, Instant::now()),
             echo: opts.echo,
             tls: opts.tls,
             batch_max: opts.batch_max,

@@ -811,7 +811,6 @@ impl Ring {
     /// No accept completions until `until` (after EMFILE, say): cancels the armed accept and
     /// re-arms it at the first `wait` after `until`. Connections the kernel accepted before
     /// the cancel took effect are still reported.
-    #[cfg_attr(not(test), allow(dead_code))] // for the tests and diagnostics
     pub(crate) fn pause_accept(&mut self, until: Instant) {
         for index in 0..self.listeners.len() {
             let l = &mut self.listeners[index];

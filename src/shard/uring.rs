@@ -208,6 +208,11 @@ impl Driver {
                     }
                     None => drop(stream),
                 }
+                // Over the accept rate: no accepts until then (the ring re-arms its accept at
+                // the first wait after it); connections wait in the backlog.
+                if let Some(until) = self.core.take_accept_pause() {
+                    self.ring.pause_accept(until);
+                }
             }
             Completion::AcceptError(e) => {
                 let m = &self.shared.env.metrics;
