@@ -117,6 +117,11 @@ impl AcceptPacer {
         }
     }
 
+    /// Whether there is a rate at all.
+    pub fn is_on(&self) -> bool {
+        self.rate.is_some()
+    }
+
     /// Counts one connection taken from the kernel at `now` (it is served either way). Returns
     /// the instant until which the shard must not accept, when the next one would be over the
     /// rate.

@@ -263,6 +263,11 @@ impl Session {
     /// Handles bytes received from the socket; returns how many were consumed. The caller keeps
     /// the rest and presents it again, with more bytes appended, on the next call. Complete
     /// frames are unmasked and decoded in place, so `input` is modified.
+    ///
+    /// Over the message rate ([`Config::message_rate`]) it stops at the message boundary and
+    /// consumes nothing more until the bucket has refilled: the caller keeps the rest and
+    /// presents it again when [`wants_input`](Self::wants_input) turns true, even if no new
+    /// bytes arrived.
     pub fn handle_input(
         &mut self,
         input: &mut [u8],
@@ -270,7 +275,7 @@ impl Session {
         shard: &mut ShardState,
     ) -> usize {
         let mut consumed = 0;
-        while self.core.ended.is_none() {
+        while self.core.ended.is_none() && !self.core.rate_paused {
             let event = self.ws.read(&mut input[consumed..], &mut self.core.tx);
             match event {
                 Ok(ws::Event::NeedMore) => break,
@@ -284,8 +289,8 @@ impl Session {
                     consumed: n, data, ..
                 }) => {
                     consumed += n;
-                    // Counted, then handled: a message already read is never dropped; over
-                    // the rate, the driver just stops reading (see `wants_input`).
+                    // Counted, then handled; the one that uses the burst up pauses the
+                    // connection: the bytes after it wait with the driver (and the socket).
                     if let Some(rate) = &self.core.ctx.config.message_rate {
                         let mut bucket = self.core.bucket();
                         if bucket.take(rate, now).is_some() {

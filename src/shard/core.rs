@@ -446,7 +446,10 @@ impl<D, R> ShardCore<D, R> {
     }
 
     /// Bytes read from `slot`'s socket; returns how many were consumed. The rest must be
-    /// presented again with more bytes appended (a TLS connection consumes everything).
+    /// presented again with more bytes appended (a TLS connection consumes everything), and
+    /// also when [`wants_input`](Self::wants_input) turns true after it was false, with or
+    /// without new bytes: a connection over its message rate stops consuming at a message
+    /// boundary (a TLS one keeps the decrypted rest itself; present it an empty slice).
     pub(crate) fn input(&mut self, slot: usize, input: &mut [u8], now: Instant) -> usize {
         let Some(conn) = self.conns.get_mut(slot) else {
             return input.len();
