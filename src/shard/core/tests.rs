@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::*;
-use crate::limits::{AdmissionSettings, FlapRule, Rate};
+use crate::limits::{AdmissionSettings, FlapRule, Rate, LOG_EVERY};
 use crate::metrics::Metrics;
 use crate::registry::{demo_registry, Owners};
 use crate::session::{Config, Context, DownlinkRequest};
@@ -678,4 +678,89 @@ fn a_flapping_device_is_refused_on_every_shard_until_its_ban_ends() {
     w.send(&mut a, &online(7, "thermo-00001"));
     w.settle();
     assert_eq!(codes(&w.recv(&mut a)), [(7, 0)]);
+}
+
+/// Counts the warnings logged on this thread (a minimal `tracing` subscriber).
+#[derive(Default)]
+struct Warnings(std::sync::Mutex<Vec<String>>);
+
+impl tracing::Subscriber for Warnings {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        if *event.metadata().level() == tracing::Level::WARN {
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            self.0.lock().expect("not poisoned").push(m.0);
+        }
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_limit_logs_one_warning_per_period_however_often_it_acts() {
+    let admission = AdmissionSettings {
+        max_connections_per_ip: 1,
+        flapping: Some(FlapRule {
+            max: 1,
+            window: Duration::from_secs(60),
+            ban: Duration::from_secs(60),
+        }),
+        ..AdmissionSettings::default()
+    };
+    let warnings = Arc::new(Warnings::default());
+    let sub = Arc::clone(&warnings);
+    tracing::subscriber::with_default(sub, || {
+        // Another test's thread may have cached "nobody listens" for a callsite meanwhile.
+        tracing::callsite::rebuild_interest_cache();
+        let mut w = World::with_admission(Config::default(), &admission);
+        let mut c = w.connect(0);
+        // 50 refused from the address of `c`: one line, 49 held back.
+        for _ in 0..50 {
+            assert_eq!(w.shards[0].accept(peer("127.0.0.1"), w.now, ()), None);
+        }
+        // Two devices start a ban each: one line, the second held back.
+        w.send(&mut c, &online(1, "thermo-00001"));
+        w.send(&mut c, &offline(2, "thermo-00001"));
+        w.send(&mut c, &online(3, "thermo-00001"));
+        w.send(&mut c, &online(4, "thermo-00002"));
+        w.send(&mut c, &offline(5, "thermo-00002"));
+        w.send(&mut c, &online(6, "thermo-00002"));
+        w.settle();
+        assert_eq!(
+            codes(&w.recv(&mut c)),
+            [(1, 0), (2, 0), (3, 109_000), (4, 0), (5, 0), (6, 109_000)]
+        );
+        // Ten seconds later the next one goes out and says how many were held back.
+        w.now += LOG_EVERY;
+        assert_eq!(w.shards[0].accept(peer("127.0.0.1"), w.now, ()), None);
+        w.send(&mut c, &online(7, "thermo-00002"));
+    });
+    let lines = warnings.0.lock().expect("not poisoned");
+    let per_ip: Vec<_> = lines.iter().filter(|l| l.contains("per_ip")).collect();
+    let flapping: Vec<_> = lines.iter().filter(|l| l.contains("flapping")).collect();
+    assert_eq!(per_ip.len(), 2, "{lines:#?}");
+    assert!(per_ip[1].contains("49 more"), "{}", per_ip[1]);
+    assert_eq!(flapping.len(), 1, "bans only, once per period: {lines:#?}");
 }
