@@ -729,11 +729,7 @@ fn a_limit_logs_one_warning_per_period_however_often_it_acts() {
         }),
         ..AdmissionSettings::default()
     };
-    let warnings = Arc::new(Warnings::default());
-    let sub = Arc::clone(&warnings);
-    tracing::subscriber::with_default(sub, || {
-        // Another test's thread may have cached "nobody listens" for a callsite meanwhile.
-        tracing::callsite::rebuild_interest_cache();
+    let run = || {
         let mut w = World::with_admission(Config::default(), &admission);
         let mut c = w.connect(0);
         // 50 refused from the address of `c`: one line, 49 held back.
@@ -756,7 +752,13 @@ fn a_limit_logs_one_warning_per_period_however_often_it_acts() {
         w.now += LOG_EVERY;
         assert_eq!(w.shards[0].accept(peer("127.0.0.1"), w.now, ()), None);
         w.send(&mut c, &online(7, "thermo-00002"));
-    });
+    };
+    // Once with nobody listening: this thread registers the callsites, so that no other
+    // test's thread can register one concurrently with the subscriber below and cache
+    // "nobody listens" for it.
+    run();
+    let warnings = Arc::new(Warnings::default());
+    tracing::subscriber::with_default(Arc::clone(&warnings), run);
     let lines = warnings.0.lock().expect("not poisoned");
     let per_ip: Vec<_> = lines.iter().filter(|l| l.contains("per_ip")).collect();
     let flapping: Vec<_> = lines.iter().filter(|l| l.contains("flapping")).collect();
