@@ -12,6 +12,7 @@
 //!   group commit) under a driver (a hand-written io_uring loop, or epoll); the drivers are the
 //!   only place with sockets, and `shard::mesh` the one crossing point between threads.
 //! - [`api`]: the northbound HTTP API; [`shadow`] and [`metrics`] are what it shows.
+//! - [`limits`]: message rate, accept pacing, connections per IP, flapping. Sans-IO.
 //! - [`config`]: the configuration: defaults, file, environment, flags, one validation.
 //! - [`logging`]: the `tracing` subscriber (filter, text or JSON) and the rate limit of
 //!   repeated warnings.
@@ -29,6 +30,7 @@
 pub mod alink;
 pub mod api;
 pub mod config;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod model;

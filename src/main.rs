@@ -268,6 +268,7 @@ fn serve(
         io: config.runtime.io,
         max_connections: config.limits.max_connections as usize,
         api_connections: config.api.max_connections as usize,
+        admission: config.limits.admission(),
         log,
         batch_max: uplink.batch_max as usize,
         flush_delay: Duration::from_micros(uplink.flush_us),
@@ -487,6 +488,46 @@ fn summary(shown: &str, checked: &Checked) -> String {
         w,
         "limits      max_connections {}, max_frame_bytes {}, auto_online_on_report {}",
         l.max_connections, l.max_frame_bytes, l.auto_online_on_report
+    );
+    let off = |n: u32, on: String| if n == 0 { "off".to_owned() } else { on };
+    let _ = writeln!(
+        w,
+        "            messages per connection {} (over it: not read until the bucket refills; \
+         stops one peer taking its shard's CPU)",
+        off(
+            l.max_messages_per_s,
+            format!("{}/s, burst {}", l.max_messages_per_s, l.message_burst)
+        )
+    );
+    let _ = writeln!(
+        w,
+        "            new connections {} (over it: accepting pauses, connections wait in the \
+         backlog; stops connection floods and reconnect storms starving devices)",
+        off(
+            l.max_new_connections_per_s,
+            format!("{}/s over the process", l.max_new_connections_per_s)
+        )
+    );
+    let _ = writeln!(
+        w,
+        "            connections per source IP {} (over it: closed at accept; stops one host \
+         taking the connection table)",
+        off(
+            l.max_connections_per_ip,
+            l.max_connections_per_ip.to_string()
+        )
+    );
+    let _ = writeln!(
+        w,
+        "            flapping {} (stops connect-drop loops and takeover ping-pong flooding \
+         the edge core)",
+        off(
+            l.flapping_max,
+            format!(
+                "more than {} onlines in {} ms: onlineDevice refused with 109000 for {} ms",
+                l.flapping_max, l.flapping_window_ms, l.flapping_ban_ms
+            )
+        )
     );
     let source = if c.registry.is_some() {
         "from [registry]"

@@ -63,6 +63,37 @@ const METHODS: [ServerMethod; 3] = [
     ServerMethod::CallService,
 ];
 
+/// The limits of `[limits]` that act on peers, for `ringlink_limited_total{limit=..}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// A connection stopped being read: over `max_messages_per_s`.
+    MessageRate,
+    /// Accepting paused: over `max_new_connections_per_s`.
+    AcceptRate,
+    /// A connection closed at accept: over `max_connections_per_ip`.
+    PerIp,
+    /// An `onlineDevice` refused: the device is banned for flapping.
+    Flapping,
+}
+
+impl Limit {
+    pub const ALL: [Self; 4] = [
+        Self::MessageRate,
+        Self::AcceptRate,
+        Self::PerIp,
+        Self::Flapping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MessageRate => "message_rate",
+            Self::AcceptRate => "accept_rate",
+            Self::PerIp => "per_ip",
+            Self::Flapping => "flapping",
+        }
+    }
+}
+
 /// Everything `/metrics` shows.
 #[derive(Debug)]
 pub struct Metrics {
@@ -77,6 +108,8 @@ pub struct Metrics {
     pub reads_paused: AtomicU64,
     /// Uplinks whose batch could not be written (answered 100000 to the device).
     pub uplinks_failed: AtomicU64,
+    /// Times each `[limits]` limit acted, by [`Limit`].
+    limited: [AtomicU64; Limit::ALL.len()],
     pub batch_sizes: Histogram,
     /// By method (get, set, call) and outcome code slot.
     downlinks: Box<[AtomicU64]>,
@@ -94,6 +127,7 @@ impl Metrics {
             tls_handshake_errors: AtomicU64::new(0),
             reads_paused: AtomicU64::new(0),
             uplinks_failed: AtomicU64::new(0),
+            limited: Default::default(),
             batch_sizes: Histogram::new(BATCH_BOUNDS),
             downlinks: (0..METHODS.len() * (Code::SENT.len() + 1))
                 .map(|_| AtomicU64::new(0))
@@ -112,6 +146,16 @@ impl Metrics {
             .unwrap_or(Code::SENT.len());
         self.downlinks[m * (Code::SENT.len() + 1) + c].fetch_add(1, Ordering::Relaxed);
         self.downlink_latency.observe(latency.as_secs_f64());
+    }
+
+    /// `limit` acted once (a pause, a refusal).
+    pub fn limited(&self, limit: Limit) {
+        self.limited[limit as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times `limit` acted.
+    pub fn limited_count(&self, limit: Limit) -> u64 {
+        self.limited[limit as usize].load(Ordering::Relaxed)
     }
 
     /// A shard's latest counters.
@@ -185,6 +229,15 @@ impl Metrics {
             "Uplinks whose batch could not be written.",
             &self.uplinks_failed,
         );
+        let _ = writeln!(out, "# HELP ringlink_limited_total Times a [limits] limit acted: message_rate (a connection paused), accept_rate (accepting paused), per_ip (a connection closed at accept), flapping (an onlineDevice refused).\n# TYPE ringlink_limited_total counter");
+        for limit in Limit::ALL {
+            let _ = writeln!(
+                out,
+                "ringlink_limited_total{{limit=\"{}\"}} {}",
+                limit.as_str(),
+                self.limited_count(limit)
+            );
+        }
         let stats = self.stats();
         let _ = writeln!(out, "# HELP ringlink_uplinks_total Uplinks batched, by kind.\n# TYPE ringlink_uplinks_total counter");
         for (kind, v) in Stats::UPLINK_KINDS.iter().zip(stats.uplinks) {

@@ -1,12 +1,15 @@
-//! Limits that protect the gateway: `max_connections`, and accept surviving a process that has
-//! run out of file descriptors.
+//! Limits that protect the gateway: `max_connections`, accept surviving a process that has run
+//! out of file descriptors, and the EMQX-style `[limits]`: messages per second per connection
+//! (paused, not dropped), new connections per second (accept pacing), connections per source IP,
+//! and flapping devices (banned, then let back in).
 
 mod support;
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use serde_json::json;
 use support::{Client, Gateway, DRIVERS, THERMO};
 
 fn rt() -> tokio::runtime::Runtime {
@@ -155,8 +158,8 @@ fn a_peer_that_never_reads_is_paused_then_dropped() {
             client.send_text(&mut frames, text.as_bytes());
         }
         // Write for up to 15 s; once ringlink drops the socket, a write fails.
-        let until = std::time::Instant::now() + Duration::from_secs(15);
-        while std::time::Instant::now() < until {
+        let until = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < until {
             match s.write(&frames) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -170,6 +173,259 @@ fn a_peer_that_never_reads_is_paused_then_dropped() {
         );
         gw.eventually("the connection is dropped", || {
             gw.metric("ringlink_connections_open") == 0.0
+        });
+    }
+}
+
+/// A connection sending far faster than `max_messages_per_s` is not read while over it: every
+/// message is answered, the answers come at about the limit, and the connection stays open.
+#[test]
+fn an_over_rate_connection_is_paused_not_dropped() {
+    const RATE: f64 = 200.0;
+    const BURST: usize = 20;
+    const N: usize = 400;
+    for io in DRIVERS {
+        let gw = Gateway::start_with(
+            io,
+            &[],
+            &[
+                ("RINGLINK_LIMITS_MAX_MESSAGES_PER_S", "200"),
+                ("RINGLINK_LIMITS_MESSAGE_BURST", "20"),
+            ],
+        );
+        rt().block_on(async {
+            let mut c = Client::connect(gw.ws).await;
+            assert_eq!(c.online(THERMO, "thermo-00400").await, 0);
+            // Let the bucket fill again after the online.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let power = json!({"properties": [{"identifier":"power","type":"bool","value":1}]});
+            let start = Instant::now();
+            let mut ids = Vec::with_capacity(N);
+            for _ in 0..N {
+                ids.push(
+                    c.request("reportProperty", THERMO, "thermo-00400", power.clone())
+                        .await,
+                );
+            }
+            for id in ids {
+                let reply = c.recv().await;
+                assert_eq!(reply["messageId"], json!(id), "{io}: in order, none lost");
+                assert_eq!(reply["code"], json!(0), "{io}: {reply}");
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            // BURST at once, then RATE a second.
+            let expected = (N - BURST) as f64 / RATE;
+            let observed = (N - BURST) as f64 / elapsed;
+            eprintln!(
+                "{io}: {N} pipelined reports answered in {elapsed:.2} s: {observed:.0}/s \
+                 after the burst (limit {RATE}/s)"
+            );
+            assert!(
+                elapsed > expected * 0.85 && elapsed < expected * 1.5 + 0.5,
+                "{io}: {elapsed:.2} s, expected about {expected:.2} s"
+            );
+            // Still open, and served.
+            assert_eq!(
+                c.report(THERMO, "thermo-00400", power["properties"].clone())
+                    .await,
+                0,
+                "{io}"
+            );
+            assert_eq!(gw.metric("ringlink_connections_open"), 1.0, "{io}");
+        });
+        assert!(
+            gw.metric("ringlink_limited_total{limit=\"message_rate\"}") >= 1.0,
+            "{io}: pauses are counted"
+        );
+    }
+}
+
+/// A TCP connection from `source` (a loopback address), or None when ringlink closes it at
+/// accept: it reads EOF within a second where an accepted connection reads nothing.
+async fn closed_at_accept(gw: &Gateway, source: &str) -> bool {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("source"))
+        .expect("bind");
+    let mut s = socket.connect(gw.ws).await.expect("connect");
+    let mut buf = [0u8; 16];
+    let read = tokio::io::AsyncReadExt::read(&mut s, &mut buf);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), read).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[test]
+fn connections_per_ip_are_capped_and_other_addresses_are_unaffected() {
+    for io in DRIVERS {
+        let gw = Gateway::start_with(io, &[], &[("RINGLINK_LIMITS_MAX_CONNECTIONS_PER_IP", "3")]);
+        rt().block_on(async {
+            let mut held = Vec::new();
+            for i in 0..3 {
+                let mut c = Client::connect_from(gw.ws, Some("127.0.0.2")).await;
+                let dn = format!("thermo-{:05}", 500 + i);
+                assert_eq!(c.online(THERMO, &dn).await, 0, "{io}");
+                held.push(c);
+            }
+            // The fourth from 127.0.0.2 is closed at accept (the shards share the count).
+            assert!(
+                closed_at_accept(&gw, "127.0.0.2").await,
+                "{io}: over the cap"
+            );
+            assert!(
+                gw.metric("ringlink_limited_total{limit=\"per_ip\"}") >= 1.0,
+                "{io}: counted"
+            );
+            // Other addresses are not affected.
+            for source in ["127.0.0.3", "127.0.0.1"] {
+                let mut c = Client::connect_from(gw.ws, Some(source)).await;
+                assert_eq!(
+                    c.online(THERMO, "thermo-00510").await,
+                    0,
+                    "{io} from {source}"
+                );
+                c.close().await;
+            }
+            // The devices of the first three were not touched.
+            for i in 0..3 {
+                assert!(
+                    gw.is_online(THERMO, &format!("thermo-{:05}", 500 + i)),
+                    "{io}"
+                );
+            }
+            // Room again once one of them goes.
+            held.pop().expect("three").close().await;
+            gw.eventually("the close is counted", || {
+                gw.metric("ringlink_connections_open") <= 2.0
+            });
+            let mut c = Client::connect_from(gw.ws, Some("127.0.0.2")).await;
+            assert_eq!(c.online(THERMO, "thermo-00502").await, 0, "{io}");
+        });
+    }
+}
+
+/// Over `max_new_connections_per_s`, connections wait in the kernel's backlog: all of them are
+/// served, at about the limit, none refused.
+#[test]
+fn accept_pacing_admits_at_the_limit_and_refuses_none() {
+    const RATE: f64 = 20.0; // burst: one second's worth
+    const N: usize = 80;
+    for io in DRIVERS {
+        let gw = Gateway::start_with(
+            io,
+            &[],
+            &[("RINGLINK_LIMITS_MAX_NEW_CONNECTIONS_PER_S", "20")],
+        );
+        // The readiness check went to the API: the device listener has accepted nothing yet,
+        // so the whole burst is there.
+        rt().block_on(async {
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..N)
+                .map(|_| {
+                    let addr = gw.ws;
+                    tokio::spawn(async move {
+                        let c = Client::connect(addr).await;
+                        let upgraded = start.elapsed().as_secs_f64();
+                        (c, upgraded)
+                    })
+                })
+                .collect();
+            let mut done = Vec::with_capacity(N);
+            for t in tasks {
+                done.push(t.await.expect("every connection is served"));
+            }
+            let mut times: Vec<f64> = done.iter().map(|d| d.1).collect();
+            times.sort_by(f64::total_cmp);
+            let burst = RATE as usize;
+            let paced = (N - burst) as f64 / (times[N - 1] - times[burst - 1]);
+            eprintln!(
+                "{io}: {N} connections upgraded in {:.2} s; {paced:.1}/s after the burst \
+                 (limit {RATE}/s)",
+                times[N - 1]
+            );
+            assert!(
+                paced > RATE * 0.7 && paced < RATE * 1.3,
+                "{io}: {paced:.1}/s, limit {RATE}/s"
+            );
+            // All of them are served: a device on the last one comes online.
+            let (mut last, _) = done.pop().expect("N");
+            assert_eq!(last.online(THERMO, "thermo-00600").await, 0, "{io}");
+        });
+        assert_eq!(
+            gw.metric("ringlink_connections_rejected_total"),
+            0.0,
+            "{io}"
+        );
+        assert!(
+            gw.metric("ringlink_limited_total{limit=\"accept_rate\"}") >= 1.0,
+            "{io}: pauses are counted"
+        );
+        assert_eq!(
+            gw.metric("ringlink_connections_accepted_total"),
+            N as f64,
+            "{io}"
+        );
+    }
+}
+
+/// A device that comes online more than `flapping_max` times within the window is refused
+/// with 109000 until the ban ends; other devices are not affected.
+#[test]
+fn a_flapping_device_is_banned_and_the_ban_expires() {
+    const BAN: Duration = Duration::from_millis(1500);
+    for io in DRIVERS {
+        let gw = Gateway::start_with(
+            io,
+            &[],
+            &[
+                ("RINGLINK_LIMITS_FLAPPING_MAX", "3"),
+                ("RINGLINK_LIMITS_FLAPPING_WINDOW_MS", "10000"),
+                ("RINGLINK_LIMITS_FLAPPING_BAN_MS", "1500"),
+            ],
+        );
+        rt().block_on(async {
+            let dn = "thermo-00700";
+            // Three connect-online-drop cycles, as a device stuck in a reconnect loop does.
+            for _ in 0..3 {
+                let mut c = Client::connect(gw.ws).await;
+                assert_eq!(c.online(THERMO, dn).await, 0, "{io}");
+                c.close().await;
+                gw.eventually("offline", || !gw.is_online(THERMO, dn));
+            }
+            let mut c = Client::connect(gw.ws).await;
+            let banned_at = Instant::now();
+            assert_eq!(
+                c.online(THERMO, dn).await,
+                109_000,
+                "{io}: the fourth is refused"
+            );
+            assert!(!gw.is_online(THERMO, dn), "{io}");
+            assert_eq!(
+                c.online(THERMO, "thermo-00701").await,
+                0,
+                "{io}: others are not"
+            );
+            assert!(
+                gw.metric("ringlink_limited_total{limit=\"flapping\"}") >= 1.0,
+                "{io}: counted"
+            );
+            // Refused until the ban is over, then welcome.
+            let code = loop {
+                let code = c.online(THERMO, dn).await;
+                if code == 0 || banned_at.elapsed() > BAN * 4 {
+                    break code;
+                }
+                assert_eq!(code, 109_000, "{io}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert_eq!(code, 0, "{io}: the ban expires");
+            let after = banned_at.elapsed();
+            assert!(
+                after >= BAN - Duration::from_millis(100),
+                "{io}: let back in after {after:?}, ban {BAN:?}"
+            );
+            assert!(gw.is_online(THERMO, dn), "{io}");
         });
     }
 }

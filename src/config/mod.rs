@@ -26,6 +26,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::limits::{AdmissionSettings, FlapRule, Rate};
 use crate::model::{ModelError, ThingModel};
 use crate::registry::{demo_registry, Registry, RegistryError};
 use crate::tls::TlsError;
@@ -165,6 +166,46 @@ pub struct Limits {
     /// connection (default false). Off, such reports get 109001, so a device cannot skip the
     /// `onlineDevice` checks (clientIp, takeover) by just reporting.
     pub auto_online_on_report: bool,
+    /// Messages (requests and replies) per second one connection may send (default 5000,
+    /// 0 = off, at most 10000000), a token bucket refilled at this rate and holding
+    /// `message_burst`. Over it the connection is not read until the bucket refills: nothing
+    /// is dropped and nothing is closed, the peer's TCP window fills and it slows down. Stops
+    /// one peer (a runaway or hostile sub-gateway, a pipelined flood) from taking its whole
+    /// shard's CPU from the thousands of other connections there. The default leaves a
+    /// sub-gateway carrying 1000 devices room for 5 messages a second each, over 25 times the
+    /// official client's pattern (a property report and an event every ~11 s per device,
+    /// PROTOCOL.md section 10).
+    pub max_messages_per_s: u32,
+    /// Messages one connection may send at once before `max_messages_per_s` applies (default
+    /// 5000, 1-10000000): a sub-gateway onlining 1000 devices after a reconnect is not slowed.
+    pub message_burst: u32,
+    /// New connections per second over the whole process, all shards together (default 5000,
+    /// 0 = off, at most 10000000), with a burst of one second's worth. Over it ringlink stops
+    /// accepting until the next token: connections wait in the kernel's backlog
+    /// (`listener.backlog`) instead of being refused. Stops a connection flood or a reconnect
+    /// storm from spending every core on handshakes while connected devices wait for
+    /// their replies; 5000/s re-admits 100000 devices in 20 s.
+    pub max_new_connections_per_s: u32,
+    /// Open connections from one source IP address (default 10000, 0 = off, at most
+    /// 10000000), counted over the whole process. Beyond it new connections from that address
+    /// are closed at accept. Stops one host from taking the connection table
+    /// (`max_connections`) and the file descriptors every other device needs; 10000 (a tenth
+    /// of the default table) leaves room for many devices behind one NAT and for loadgen's
+    /// profiles (at most ~4800 per source address).
+    pub max_connections_per_ip: u32,
+    /// A device that comes online more than this many times within `flapping_window_ms` is
+    /// refused for `flapping_ban_ms` (default 15, 0 = off, at most 1000000): its
+    /// `onlineDevice` gets 109000 and a warning is logged. Stops a device stuck in a
+    /// connect-drop loop, or two clients fighting over one identity (takeover ping-pong),
+    /// from flooding the edge core with online/offline uplinks.
+    pub flapping_max: u32,
+    /// The window of `flapping_max` (default 60000, 100-86400000 ms), opened by a device's
+    /// first online after the last window or ban.
+    pub flapping_window_ms: u64,
+    /// How long a flapping device is refused (default 60000, 100-86400000 ms): long enough to
+    /// break a takeover ping-pong, short enough that a device with a bad link is back within
+    /// a minute.
+    pub flapping_ban_ms: u64,
 }
 
 impl Default for Limits {
@@ -178,6 +219,31 @@ impl Default for Limits {
             downlink_timeout_ms: 8_000,
             message_timeout_ms: 5_000,
             auto_online_on_report: false,
+            max_messages_per_s: 5_000,
+            message_burst: 5_000,
+            max_new_connections_per_s: 5_000,
+            max_connections_per_ip: 10_000,
+            flapping_max: 15,
+            flapping_window_ms: 60_000,
+            flapping_ban_ms: 60_000,
+        }
+    }
+}
+
+impl Limits {
+    /// The process-wide limits, as the shards enforce them.
+    pub fn admission(&self) -> AdmissionSettings {
+        AdmissionSettings {
+            accept: Rate::per_second(
+                self.max_new_connections_per_s,
+                self.max_new_connections_per_s,
+            ),
+            max_connections_per_ip: self.max_connections_per_ip,
+            flapping: (self.flapping_max > 0).then(|| FlapRule {
+                max: self.flapping_max,
+                window: Duration::from_millis(self.flapping_window_ms),
+                ban: Duration::from_millis(self.flapping_ban_ms),
+            }),
         }
     }
 }
@@ -671,6 +737,7 @@ impl Config {
             downlink_timeout: Duration::from_millis(l.downlink_timeout_ms),
             message_timeout: Duration::from_millis(l.message_timeout_ms),
             auto_online_on_report: l.auto_online_on_report,
+            message_rate: Rate::per_second(l.max_messages_per_s, l.message_burst),
         }
     }
 

@@ -38,6 +38,13 @@ pub const KNOBS: &[&str] = &[
     "limits.downlink_timeout_ms",
     "limits.message_timeout_ms",
     "limits.auto_online_on_report",
+    "limits.max_messages_per_s",
+    "limits.message_burst",
+    "limits.max_new_connections_per_s",
+    "limits.max_connections_per_ip",
+    "limits.flapping_max",
+    "limits.flapping_window_ms",
+    "limits.flapping_ban_ms",
     "api.listen",
     "api.token_file",
     "api.max_connections",
@@ -445,6 +452,39 @@ impl Draft {
             ),
             auto_online_on_report: self
                 .boolean("limits.auto_online_on_report", d.auto_online_on_report),
+            max_messages_per_s: self.int(
+                "limits.max_messages_per_s",
+                d.max_messages_per_s.into(),
+                0,
+                10_000_000,
+            ) as u32,
+            message_burst: self.int(
+                "limits.message_burst",
+                d.message_burst.into(),
+                1,
+                10_000_000,
+            ) as u32,
+            max_new_connections_per_s: self.int(
+                "limits.max_new_connections_per_s",
+                d.max_new_connections_per_s.into(),
+                0,
+                10_000_000,
+            ) as u32,
+            max_connections_per_ip: self.int(
+                "limits.max_connections_per_ip",
+                d.max_connections_per_ip.into(),
+                0,
+                10_000_000,
+            ) as u32,
+            flapping_max: self.int("limits.flapping_max", d.flapping_max.into(), 0, 1_000_000)
+                as u32,
+            flapping_window_ms: self.int(
+                "limits.flapping_window_ms",
+                d.flapping_window_ms,
+                100,
+                86_400_000,
+            ),
+            flapping_ban_ms: self.int("limits.flapping_ban_ms", d.flapping_ban_ms, 100, 86_400_000),
         };
         if limits.pong_timeout_ms <= limits.ping_interval_ms {
             let ping = self.origin("limits.ping_interval_ms");

@@ -112,6 +112,13 @@ pong_timeout_ms = 25000
 downlink_timeout_ms = 3000
 message_timeout_ms = 1500
 auto_online_on_report = true
+max_messages_per_s = 200
+message_burst = 20
+max_new_connections_per_s = 0
+max_connections_per_ip = 8
+flapping_max = 3
+flapping_window_ms = 1000
+flapping_ban_ms = 2000
 [api]
 listen = "127.0.0.1:0"
 [uplink]
@@ -180,9 +187,28 @@ ca_file = "certs/nats-ca.pem"
             downlink_timeout_ms: 3000,
             message_timeout_ms: 1500,
             auto_online_on_report: true,
+            max_messages_per_s: 200,
+            message_burst: 20,
+            max_new_connections_per_s: 0,
+            max_connections_per_ip: 8,
+            flapping_max: 3,
+            flapping_window_ms: 1000,
+            flapping_ban_ms: 2000,
         }
     );
     assert_eq!(c.session_config().limits.max_message_bytes, 4096);
+    assert_eq!(c.session_config().message_rate, Rate::per_second(200, 20));
+    let admission = c.limits.admission();
+    assert_eq!(admission.accept, None, "0 = off");
+    assert_eq!(admission.max_connections_per_ip, 8);
+    assert_eq!(
+        admission.flapping,
+        Some(FlapRule {
+            max: 3,
+            window: Duration::from_secs(1),
+            ban: Duration::from_secs(2),
+        })
+    );
     assert_eq!(c.session_config().pong_timeout, Duration::from_secs(25));
     assert_eq!(c.data_dir, dir.0.join("state"));
     assert_eq!(
@@ -244,6 +270,37 @@ fn errors_name_file_line_and_key_and_all_are_reported() {
             "ringlink.toml:12: uplink.sink: expected local, mqtt or nats, got \"kafka\"",
             "ringlink.toml:13: nope: unknown key (known here: listener, runtime, limits, api, data_dir, uplink, registry)",
         ]
+    );
+}
+
+#[test]
+fn limit_settings_are_range_checked_with_file_line_and_env() {
+    let text = "[limits]\nmax_messages_per_s = -1\nmessage_burst = 0\nmax_connections_per_ip = 1.5\nflapping_window_ms = 10\nflapping_ban_ms = 0\n";
+    assert_eq!(
+        errors(text),
+        [
+            "ringlink.toml:2: limits.max_messages_per_s: must be between 0 and 10000000, got -1",
+            "ringlink.toml:3: limits.message_burst: must be between 1 and 10000000, got 0",
+            "ringlink.toml:4: limits.max_connections_per_ip: expected an integer, found a float",
+            "ringlink.toml:5: limits.flapping_window_ms: must be between 100 and 86400000, got 10",
+            "ringlink.toml:6: limits.flapping_ban_ms: must be between 100 and 86400000, got 0",
+        ]
+    );
+    let vars = [
+        ("RINGLINK_LIMITS_MAX_NEW_CONNECTIONS_PER_S", "many"),
+        ("RINGLINK_LIMITS_FLAPPING_MAX", "0"),
+    ];
+    let (_dir, r) = load("", &vars, &Overrides::default());
+    assert_eq!(
+        r.expect_err("bad env"),
+        ["env RINGLINK_LIMITS_MAX_NEW_CONNECTIONS_PER_S: limits.max_new_connections_per_s: expected an integer, got \"many\""]
+    );
+    let vars = [("RINGLINK_LIMITS_FLAPPING_MAX", "0")];
+    let (_dir, c) = load("", &vars, &Overrides::default());
+    assert_eq!(
+        c.expect("valid").limits.admission().flapping,
+        None,
+        "0 = off"
     );
 }
 

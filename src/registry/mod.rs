@@ -36,6 +36,12 @@ impl DeviceId {
     pub const fn as_u32(self) -> u32 {
         self.0
     }
+
+    /// Any id, for unit tests of code keyed by device.
+    #[cfg(test)]
+    pub(crate) const fn for_tests(index: u32) -> Self {
+        Self(index)
+    }
 }
 
 /// A registered product (one thing model).

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use simd_json::prelude::*;
 
+use crate::limits::{Bucket, Rate};
 use crate::model::{DataType, Json, ThingModel, ValueStyle};
 use crate::protocol::{self, json, Code, Inbound, Item, Method, Request};
 use crate::registry::{DeviceId, Registry};
@@ -68,6 +69,9 @@ pub struct Config {
     pub message_timeout: Duration,
     /// Whether a report for a device online nowhere first onlines it on this connection.
     pub auto_online_on_report: bool,
+    /// Messages per second a connection may send (`None`: no limit). Over it the connection
+    /// is not read until its bucket refills (see [`Session::wants_input`]).
+    pub message_rate: Option<Rate>,
 }
 
 impl Default for Config {
@@ -80,6 +84,7 @@ impl Default for Config {
             downlink_timeout: Duration::from_millis(8_000),
             message_timeout: Duration::from_millis(5_000),
             auto_online_on_report: false,
+            message_rate: None,
         }
     }
 }
@@ -91,9 +96,17 @@ pub struct Context {
     pub config: Config,
 }
 
-/// Whether a device is online on any connection; the router answers it (auto-online only).
+/// What the router knows beyond this connection: whether a device is online anywhere
+/// (auto-online only), and whether it may come online now (flapping).
 pub trait Presence: Send + Sync {
     fn is_online(&self, device: DeviceId) -> bool;
+
+    /// `device` is about to come online here at `now`; false refuses it (it is banned for
+    /// flapping, see [`crate::limits::Flapping`]). Called only for an actual change: not for
+    /// a device already online on this connection.
+    fn admit_online(&self, _device: DeviceId, _now: Instant) -> bool {
+        true
+    }
 }
 
 /// A [`Presence`] for a single connection in isolation: nothing is online elsewhere.
@@ -183,7 +196,7 @@ pub enum CloseReason {
     PeerClosed(Option<u16>),
     /// The peer broke RFC 6455 (the error's label); the close frame with the code, if any
     /// (none for a refused upgrade: an HTTP error answers it), is in the transmit buffer.
-    Protocol(&'static str, Option<u16>),
+    Protocol(&'static str),
     HandshakeTimeout,
     PongTimeout,
     /// A started data message did not complete within the message timeout (close code 1008).
@@ -223,23 +236,12 @@ impl CloseReason {
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::PeerClosed(_) => "peer_closed",
-            Self::Protocol(label, _) => label,
+            Self::Protocol(label) => label,
             Self::HandshakeTimeout => "handshake_timeout",
             Self::PongTimeout => "pong_timeout",
             Self::MessageTimeout => "message_timeout",
             Self::Disconnected => "disconnected",
             Self::Shutdown => "shutdown",
-        }
-    }
-
-    /// The close code of the Close frame that ended the connection, the peer's or ours, when
-    /// there was one with a code.
-    pub fn close_code(&self) -> Option<u16> {
-        match self {
-            Self::PeerClosed(code) | Self::Protocol(_, code) => *code,
-            Self::Shutdown => Some(1001),
-            Self::MessageTimeout => Some(1008),
-            Self::HandshakeTimeout | Self::PongTimeout | Self::Disconnected => None,
         }
     }
 }
@@ -267,21 +269,27 @@ struct Core {
     held: VecDeque<(u32, Option<Code>)>,
     /// The [`AckToken`] of `held[0]`; tokens count every reply ever held.
     held_front: u64,
-    /// Until the upgrade completes (`next_ping` is `None`): when it must be done. After it:
-    /// while a data message is incomplete, when it must be complete. One field for both keeps
-    /// an idle connection's entry small (see the shard core's size test).
-    deadline: Option<Instant>,
+    /// Before the upgrade (`next_ping` is `None`): its deadline. After it: the message
+    /// bucket's theoretical arrival time ([`Bucket`]). One field for both keeps an idle
+    /// connection's entry in its allocation class (see the shard core's size test).
+    clock: Option<Instant>,
+    /// While a data message is incomplete (after the upgrade): when it must be complete.
+    message_deadline: Option<Instant>,
     /// Set once the upgrade completed.
     next_ping: Option<Instant>,
     last_pong: Instant,
-    ended: Option<CloseReason>,
+    /// Why it ended, once it has. Boxed: allocated once per connection, at its end, it keeps
+    /// 16 bytes out of every open connection's entry (see the shard core's size test).
+    ended: Option<Box<CloseReason>>,
+    /// Over the message rate: not read until the bucket refills.
+    rate_paused: bool,
 }
 
 impl Session {
     /// A new server connection from `peer`, accepted at `now`.
     pub fn new(ctx: Arc<Context>, peer: IpAddr, now: Instant) -> Self {
         let ws = ws::Conn::server(ctx.config.limits);
-        let deadline = Some(now + ctx.config.handshake_timeout);
+        let handshake_deadline = Some(now + ctx.config.handshake_timeout);
         Self {
             ws,
             core: Core {
@@ -294,10 +302,12 @@ impl Session {
                 events: VecDeque::new(),
                 held: VecDeque::new(),
                 held_front: 0,
-                deadline,
+                clock: handshake_deadline,
+                message_deadline: None,
                 next_ping: None,
                 last_pong: now,
                 ended: None,
+                rate_paused: false,
             },
         }
     }
@@ -305,6 +315,11 @@ impl Session {
     /// Handles bytes received from the socket; returns how many were consumed. The caller keeps
     /// the rest and presents it again, with more bytes appended, on the next call. Complete
     /// frames are unmasked and decoded in place, so `input` is modified.
+    ///
+    /// Over the message rate ([`Config::message_rate`]) it stops at the message boundary and
+    /// consumes nothing more until the bucket has refilled: the caller keeps the rest and
+    /// presents it again when [`wants_input`](Self::wants_input) turns true, even if no new
+    /// bytes arrived.
     pub fn handle_input(
         &mut self,
         input: &mut [u8],
@@ -313,7 +328,7 @@ impl Session {
     ) -> usize {
         let mut consumed = 0;
         let mut completed = false;
-        while self.core.ended.is_none() {
+        while self.core.ended.is_none() && !self.core.rate_paused {
             let event = self.ws.read(&mut input[consumed..], &mut self.core.tx);
             match event {
                 Ok(ws::Event::NeedMore) => break,
@@ -328,7 +343,16 @@ impl Session {
                 }) => {
                     consumed += n;
                     completed = true;
-                    self.core.handle_message(data, shard);
+                    // Counted, then handled; the one that uses the burst up pauses the
+                    // connection: the bytes after it wait with the driver (and the socket).
+                    if let Some(rate) = &self.core.ctx.config.message_rate {
+                        let mut bucket = self.core.bucket();
+                        if bucket.take(rate, now).is_some() {
+                            self.core.rate_paused = true;
+                        }
+                        self.core.clock = bucket.tat();
+                    }
+                    self.core.handle_message(data, now, shard);
                 }
                 Ok(ws::Event::Pong { consumed: n }) => {
                     consumed += n;
@@ -340,8 +364,7 @@ impl Session {
                 }
                 Err(e) => {
                     shard.stats.ws_errors += 1;
-                    let code = e.close_code().map(u16::from);
-                    self.core.end(CloseReason::Protocol(e.as_str(), code));
+                    self.core.end(CloseReason::Protocol(e.as_str()));
                 }
             }
         }
@@ -353,17 +376,21 @@ impl Session {
     /// of a frame wait in the caller's buffer or a fragmented message is open. The clock
     /// restarts only when a message completed, so dribbling frames of one message (or a
     /// frame's bytes) does not extend it, while a steady stream of messages never trips it.
+    /// While the connection is paused for its message rate, the bytes left over are ours to
+    /// read, not the peer's to finish: no deadline then.
     fn track_message(&mut self, partial: bool, completed: bool, now: Instant) {
         let core = &mut self.core;
         if core.ended.is_some() || core.next_ping.is_none() {
             return;
         }
-        if partial || self.ws.in_message() {
-            if completed || core.deadline.is_none() {
-                core.deadline = Some(now + core.ctx.config.message_timeout);
+        if core.rate_paused {
+            core.message_deadline = None;
+        } else if partial || self.ws.in_message() {
+            if completed || core.message_deadline.is_none() {
+                core.message_deadline = Some(now + core.ctx.config.message_timeout);
             }
         } else {
-            core.deadline = None;
+            core.message_deadline = None;
         }
     }
 
@@ -373,12 +400,16 @@ impl Session {
         if core.ended.is_some() {
             return;
         }
-        let upgrading = core.next_ping.is_none();
-        if upgrading && core.deadline.is_some_and(|d| now >= d) {
+        if core.rate_paused {
+            if let Some(rate) = &core.ctx.config.message_rate {
+                core.rate_paused = core.bucket().resume_at(rate, now).is_some();
+            }
+        }
+        if core.handshake_deadline().is_some_and(|d| now >= d) {
             core.end(CloseReason::HandshakeTimeout);
             return;
         }
-        if core.deadline.is_some_and(|d| now >= d) {
+        if core.message_deadline.is_some_and(|d| now >= d) {
             self.ws.close(&mut core.tx, 1008, "message timeout");
             core.end(CloseReason::MessageTimeout);
             return;
@@ -466,10 +497,19 @@ impl Session {
     /// [`MAX_HELD_REPLIES`] replies wait for their uplinks to become durable (the uplink
     /// writer is behind) or [`MAX_QUEUED_BYTES`] wait to be sent (the peer is not reading):
     /// the driver stops reading, the socket's receive window fills and the peer slows down,
-    /// instead of the gateway queueing without bound. The driver asks again whenever the
-    /// connection is flagged (replies released) and after each write.
+    /// instead of the gateway queueing without bound. Also false while the connection is over
+    /// its message rate ([`Config::message_rate`]) until [`poll_timeout`](Self::poll_timeout)
+    /// says the bucket has refilled. The driver asks again whenever the connection is flagged
+    /// (replies released, the rate pause over) and after each write.
     pub fn wants_input(&self) -> bool {
-        self.core.held.len() < MAX_HELD_REPLIES && self.core.tx.len() < MAX_QUEUED_BYTES
+        self.core.held.len() < MAX_HELD_REPLIES
+            && self.core.tx.len() < MAX_QUEUED_BYTES
+            && !self.core.rate_paused
+    }
+
+    /// Whether the connection is not read because it is over its message rate.
+    pub fn is_rate_paused(&self) -> bool {
+        self.core.rate_paused
     }
 
     /// Whether [`poll_transmit`](Self::poll_transmit) has bytes to give.
@@ -484,8 +524,14 @@ impl Session {
             return None;
         }
         let pong = c.next_ping.map(|_| c.last_pong + c.ctx.config.pong_timeout);
+        let resume = match (&c.ctx.config.message_rate, c.rate_paused) {
+            (Some(rate), true) => c.bucket().refilled_at(rate),
+            _ => None,
+        };
         [
-            c.deadline,
+            resume,
+            c.handshake_deadline(),
+            c.message_deadline,
             c.next_ping,
             pong,
             c.downlinks
@@ -506,7 +552,17 @@ impl Session {
 
     /// Why the connection ended, once it has.
     pub fn close_reason(&self) -> Option<&CloseReason> {
-        self.core.ended.as_ref()
+        self.core.ended.as_deref()
+    }
+
+    /// The code of the Close frame that ended the connection, the peer's or ours, when there
+    /// was one with a code (kept by the WebSocket layer, so that the reason stays small).
+    pub fn close_code(&self) -> Option<u16> {
+        match self.core.ended.as_deref() {
+            Some(CloseReason::PeerClosed(code)) => *code,
+            Some(_) => self.ws.close_sent(),
+            None => None,
+        }
     }
 
     /// Whether the WebSocket upgrade is done and the connection not closing.
@@ -535,13 +591,23 @@ impl Session {
 }
 
 impl Core {
+    /// Until the upgrade completes.
+    fn handshake_deadline(&self) -> Option<Instant> {
+        self.next_ping.is_none().then_some(self.clock).flatten()
+    }
+
+    /// The message bucket (full until the upgrade completes).
+    fn bucket(&self) -> Bucket {
+        Bucket::at(self.next_ping.and(self.clock))
+    }
+
     fn opened(&mut self, now: Instant) {
-        self.deadline = None;
+        self.clock = None; // from now on the message bucket: full
         self.last_pong = now;
         self.next_ping = Some(now + self.ctx.config.ping_interval);
     }
 
-    fn handle_message(&mut self, data: &mut [u8], shard: &mut ShardState) {
+    fn handle_message(&mut self, data: &mut [u8], now: Instant, shard: &mut ShardState) {
         let ShardState {
             decoder,
             stats,
@@ -551,7 +617,7 @@ impl Core {
         decoder.decode(data, |decoded| match decoded {
             Ok(None) => {}
             Ok(Some(Inbound::Request(req))) => {
-                let outcome = self.handle_request(&req, presence.as_ref());
+                let outcome = self.handle_request(&req, presence.as_ref(), now);
                 stats.count_request(Some(req.method), outcome.unwrap_or(Code::Success));
                 // `None`: answered by ack() once the uplink is durable.
                 if let Some(code) = outcome {
@@ -572,7 +638,12 @@ impl Core {
 
     /// The per-method checks of PROTOCOL.md section 7. `Some(code)` is the reply to send now;
     /// `None` means an uplink with an `ack` was emitted and the reply waits for it.
-    fn handle_request(&mut self, req: &Request<'_, '_>, presence: &dyn Presence) -> Option<Code> {
+    fn handle_request(
+        &mut self,
+        req: &Request<'_, '_>,
+        presence: &dyn Presence,
+        now: Instant,
+    ) -> Option<Code> {
         let registry = Arc::clone(&self.ctx.registry);
         let Some(device) = registry.lookup(req.product_key, req.device_name) else {
             return Some(Code::DeviceNotRegistered);
@@ -582,9 +653,16 @@ impl Core {
                 if !registry.allows_peer(device, self.peer) {
                     return Some(Code::DeviceNotRegistered);
                 }
-                if !self.owned.insert(device) {
+                if self.owned.contains(device) {
                     return Some(Code::Success); // already online here: nothing changes
                 }
+                if !presence.admit_online(device, now) {
+                    // Banned for flapping. 109000 is the code ringlink already answers when
+                    // a registered device may not come online (clientIp mismatch); the SDK
+                    // treats any non-zero code as "not online" and retries later.
+                    return Some(Code::DeviceNotRegistered);
+                }
+                self.owned.insert(device);
                 let ack = Some(self.hold_reply(req.id));
                 self.events.push_back(Event::Online { device, ack });
                 None
@@ -601,7 +679,8 @@ impl Core {
                 if !self.owned.contains(device) {
                     let auto = self.ctx.config.auto_online_on_report
                         && registry.allows_peer(device, self.peer)
-                        && !presence.is_online(device);
+                        && !presence.is_online(device)
+                        && presence.admit_online(device, now);
                     if !auto {
                         return Some(Code::DeviceOffline);
                     }
@@ -685,7 +764,7 @@ impl Core {
         if self.ended.is_some() {
             return;
         }
-        self.ended = Some(reason);
+        self.ended = Some(Box::new(reason));
         let owned = self.owned.take_sorted();
         self.events.extend(
             owned

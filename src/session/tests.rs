@@ -1377,3 +1377,96 @@ fn steady_pipelined_traffic_ending_mid_frame_is_not_a_timeout() {
     }
     assert_eq!(h.recv().len(), 40);
 }
+
+#[test]
+fn over_its_message_rate_a_connection_is_paused_not_dropped_until_the_bucket_refills() {
+    let config = Config {
+        message_rate: Rate::per_second(10, 5),
+        ..Config::default()
+    };
+    let mut h = Harness::with(config, ip("127.0.0.1"));
+    assert!(h.session.wants_input());
+    // Eight requests in one read: the five of the burst are handled, then the session stops
+    // at the message boundary and leaves the other three with the driver.
+    let mut frames = Vec::new();
+    for id in 1..=8 {
+        h.client
+            .send_text(&mut frames, online(id, "nobody").as_bytes());
+    }
+    h.feed(&frames);
+    assert_eq!(h.recv().len(), 5, "the burst is answered");
+    assert!(!h.session.wants_input(), "the burst is used up");
+    assert!(h.session.is_rate_paused());
+    assert!(!h.to_server.is_empty(), "the rest waits, unconsumed");
+    // Presented again while paused: nothing is consumed.
+    h.feed(&[]);
+    assert!(h.recv().is_empty());
+    // One more message per 100 ms from then on; the driver presents the rest at each resume.
+    let mut answered = 5;
+    for step in 1..=3 {
+        let resume = h.session.poll_timeout().expect("a resume deadline");
+        assert_eq!(resume, h.now + Duration::from_millis(100), "step {step}");
+        h.advance(Duration::from_millis(99));
+        assert!(!h.session.wants_input(), "step {step}");
+        h.advance(Duration::from_millis(1));
+        assert!(
+            h.session.wants_input(),
+            "read again once the bucket refilled"
+        );
+        h.feed(&[]);
+        answered += h.recv().len();
+        assert_eq!(answered, 5 + step, "one per refill");
+    }
+    assert!(h.to_server.is_empty(), "all eight answered: none dropped");
+    assert!(!h.session.is_closed(), "never closed for its rate");
+}
+
+#[test]
+fn the_default_has_no_message_rate() {
+    let mut h = Harness::new();
+    for id in 1..=2000 {
+        h.send(&online(id, "nobody"));
+        let _ = h.recv();
+    }
+    assert!(h.session.wants_input());
+}
+
+/// Refuses every online of one device, like the router does for a device banned for flapping.
+struct Banned(DeviceId);
+
+impl Presence for Banned {
+    fn is_online(&self, _: DeviceId) -> bool {
+        false
+    }
+
+    fn admit_online(&self, device: DeviceId, _: Instant) -> bool {
+        device != self.0
+    }
+}
+
+#[test]
+fn a_device_banned_for_flapping_gets_109000_and_is_not_onlined() {
+    let ctx = context(Config {
+        auto_online_on_report: true,
+        ..Config::default()
+    });
+    let banned = ctx
+        .registry
+        .lookup("a1ThermoPK0", "thermo-02")
+        .expect("registered");
+    let mut h = Harness::on(ctx, ip("127.0.0.1"), Arc::new(Banned(banned)));
+    let r = h.request(&online(1, "thermo-02"));
+    assert_eq!(r["code"], json!(109_000), "{r}");
+    assert!(h.take_events().is_empty(), "no online uplink");
+    assert_eq!(h.session.devices().count(), 0);
+    // Nor does a report bring it online through auto-online.
+    let r = h.request(&report(
+        2,
+        "thermo-02",
+        r#"[{"identifier":"temperature","type":"float","value":21.5}]"#,
+    ));
+    assert_eq!(r["code"], json!(109_001), "{r}");
+    assert!(h.take_events().is_empty());
+    // Other devices are not affected.
+    assert_eq!(h.code_of(&online(3, "thermo-03")), 0);
+}

@@ -48,12 +48,14 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use tracing::Level;
 
+use crate::limits::{self, Admission, Verdict};
 use crate::logging::RateLimit;
-use crate::metrics::Metrics;
+use crate::metrics::{Limit, Metrics};
 use crate::protocol::Code;
 use crate::registry::{ConnRef, DeviceId, Owners, Registry};
 use crate::session::{
-    AckToken, Context, Downlink, Event, Outcome, Presence, Session, ShardState, UplinkKind,
+    AckToken, CloseReason, Context, Downlink, Event, Outcome, Presence, Session, ShardState,
+    UplinkKind,
 };
 use crate::shadow::Shadows;
 use crate::uplink::{self, Batch, Batcher, Record, RecordBody, UplinkError};
@@ -66,6 +68,8 @@ pub(crate) struct Env {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shadows: Arc<Shadows>,
     pub(crate) max_connections: usize,
+    /// The process-wide limits: accept pacing, connections per IP, flapping.
+    pub(crate) admission: Admission,
     /// Connections echo instead of speaking Link (`serve --echo`, for Autobahn).
     pub(crate) echo: bool,
     /// Set for `wss://`.
@@ -134,12 +138,36 @@ impl Commit {
     }
 }
 
-/// The router's answer to a session's auto-online question.
-struct OwnersPresence(Arc<Owners>);
+/// The router's answers to a session: whether a device is online anywhere (auto-online), and
+/// whether it may come online now (flapping, process-wide).
+struct OwnersPresence(Arc<Env>);
 
 impl Presence for OwnersPresence {
     fn is_online(&self, device: DeviceId) -> bool {
-        self.0.owner(device).is_some()
+        self.0.owners.owner(device).is_some()
+    }
+
+    fn admit_online(&self, device: DeviceId, now: Instant) -> bool {
+        let flapping = &self.0.admission.flapping;
+        let Verdict::Refused { until, started } = flapping.online(device, now) else {
+            return true;
+        };
+        self.0.metrics.limited(Limit::Flapping);
+        if started {
+            if let (Some(held), Some(rule)) = (flapping.log_gate(now), flapping.rule()) {
+                let r = self.0.registry();
+                tracing::warn!(
+                    product_key = r.product_key(device),
+                    device_name = r.device_name(device),
+                    ban_ms = until.saturating_duration_since(now).as_millis() as u64,
+                    "device flapping: more than {} onlines in {} ms, its onlineDevice is \
+                     refused with 109000 until the ban ends ({held} more ban lines held back)",
+                    rule.max,
+                    rule.window.as_millis(),
+                );
+            }
+        }
+        false
     }
 }
 
@@ -199,6 +227,13 @@ impl Machine {
         match self {
             Self::Link(s) => s.poll_timeout(),
             Self::Echo(_) => None,
+        }
+    }
+
+    fn is_rate_paused(&self) -> bool {
+        match self {
+            Self::Link(s) => s.is_rate_paused(),
+            Self::Echo(_) => false,
         }
     }
 
@@ -291,12 +326,17 @@ pub(crate) struct ShardCore<D, R> {
     stats_dirty: bool,
     /// Connections refused at `max_connections` come in floods.
     refused_warn: RateLimit,
+    /// Set by `accept` when the process is over its accept rate: the driver stops accepting
+    /// until then ([`ShardCore::take_accept_pause`]).
+    accept_pause: Option<Instant>,
+    /// One rate-limited log line per limit and shard: message rate, accept rate, per IP.
+    log_gates: [RateLimit; 3],
 }
 
 impl<D, R> ShardCore<D, R> {
     /// A shard with no connections; `now` and `wall_ms` anchor the wall clock.
     pub(crate) fn new(id: u8, env: Arc<Env>, now: Instant, wall_ms: u64) -> Self {
-        let presence = Arc::new(OwnersPresence(Arc::clone(&env.owners)));
+        let presence = Arc::new(OwnersPresence(Arc::clone(&env)));
         Self {
             id,
             batcher: Batcher::new(env.batch_max, env.flush_delay),
@@ -319,6 +359,8 @@ impl<D, R> ShardCore<D, R> {
             next_publish: now,
             stats_dirty: false,
             refused_warn: RateLimit::warnings(),
+            accept_pause: None,
+            log_gates: std::array::from_fn(|_| limits::log_gate()),
         }
     }
 
@@ -339,13 +381,28 @@ impl<D, R> ShardCore<D, R> {
         self.actions.pop_front()
     }
 
-    /// A new connection from `peer`; None when the process is at `max_connections` or
-    /// draining (the driver drops the socket).
+    /// A new connection from `peer`; None when the process is at `max_connections`, `peer`'s
+    /// address at `max_connections_per_ip`, or draining (the driver drops the socket). Every
+    /// connection taken from the kernel counts against the accept rate, served or not; when
+    /// the next would be over it, [`take_accept_pause`](Self::take_accept_pause) says until
+    /// when the driver must stop accepting.
     pub(crate) fn accept(&mut self, peer: SocketAddr, now: Instant, io: D) -> Option<usize> {
-        let m = &self.env.metrics;
         if self.draining {
             return None;
         }
+        if let Some(until) = self.env.admission.pacer.admit(now) {
+            self.env.metrics.limited(Limit::AcceptRate);
+            self.accept_pause = Some(self.accept_pause.map_or(until, |t| t.max(until)));
+            if let Some(held) = self.log_gates[1].allow(now) {
+                tracing::warn!(
+                    shard = self.id,
+                    "over limits.max_new_connections_per_s: accepting paused for {} ms, new \
+                     connections wait in the backlog ({held} more pauses not logged)",
+                    until.saturating_duration_since(now).as_millis()
+                );
+            }
+        }
+        let m = &self.env.metrics;
         let open = m.connections_open.fetch_add(1, Ordering::Relaxed);
         if open as usize >= self.env.max_connections || self.conns.len() >= ConnRef::MAX_SLOT {
             m.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -357,6 +414,19 @@ impl<D, R> ShardCore<D, R> {
                     max_connections = self.env.max_connections,
                     suppressed,
                     "connection refused: at max_connections"
+                );
+            }
+            return None;
+        }
+        if !self.env.admission.per_ip.try_add(peer.ip()) {
+            m.connections_open.fetch_sub(1, Ordering::Relaxed);
+            m.limited(Limit::PerIp);
+            if let Some(held) = self.log_gates[2].allow(now) {
+                tracing::warn!(
+                    shard = self.id,
+                    peer = %peer.ip(),
+                    "over limits.max_connections_per_ip: connection closed at accept ({held} \
+                     more not logged)"
                 );
             }
             return None;
@@ -378,7 +448,11 @@ impl<D, R> ShardCore<D, R> {
                     plain: Vec::new(),
                     failed: false,
                 })),
-                Err(_) => return None,
+                Err(_) => {
+                    m.connections_open.fetch_sub(1, Ordering::Relaxed);
+                    self.env.admission.per_ip.remove(peer.ip());
+                    return None;
+                }
             },
             None => None,
         };
@@ -402,11 +476,15 @@ impl<D, R> ShardCore<D, R> {
     }
 
     /// Bytes read from `slot`'s socket; returns how many were consumed. The rest must be
-    /// presented again with more bytes appended (a TLS connection consumes everything).
+    /// presented again with more bytes appended (a TLS connection consumes everything), and
+    /// also when [`wants_input`](Self::wants_input) turns true after it was false, with or
+    /// without new bytes: a connection over its message rate stops consuming at a message
+    /// boundary (a TLS one keeps the decrypted rest itself; present it an empty slice).
     pub(crate) fn input(&mut self, slot: usize, input: &mut [u8], now: Instant) -> usize {
         let Some(conn) = self.conns.get_mut(slot) else {
             return input.len();
         };
+        let was_paused = conn.machine.is_rate_paused();
         let n = match conn.tls.as_deref_mut() {
             None => conn.machine.input(input, now, &mut self.state),
             Some(tls) => {
@@ -427,6 +505,17 @@ impl<D, R> ShardCore<D, R> {
                 input.len()
             }
         };
+        if !was_paused && conn.machine.is_rate_paused() {
+            self.env.metrics.limited(Limit::MessageRate);
+            if let Some(held) = self.log_gates[0].allow(now) {
+                tracing::warn!(
+                    shard = self.id,
+                    peer = %conn.peer,
+                    "over limits.max_messages_per_s: connection not read until its bucket \
+                     refills ({held} more pauses not logged)"
+                );
+            }
+        }
         self.stats_dirty = true;
         self.after(slot, now);
         n
@@ -481,6 +570,13 @@ impl<D, R> ShardCore<D, R> {
             .is_none_or(|c| c.is_closed() || c.machine.wants_input())
     }
 
+    /// Until when the driver must stop accepting, once, after an [`accept`](Self::accept)
+    /// found the process over `max_new_connections_per_s`. The driver accepts again at that
+    /// instant; connections that arrive meanwhile wait in the kernel's backlog.
+    pub(crate) fn take_accept_pause(&mut self) -> Option<Instant> {
+        self.accept_pause.take()
+    }
+
     /// Counts a connection whose driver stopped reading it (`ringlink_reads_paused_total`).
     pub(crate) fn note_paused(&self) {
         self.env
@@ -519,15 +615,17 @@ impl<D, R> ShardCore<D, R> {
             let c = &self.conns[slot];
             let (reason, code) = match &c.machine {
                 _ if c.tls.as_ref().is_some_and(|t| t.failed) => ("tls_error", None),
-                Machine::Link(s) => s
-                    .close_reason()
-                    .map_or(("disconnected", None), |r| (r.as_str(), r.close_code())),
+                Machine::Link(s) => (
+                    s.close_reason().map_or("disconnected", CloseReason::as_str),
+                    s.close_code(),
+                ),
                 Machine::Echo(_) => ("echo_closed", None),
             };
             let _in = self.conn_span(slot, None).entered();
             tracing::debug!(reason, code, "connection closed");
         }
         let conn = self.conns.remove(slot);
+        self.env.admission.per_ip.remove(conn.peer.ip());
         if let Some(t) = conn.timer {
             self.timers.remove(&(t, slot));
         }
@@ -566,12 +664,19 @@ impl<D, R> ShardCore<D, R> {
             self.timers.pop_first();
             if let Some(c) = self.conns.get_mut(slot) {
                 c.timer = None;
+                let mut resumed = false;
                 if c.lingering {
                     c.aborted = true;
                 } else if let Some(session) = c.machine.link() {
+                    let paused = session.is_rate_paused();
                     session.handle_timeout(now);
+                    resumed = paused && !session.is_rate_paused();
                 }
                 self.after(slot, now);
+                if resumed {
+                    // Its rate pause is over: the driver reads it again.
+                    self.flag(slot);
+                }
             }
         }
         if self.batcher.poll_timeout().is_some_and(|t| t <= now) {

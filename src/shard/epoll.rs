@@ -174,6 +174,15 @@ async fn accept(local: Rc<Local>, listener: tokio::net::TcpListener) {
                     spawn_local(connection(Rc::clone(&local), slot, stream, wake));
                 }
                 local.after_core_call();
+                // Over the accept rate: not accepting until then; connections wait in the
+                // backlog.
+                let pause = local.core.borrow_mut().take_accept_pause();
+                if let Some(until) = pause {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until.into()) => {}
+                        () = local.wakers.draining.notified() => return,
+                    }
+                }
             }
             Err(e) => {
                 accept_backoff(&local, &e).await;
@@ -206,6 +215,13 @@ async fn connection(local: Rc<Local>, slot: usize, stream: TcpStream, wake: Rc<N
         // Backpressure: while the core does not want input, only a wake (replies released)
         // or the next write brings the task back here.
         let wants_input = local.core.borrow().wants_input(slot);
+        if wants_input && paused {
+            // What was read before the pause goes in first: a connection over its message
+            // rate stops consuming at a message boundary and waits for no new bytes.
+            paused = false;
+            feed_leftover(&local, slot, &mut leftover);
+            continue;
+        }
         if !wants_input && !paused {
             local.core.borrow().note_paused();
         }
@@ -254,6 +270,20 @@ async fn write_all(
         }
     }
     true
+}
+
+/// Presents the bytes the core left unconsumed again (an empty slice for none, which lets a
+/// TLS connection go on with what it decrypted).
+fn feed_leftover(local: &Rc<Local>, slot: usize, leftover: &mut Vec<u8>) {
+    let consumed = local
+        .core
+        .borrow_mut()
+        .input(slot, leftover, Instant::now());
+    leftover.drain(..consumed.min(leftover.len()));
+    if leftover.is_empty() && leftover.capacity() > 4096 {
+        *leftover = Vec::new();
+    }
+    local.after_core_call();
 }
 
 /// Reads what the socket has into the shard buffer and feeds it to the core; false at EOF or

@@ -33,6 +33,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::IoMode;
+use crate::limits::{Admission, AdmissionSettings};
 use crate::metrics::Metrics;
 use crate::protocol::Code;
 use crate::registry::{DeviceId, Owners, Registry};
@@ -158,6 +159,8 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// The API's `max_connections`: file descriptors the device listener must leave to it.
     pub api_connections: usize,
+    /// The process-wide limits: accept pacing, connections per IP, flapping.
+    pub admission: AdmissionSettings,
     pub log: LogOptions,
     pub batch_max: usize,
     pub flush_delay: Duration,
@@ -302,6 +305,7 @@ impl Server {
             metrics: Arc::new(Metrics::new(threads)),
             shadows: Arc::new(Shadows::new(devices)),
             max_connections,
+            admission: Admission::new(&opts.admission, Instant::now()),
             echo: opts.echo,
             tls: opts.tls,
             batch_max: opts.batch_max,

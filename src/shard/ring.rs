@@ -126,6 +126,11 @@ pub(crate) struct RingConfig {
     pub(crate) buffer_size: u32,
     /// After an accept error (e.g. EMFILE), accepting resumes this much later.
     pub(crate) accept_backoff: Duration,
+    /// One accept op per connection, re-armed at the next [`Ring::wait`], instead of a
+    /// multishot accept. A multishot accept takes every connection waiting in the backlog at
+    /// once, before the loop sees the first: accept pacing ([`Ring::pause_accept`] after each
+    /// one) needs the connections it holds back to stay in the kernel's backlog.
+    pub(crate) accept_one_at_a_time: bool,
 }
 
 impl Default for RingConfig {
@@ -135,6 +140,7 @@ impl Default for RingConfig {
             buffers: 1024,
             buffer_size: 16384,
             accept_backoff: Duration::from_millis(100),
+            accept_one_at_a_time: false,
         }
     }
 }
@@ -473,6 +479,7 @@ pub(crate) struct Ring {
     inflight: usize,
     mode: &'static str,
     accept_backoff: Duration,
+    accept_one_at_a_time: bool,
     stats: RingStats,
     /// `SINGLE_ISSUER`/`DEFER_TASKRUN` tie the ring to the thread that made it.
     _not_send: PhantomData<*const ()>,
@@ -557,6 +564,7 @@ impl Ring {
             inflight: 0,
             mode,
             accept_backoff: cfg.accept_backoff,
+            accept_one_at_a_time: cfg.accept_one_at_a_time,
             stats: RingStats::default(),
             _not_send: PhantomData,
         };
@@ -799,19 +807,25 @@ impl Ring {
     fn arm_accept(&mut self, index: usize) {
         let l = &mut self.listeners[index];
         l.armed = true;
-        let e = opcode::AcceptMulti::new(Fd(l.sock.as_raw_fd()))
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(user_data(K_ACCEPT, 0, index));
-        // SAFETY: a multishot accept without an address buffer points to no memory; the
-        // listener's fd is owned by `self.listeners`, dropped only after the ring.
+        let fd = Fd(l.sock.as_raw_fd());
+        let e = if self.accept_one_at_a_time {
+            opcode::Accept::new(fd, ptr::null_mut(), ptr::null_mut())
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+        } else {
+            opcode::AcceptMulti::new(fd)
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+        };
+        let e = e.user_data(user_data(K_ACCEPT, 0, index));
+        // SAFETY: an accept without an address buffer points to no memory (null address and
+        // length); the listener's fd is owned by `self.listeners`, dropped only after the ring.
         unsafe { self.queue(e, None) };
     }
 
     /// No accept completions until `until` (after EMFILE, say): cancels the armed accept and
     /// re-arms it at the first `wait` after `until`. Connections the kernel accepted before
     /// the cancel took effect are still reported.
-    #[cfg_attr(not(test), allow(dead_code))] // for the tests and diagnostics
     pub(crate) fn pause_accept(&mut self, until: Instant) {
         for index in 0..self.listeners.len() {
             let l = &mut self.listeners[index];
@@ -844,9 +858,15 @@ impl Ring {
             l.armed = false;
             l.cancelling = false;
             if res >= 0 && l.resume_at.is_none() {
-                // the kernel ended the multishot without an error: keep accepting
-                self.stats.accept_rearms += 1;
-                self.arm_accept(index);
+                if self.accept_one_at_a_time {
+                    // Re-armed at the next `wait`, after the caller has seen this connection
+                    // and perhaps paused accepting.
+                    l.resume_at = Some(Instant::now());
+                } else {
+                    // the kernel ended the multishot without an error: keep accepting
+                    self.stats.accept_rearms += 1;
+                    self.arm_accept(index);
+                }
             }
         }
         if res >= 0 {

@@ -85,6 +85,7 @@ pub(crate) fn run(run: ShardRun) -> io::Result<()> {
             buffers: BUFFERS,
             buffer_size: BUFFER_SIZE,
             accept_backoff: Duration::from_millis(100),
+            accept_one_at_a_time: shared.env.admission.pacer.is_on(),
         })?;
         listener.set_nonblocking(true)?;
         ring.listen(listener);
@@ -212,6 +213,11 @@ impl Driver {
                     }
                     None => drop(stream),
                 }
+                // Over the accept rate: no accepts until then (the ring re-arms its accept at
+                // the first wait after it); connections wait in the backlog.
+                if let Some(until) = self.core.take_accept_pause() {
+                    self.ring.pause_accept(until);
+                }
             }
             Completion::AcceptError(e) => {
                 let m = &self.shared.env.metrics;
@@ -258,7 +264,7 @@ impl Driver {
             self.core.take_ready(&mut flagged);
             let had_ready = !flagged.is_empty();
             for slot in flagged.drain(..) {
-                self.act_on(slot);
+                self.act_on(slot, now);
             }
             self.ready = flagged;
             let mut acted = false;
@@ -282,8 +288,8 @@ impl Driver {
 
     /// Sends what `slot` has (one send in flight at a time), shuts it down when its session
     /// ended and everything went out, drops it when the core aborted it, and pauses or
-    /// resumes its receiving.
-    fn act_on(&mut self, slot: usize) {
+    /// resumes its receiving (feeding the core what it left unconsumed first).
+    fn act_on(&mut self, slot: usize, now: Instant) {
         let aborted = self.core.is_aborted(slot);
         let closed = self.core.is_closed(slot);
         let wants_input = self.core.wants_input(slot);
@@ -320,15 +326,49 @@ impl Driver {
             self.shut(slot);
             return;
         }
-        if wants_input == conn.paused {
-            conn.paused = !wants_input;
-            if wants_input {
-                self.ring.resume_recv(slot);
-            } else {
-                self.core.note_paused();
-                self.ring.pause_recv(slot);
+        if wants_input && conn.paused {
+            // What was read before the pause goes in first: a connection over its message
+            // rate stops consuming at a message boundary and waits for no new bytes.
+            self.feed_leftover(slot, now);
+            if !self.core.wants_input(slot) {
+                return; // paused again: the rest waits for the next refill
             }
+            if let Some(conn) = self.core.io_mut(slot) {
+                conn.paused = false;
+            }
+            self.ring.resume_recv(slot);
+        } else if !wants_input && !conn.paused {
+            conn.paused = true;
+            self.core.note_paused();
+            self.ring.pause_recv(slot);
         }
+    }
+
+    /// Presents `slot`'s unconsumed bytes to the core again (an empty slice for none, which
+    /// lets a TLS connection go on with what it decrypted).
+    fn feed_leftover(&mut self, slot: usize, now: Instant) {
+        let Some(conn) = self.core.io_mut(slot) else {
+            return;
+        };
+        let mut leftover = conn.leftover.take();
+        let n = match leftover.as_deref_mut() {
+            Some(lo) => {
+                let n = self.core.input(slot, lo, now);
+                lo.drain(..n.min(lo.len()));
+                lo.len()
+            }
+            None => {
+                self.core.input(slot, &mut [], now);
+                0
+            }
+        };
+        if n == 0 {
+            leftover = None;
+        }
+        if let Some(conn) = self.core.io_mut(slot) {
+            conn.leftover = leftover;
+        }
+        self.ready.push(slot);
     }
 
     /// Everything went out (or the peer is gone): shut the socket down and keep receiving

@@ -106,6 +106,8 @@ pub struct Conn {
     fragment: Fragment,
     /// The reassembly buffer was handed out in an `Event::Message`; free it on the next read.
     delivered: bool,
+    /// The code of the Close frame this side sent (by `close` or on an error), if any.
+    close_sent: Option<u16>,
 }
 
 impl Conn {
@@ -131,6 +133,7 @@ impl Conn {
             state,
             fragment: Fragment::None,
             delivered: false,
+            close_sent: None,
         };
         conn.wanted = conn.idle_wanted();
         conn
@@ -246,10 +249,17 @@ impl Conn {
             State::Handshake => self.state = State::Closed,
             State::Open => {
                 encode::write_close(tx, self.mask(), code, reason);
+                self.close_sent = Some(code);
                 self.state = State::CloseSent;
             }
             State::CloseSent | State::Closed => {}
         }
+    }
+
+    /// The code of the Close frame this side sent, if it sent one: by [`Conn::close`], or
+    /// because the peer broke the protocol (the peer's own Close is answered with its code).
+    pub fn close_sent(&self) -> Option<u16> {
+        self.close_sent
     }
 
     /// Whether a fragmented data message is in progress: its first fragment arrived, its final
@@ -504,6 +514,7 @@ impl Conn {
             (State::Open, _) => {
                 if let Some(code) = err.close_code() {
                     encode::write_close(tx, self.mask(), code.into(), err.as_str());
+                    self.close_sent = Some(code.into());
                 }
             }
             _ => {}

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::*;
+use crate::limits::{AdmissionSettings, FlapRule, Rate, LOG_EVERY};
 use crate::metrics::Metrics;
 use crate::registry::{demo_registry, Owners};
 use crate::session::{Config, Context, DownlinkRequest};
@@ -18,7 +19,7 @@ use crate::uplink::decode_line;
 
 type Core = ShardCore<(), u32>;
 
-fn env(config: Config) -> Arc<Env> {
+fn env_with(config: Config, admission: &AdmissionSettings) -> Arc<Env> {
     let registry = Arc::new(demo_registry());
     let devices = registry.len();
     Arc::new(Env {
@@ -27,6 +28,7 @@ fn env(config: Config) -> Arc<Env> {
         metrics: Arc::new(Metrics::new(2)),
         shadows: Arc::new(Shadows::new(devices)),
         max_connections: 100,
+        admission: Admission::new(admission, Instant::now()),
         echo: false,
         tls: None,
         batch_max: 256,
@@ -64,7 +66,11 @@ impl World {
     }
 
     fn with(config: Config) -> Self {
-        let env = env(config);
+        Self::with_admission(config, &AdmissionSettings::default())
+    }
+
+    fn with_admission(config: Config, admission: &AdmissionSettings) -> Self {
+        let env = env_with(config, admission);
         let now = Instant::now();
         Self {
             shards: (0..2)
@@ -203,6 +209,10 @@ fn online(id: u32, dn: &str) -> String {
     format!(
         r#"{{"version":"1.0","messageId":{id},"method":"onlineDevice","payload":{{"productKey":"a1ThermoPK0","deviceName":"{dn}"}}}}"#
     )
+}
+
+fn offline(id: u32, dn: &str) -> String {
+    online(id, dn).replace("onlineDevice", "offlineDevice")
 }
 
 fn report(id: u32, dn: &str, power: u32) -> String {
@@ -562,4 +572,235 @@ fn ack_latency_splits_the_wait_for_the_log_from_the_rest() {
     assert_eq!(rest.sum_us, 2_000);
     assert_eq!(stats.commit_latency.sum_us, 3_000 + 5_000);
     assert_eq!(stats.commit_latency.counts.iter().sum::<u64>(), 2);
+}
+
+fn peer(ip: &str) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("ip"), 40_000)
+}
+
+#[test]
+fn over_its_message_rate_a_connection_is_paused_then_flagged_when_the_bucket_refills() {
+    let config = Config {
+        message_rate: Rate::per_second(10, 3),
+        ..Config::default()
+    };
+    let mut w = World::with(config);
+    let mut c = w.connect(0);
+    for id in 1..=3 {
+        w.send(&mut c, &online(id, "nobody"));
+    }
+    w.settle();
+    assert_eq!(w.recv(&mut c).len(), 3, "answered, not dropped");
+    let core = &mut w.shards[0];
+    assert!(!core.wants_input(c.slot), "the driver stops reading it");
+    assert!(!core.is_closed(c.slot));
+    let m = &core.env.metrics;
+    assert_eq!(m.limited_count(Limit::MessageRate), 1);
+    core.on_timer(w.now); // what is due now (counters), so the next deadline is the resume
+    let resume = core.poll_timeout().expect("a resume deadline");
+    assert_eq!(resume, w.now + Duration::from_millis(100));
+    let mut ready = Vec::new();
+    core.take_ready(&mut ready);
+    core.on_timer(resume);
+    ready.clear();
+    core.take_ready(&mut ready);
+    assert_eq!(ready, [c.slot], "flagged for the driver to read it again");
+    assert!(core.wants_input(c.slot));
+}
+
+#[test]
+fn the_accept_rate_is_process_wide_and_pauses_accepting_without_refusing() {
+    let admission = AdmissionSettings {
+        accept: Rate::per_second(10, 4),
+        ..AdmissionSettings::default()
+    };
+    let mut w = World::with_admission(Config::default(), &admission);
+    let now = w.now;
+    // Three accepts over both shards leave room for one more.
+    for shard in [0, 1, 0] {
+        assert!(w.shards[shard].accept(peer("127.0.0.1"), now, ()).is_some());
+        assert_eq!(w.shards[shard].take_accept_pause(), None);
+    }
+    // The fourth uses the burst up: this shard stops accepting for one interval.
+    assert!(w.shards[1].accept(peer("127.0.0.1"), now, ()).is_some());
+    assert_eq!(
+        w.shards[1].take_accept_pause(),
+        Some(now + Duration::from_millis(100))
+    );
+    assert_eq!(w.shards[1].take_accept_pause(), None, "said once");
+    // A connection the kernel handed the other shard meanwhile is served, and paces it too.
+    assert!(w.shards[0].accept(peer("127.0.0.1"), now, ()).is_some());
+    assert_eq!(
+        w.shards[0].take_accept_pause(),
+        Some(now + Duration::from_millis(200))
+    );
+    let m = &w.shards[0].env.metrics;
+    assert_eq!(m.limited_count(Limit::AcceptRate), 2);
+    assert_eq!(
+        m.connections_rejected.load(Ordering::Relaxed),
+        0,
+        "none refused"
+    );
+}
+
+#[test]
+fn connections_per_ip_are_counted_over_the_process_and_freed_at_close() {
+    let admission = AdmissionSettings {
+        max_connections_per_ip: 2,
+        ..AdmissionSettings::default()
+    };
+    let mut w = World::with_admission(Config::default(), &admission);
+    let now = w.now;
+    let a = w.shards[0]
+        .accept(peer("127.0.0.2"), now, ())
+        .expect("first");
+    assert!(w.shards[1].accept(peer("127.0.0.2"), now, ()).is_some());
+    // The third from 127.0.0.2, on either shard, is closed at accept.
+    assert_eq!(w.shards[0].accept(peer("127.0.0.2"), now, ()), None);
+    assert_eq!(w.shards[1].accept(peer("127.0.0.2"), now, ()), None);
+    // Another address is not affected.
+    assert!(w.shards[0].accept(peer("127.0.0.3"), now, ()).is_some());
+    let m = Arc::clone(&w.shards[0].env.metrics);
+    assert_eq!(m.limited_count(Limit::PerIp), 2);
+    assert_eq!(m.connections_open.load(Ordering::Relaxed), 3);
+    // A close makes room again.
+    w.shards[0].disconnect(a, now);
+    assert!(w.shards[1].accept(peer("127.0.0.2"), now, ()).is_some());
+}
+
+#[test]
+fn a_flapping_device_is_refused_on_every_shard_until_its_ban_ends() {
+    let admission = AdmissionSettings {
+        flapping: Some(FlapRule {
+            max: 2,
+            window: Duration::from_secs(1),
+            ban: Duration::from_secs(5),
+        }),
+        ..AdmissionSettings::default()
+    };
+    let mut w = World::with_admission(Config::default(), &admission);
+    let mut a = w.connect(0);
+    let mut b = w.connect(1);
+    // Online, then taken over on the other shard: two onlines in the window.
+    w.send(&mut a, &online(1, "thermo-00001"));
+    w.settle();
+    w.send(&mut b, &online(2, "thermo-00001"));
+    w.settle();
+    assert_eq!(codes(&w.recv(&mut a)), [(1, 0)]);
+    assert_eq!(codes(&w.recv(&mut b)), [(2, 0)]);
+    // The third is refused with 109000, and nothing changes: b still owns it.
+    w.send(&mut a, &online(3, "thermo-00001"));
+    w.settle();
+    assert_eq!(codes(&w.recv(&mut a)), [(3, 109_000)]);
+    assert_eq!(w.owner("thermo-00001").map(|c| c.shard()), Some(1));
+    let onlines = w
+        .log
+        .iter()
+        .filter(|l| l.contains("\"kind\":\"online\""))
+        .count();
+    assert_eq!(
+        onlines, 2,
+        "no online uplink for the refused one: {:?}",
+        w.log
+    );
+    // Banned on the other shard too, while other devices are not.
+    w.now += Duration::from_millis(4_000);
+    w.send(&mut b, &offline(4, "thermo-00001"));
+    w.send(&mut b, &online(5, "thermo-00001"));
+    w.send(&mut b, &online(6, "thermo-00002"));
+    w.settle();
+    assert_eq!(codes(&w.recv(&mut b)), [(4, 0), (5, 109_000), (6, 0)]);
+    assert_eq!(w.shards[0].env.metrics.limited_count(Limit::Flapping), 2);
+    // The ban is over 5 s after it started.
+    w.now += Duration::from_millis(1_000);
+    w.send(&mut a, &online(7, "thermo-00001"));
+    w.settle();
+    assert_eq!(codes(&w.recv(&mut a)), [(7, 0)]);
+}
+
+/// Counts the warnings logged on this thread (a minimal `tracing` subscriber).
+#[derive(Default)]
+struct Warnings(std::sync::Mutex<Vec<String>>);
+
+impl tracing::Subscriber for Warnings {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        if *event.metadata().level() == Level::WARN {
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            self.0.lock().expect("not poisoned").push(m.0);
+        }
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_limit_logs_one_warning_per_period_however_often_it_acts() {
+    let admission = AdmissionSettings {
+        max_connections_per_ip: 1,
+        flapping: Some(FlapRule {
+            max: 1,
+            window: Duration::from_secs(60),
+            ban: Duration::from_secs(60),
+        }),
+        ..AdmissionSettings::default()
+    };
+    let run = || {
+        let mut w = World::with_admission(Config::default(), &admission);
+        let mut c = w.connect(0);
+        // 50 refused from the address of `c`: one line, 49 held back.
+        for _ in 0..50 {
+            assert_eq!(w.shards[0].accept(peer("127.0.0.1"), w.now, ()), None);
+        }
+        // Two devices start a ban each: one line, the second held back.
+        w.send(&mut c, &online(1, "thermo-00001"));
+        w.send(&mut c, &offline(2, "thermo-00001"));
+        w.send(&mut c, &online(3, "thermo-00001"));
+        w.send(&mut c, &online(4, "thermo-00002"));
+        w.send(&mut c, &offline(5, "thermo-00002"));
+        w.send(&mut c, &online(6, "thermo-00002"));
+        w.settle();
+        assert_eq!(
+            codes(&w.recv(&mut c)),
+            [(1, 0), (2, 0), (3, 109_000), (4, 0), (5, 0), (6, 109_000)]
+        );
+        // Ten seconds later the next one goes out and says how many were held back.
+        w.now += LOG_EVERY;
+        assert_eq!(w.shards[0].accept(peer("127.0.0.1"), w.now, ()), None);
+        w.send(&mut c, &online(7, "thermo-00002"));
+    };
+    // Once with nobody listening: this thread registers the callsites, so that no other
+    // test's thread can register one concurrently with the subscriber below and cache
+    // "nobody listens" for it.
+    run();
+    let warnings = Arc::new(Warnings::default());
+    tracing::subscriber::with_default(Arc::clone(&warnings), run);
+    let lines = warnings.0.lock().expect("not poisoned");
+    let per_ip: Vec<_> = lines.iter().filter(|l| l.contains("per_ip")).collect();
+    let flapping: Vec<_> = lines.iter().filter(|l| l.contains("flapping")).collect();
+    assert_eq!(per_ip.len(), 2, "{lines:#?}");
+    assert!(per_ip[1].contains("49 more"), "{}", per_ip[1]);
+    assert_eq!(flapping.len(), 1, "bans only, once per period: {lines:#?}");
 }

@@ -17,6 +17,7 @@ fn config(buffers: u16, buffer_size: u32) -> RingConfig {
         buffers,
         buffer_size,
         accept_backoff: Duration::from_millis(50),
+        accept_one_at_a_time: false,
     }
 }
 
@@ -644,6 +645,35 @@ fn pause_accept_holds_connections_until_the_pause_ends() {
     let (at, peer) = accepted.unwrap();
     assert!(at >= until, "accepted {:?} early", until - at);
     assert_eq!(peer, client.local_addr().unwrap());
+}
+
+/// Accept pacing: with one accept at a time, a pause after each accepted connection leaves the
+/// others in the kernel's backlog (a multishot accept would have taken them all at once).
+#[test]
+fn one_accept_at_a_time_leaves_the_rest_in_the_backlog_while_paused() {
+    let mut ring = Ring::new(RingConfig {
+        accept_one_at_a_time: true,
+        ..config(8, 64)
+    })
+    .unwrap();
+    let (l, addr) = listener();
+    ring.listen(l);
+    let _clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let pause = Duration::from_millis(150);
+    let mut accepted = Vec::new();
+    drive(&mut ring, 5, |ring, c| match c {
+        Completion::Accepted { .. } => {
+            accepted.push(Instant::now());
+            // As the driver does when the core says the accept rate is reached.
+            ring.pause_accept(Instant::now() + pause);
+            accepted.len() == 3
+        }
+        other => panic!("unexpected {other:?}"),
+    });
+    for pair in accepted.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= pause, "accepted {gap:?} after the previous one");
+    }
 }
 
 #[test]
