@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use ringlink::config::{self, Checked, Config, IoMode, Overrides, SinkKind};
 use ringlink::mqtt;
 use ringlink::registry::Registry;
-use ringlink::shard::{ServerOptions, SinkOptions};
+use ringlink::shard::{ReloadSource, Reloaded, ServerOptions, SinkOptions};
 use ringlink::sink::mqtt::MqttOptions;
 use ringlink::sink::nats::NatsOptions;
 use ringlink::uplink::{self, LogOptions};
@@ -199,7 +199,18 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         mqtt_gateway,
     } = Config::check(args.config.as_deref(), std::env::vars(), &args.overrides())
         .context("configuration")?;
-    serve(config, registry, tls, mqtt_tls, mqtt_gateway, args.echo)
+    // A reload reads the configuration again as at start, with the same code `ringlink check`
+    // runs, and keeps only its registry and TLS setup.
+    let (file, overrides) = (args.config.clone(), args.overrides());
+    let reload = ReloadSource::new(move || {
+        Config::check(file.as_deref(), std::env::vars(), &overrides)
+            .map(|c| Reloaded {
+                registry: c.registry,
+                tls: c.tls,
+            })
+            .map_err(|errors| errors.0.iter().map(ToString::to_string).collect())
+    });
+    serve(config, registry, tls, mqtt_tls, mqtt_gateway, args.echo, reload)
 }
 
 /// Runs the gateway until SIGINT/SIGTERM, then drains (see `ringlink::shard::serve`).
@@ -210,6 +221,7 @@ fn serve(
     mqtt_tls: Option<Arc<rustls::ClientConfig>>,
     mqtt_gateway: Option<ringlink::alink::Gateway>,
     echo: bool,
+    reload: ReloadSource,
 ) -> anyhow::Result<()> {
     let devices = registry.len();
     let tls_on = tls.is_some();
@@ -237,6 +249,7 @@ fn serve(
         echo,
         tls,
         sink: sink_options(&config, mqtt_tls, mqtt_gateway)?,
+        reload: Some(reload),
     };
     ringlink::shard::serve(opts, config.api.listen, |server, api| {
         let scheme = if tls_on { "wss" } else { "ws" };

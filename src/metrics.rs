@@ -95,6 +95,10 @@ pub struct Metrics {
     pub reads_paused: AtomicU64,
     /// Uplinks whose batch could not be written (answered 100000 to the device).
     pub uplinks_failed: AtomicU64,
+    /// Registry reloads (API or SIGHUP) that swapped a new registry in.
+    pub reloads_ok: AtomicU64,
+    /// Registry reloads refused (invalid sources: nothing changed).
+    pub reloads_failed: AtomicU64,
     pub batch_sizes: Histogram,
     /// By method (get, set, call) and outcome code slot.
     downlinks: Box<[AtomicU64]>,
@@ -112,6 +116,8 @@ impl Metrics {
             tls_handshake_errors: AtomicU64::new(0),
             reads_paused: AtomicU64::new(0),
             uplinks_failed: AtomicU64::new(0),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
             batch_sizes: Histogram::new(BATCH_BOUNDS),
             downlinks: (0..METHODS.len() * (Code::SENT.len() + 1))
                 .map(|_| AtomicU64::new(0))
@@ -190,6 +196,12 @@ impl Metrics {
             "ringlink_tls_handshake_errors_total",
             "TLS handshakes that failed.",
             &self.tls_handshake_errors,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringlink_registry_reloads_total Registry reloads (POST /v1/registry/reload, SIGHUP) by result; failed ones changed nothing.\n# TYPE ringlink_registry_reloads_total counter\nringlink_registry_reloads_total{{result=\"ok\"}} {}\nringlink_registry_reloads_total{{result=\"failed\"}} {}",
+            self.reloads_ok.load(Ordering::Relaxed),
+            self.reloads_failed.load(Ordering::Relaxed)
         );
         counter(
             &mut out,
