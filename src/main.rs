@@ -210,7 +210,15 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
             })
             .map_err(|errors| errors.0.iter().map(ToString::to_string).collect())
     });
-    serve(config, registry, tls, mqtt_tls, mqtt_gateway, args.echo, reload)
+    serve(
+        config,
+        registry,
+        tls,
+        mqtt_tls,
+        mqtt_gateway,
+        args.echo,
+        reload,
+    )
 }
 
 /// Runs the gateway until SIGINT/SIGTERM, then drains (see `ringlink::shard::serve`).

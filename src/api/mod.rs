@@ -26,8 +26,8 @@ use crate::model::Access;
 use crate::protocol::Code;
 use crate::registry::DeviceId;
 use crate::session::DownlinkRequest;
-use crate::shard::{ReloadError, Server};
 use crate::shard::Shared;
+use crate::shard::{ReloadError, Server};
 use crate::worker::Worker;
 
 /// The running API.

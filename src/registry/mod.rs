@@ -516,7 +516,10 @@ pub(crate) mod tests {
     }
 
     /// The test registry's products (the light one replaced by `light_model`) and `devices`.
-    fn rebuilt(devices: &[(&str, &str, Option<&str>)], light_model: Option<ThingModel>) -> Registry {
+    fn rebuilt(
+        devices: &[(&str, &str, Option<&str>)],
+        light_model: Option<ThingModel>,
+    ) -> Registry {
         let mut b = Registry::builder();
         let mut ms = models();
         if let Some(m) = light_model {
@@ -536,7 +539,14 @@ pub(crate) mod tests {
     fn carry_over_keeps_ids_appends_added_and_retires_removed() {
         let old = registry();
         let id = |r: &Registry, dn: &str| {
-            r.lookup(if dn.starts_with("lamp") { "a1LightPK00" } else { "a1ThermoPK0" }, dn)
+            r.lookup(
+                if dn.starts_with("lamp") {
+                    "a1LightPK00"
+                } else {
+                    "a1ThermoPK0"
+                },
+                dn,
+            )
         };
         // thermo-02 and lamp-1 removed, thermo-01's clientIp dropped, two added (one before
         // the kept ones in file order: file order does not decide ids).
@@ -560,16 +570,29 @@ pub(crate) mod tests {
         assert_eq!(id(&new, "thermo-02"), None, "removed: not looked up");
         let t2 = id(&old, "thermo-02").expect("was there");
         assert!(new.is_retired(t2));
-        assert_eq!(new.device_name(t2), "thermo-02", "a retired id keeps its names");
+        assert_eq!(
+            new.device_name(t2),
+            "thermo-02",
+            "a retired id keeps its names"
+        );
         assert_eq!(new.product_key(t2), "a1ThermoPK0");
         assert_eq!((new.len(), new.id_bound()), (6, 8));
         assert_eq!(new.ids().count(), 6);
         assert_eq!(changes.added, vec![DeviceId(6), DeviceId(7)]);
-        assert_eq!(changes.removed, vec![t2, id(&old, "lamp-1").expect("was there")]);
-        assert_eq!(changes.changed, vec![id(&old, "thermo-01").expect("was there")]);
+        assert_eq!(
+            changes.removed,
+            vec![t2, id(&old, "lamp-1").expect("was there")]
+        );
+        assert_eq!(
+            changes.changed,
+            vec![id(&old, "thermo-01").expect("was there")]
+        );
         assert!(changes.models_changed.is_empty());
         let t1 = id(&new, "thermo-01").expect("kept");
-        assert!(new.allows_peer(t1, "10.0.0.1".parse().expect("ip")), "new clientIp");
+        assert!(
+            new.allows_peer(t1, "10.0.0.1".parse().expect("ip")),
+            "new clientIp"
+        );
 
         // Again, with thermo-02 back: a new id, the retired one is never reused.
         let fresh = rebuilt(&[("a1ThermoPK0", "thermo-02", None)], None);
@@ -585,7 +608,10 @@ pub(crate) mod tests {
         let old = registry();
         let light = light_without_last_property();
         let fresh = rebuilt(
-            &[("a1LightPK00", "lamp-1", None), ("a1LightPK00", "lamp-2", None)],
+            &[
+                ("a1LightPK00", "lamp-1", None),
+                ("a1LightPK00", "lamp-2", None),
+            ],
             Some(light),
         );
         let (new, changes) = old.carry_over(fresh).expect("fits");
@@ -595,7 +621,10 @@ pub(crate) mod tests {
         // Same sources again: nothing changed.
         let (_, none) = new
             .carry_over(rebuilt(
-                &[("a1LightPK00", "lamp-1", None), ("a1LightPK00", "lamp-2", None)],
+                &[
+                    ("a1LightPK00", "lamp-1", None),
+                    ("a1LightPK00", "lamp-2", None),
+                ],
                 Some(light_without_last_property()),
             ))
             .expect("fits");

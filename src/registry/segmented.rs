@@ -86,7 +86,10 @@ mod tests {
         assert_eq!(t.bound(), 3);
         let first = t.get(id(2)).expect("within the first chunk") as *const AtomicU64;
         t.get(id(2)).expect("entry").store(7, Ordering::Relaxed);
-        assert!(t.get(id(CHUNK)).is_none(), "the second chunk is not there yet");
+        assert!(
+            t.get(id(CHUNK)).is_none(),
+            "the second chunk is not there yet"
+        );
         t.grow(CHUNK + 5);
         assert_eq!(t.bound(), CHUNK + 5);
         assert!(t.get(id(CHUNK + 4)).is_some());

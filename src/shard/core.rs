@@ -660,7 +660,12 @@ impl<D, R> ShardCore<D, R> {
             }
         }
         for &device in &swap.removed {
-            let Some(slot) = self.env.owners.owner(device).and_then(|c| self.live_slot(c)) else {
+            let Some(slot) = self
+                .env
+                .owners
+                .owner(device)
+                .and_then(|c| self.live_slot(c))
+            else {
                 continue;
             };
             if let Some(s) = self.conns[slot].machine.link() {

@@ -313,7 +313,11 @@ fn a_reload_swaps_the_registry_at_a_turn_and_offlines_removed_devices() {
         .map(|(r, o)| (*r, o.code.as_u32()))
         .collect();
     swapped.sort_unstable();
-    assert_eq!(swapped, [(100, 0), (101, 0)], "every shard answers once swapped");
+    assert_eq!(
+        swapped,
+        [(100, 0), (101, 0)],
+        "every shard answers once swapped"
+    );
 
     // The removed device went offline, with an offline record; nothing else did.
     let new_records: Vec<_> = w.log[logged..]
@@ -328,7 +332,10 @@ fn a_reload_swaps_the_registry_at_a_turn_and_offlines_removed_devices() {
         w.log[logged]
     );
     assert_eq!(w.shards[0].env.owners.owner(removed), None);
-    assert!(w.recv(&mut c).is_empty(), "no message to the connection itself");
+    assert!(
+        w.recv(&mut c).is_empty(),
+        "no message to the connection itself"
+    );
     assert_eq!(c.closed, None, "the connection stays up");
 
     // Further messages for it: 109000. The others on the same connection work, against the
