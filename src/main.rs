@@ -34,7 +34,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
         0.0.0.0:17682 with its HTTP API on 127.0.0.1:17690.\n\n\
         Settings come from defaults, then the --config TOML file (see ringlink.example.toml), \
         then RINGLINK_<SECTION>_<KEY> environment variables (e.g. RINGLINK_LISTENER_PORT=18000), \
-        then flags.",
+        then flags.\n\n\
+        SIGHUP (or POST /v1/registry/reload) re-reads the thing models, device lists and TLS \
+        certificate with the checks of `ringlink check` and swaps them in while connections \
+        stay up; with any error nothing changes.",
     args_conflicts_with_subcommands = true,
     after_help = "Examples:\n  \
         ringlink                                   serve the demo registry\n  \
