@@ -139,6 +139,8 @@ fn reload_adds_removes_changes_and_refuses_broken_sources_on_both_drivers() {
             assert_eq!(other.report(THERMO, "t-c", power()).await, 0, "{io}");
             assert!(gw.is_online(THERMO, "t-d"), "{io}");
             assert_eq!(gw.metric("ringlink_devices_registered"), 3.0, "{io}");
+            let swap = gw.metric("ringlink_registry_swap_max_seconds");
+            assert!(swap > 0.0 && swap < 1.0, "{io}: swap took {swap} s");
 
             // Broken sources: a bad CSV line and a bad TSL. Every error, with file and line,
             // and nothing changes.
