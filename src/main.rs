@@ -12,8 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use ringlink::config::{self, Checked, Config, IoMode, Overrides, SinkKind};
 use ringlink::logging::{self, LogFormat};
 use ringlink::mqtt;
-use ringlink::registry::Registry;
-use ringlink::shard::{ServerOptions, SinkOptions};
+use ringlink::shard::{ReloadSource, Reloaded, ServerOptions, SinkOptions};
 use ringlink::sink::mqtt::MqttOptions;
 use ringlink::sink::nats::NatsOptions;
 use ringlink::uplink::{self, LogOptions};
@@ -34,7 +33,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
         0.0.0.0:17682 with its HTTP API on 127.0.0.1:17690.\n\n\
         Settings come from defaults, then the --config TOML file (see ringlink.example.toml), \
         then RINGLINK_<SECTION>_<KEY> environment variables (e.g. RINGLINK_LISTENER_PORT=18000), \
-        then flags.",
+        then flags.\n\n\
+        SIGHUP (or POST /v1/registry/reload) re-reads the thing models, device lists and TLS \
+        certificate with the checks of `ringlink check` and swaps them in while connections \
+        stay up; with any error nothing changes.",
     args_conflicts_with_subcommands = true,
     after_help = "Examples:\n  \
         ringlink                                   serve the demo registry\n  \
@@ -218,35 +220,36 @@ fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
         format: args.log_format,
     };
     let format = logging::init(&log).map_err(anyhow::Error::msg)?;
+    let checked = Config::check(args.config.as_deref(), std::env::vars(), &args.overrides())
+        .context("configuration")?;
+    // A reload reads the configuration again as at start, with the same code `ringlink check`
+    // runs, and keeps only its registry and TLS setup.
+    let (file, overrides) = (args.config.clone(), args.overrides());
+    let reload = ReloadSource::new(move || {
+        Config::check(file.as_deref(), std::env::vars(), &overrides)
+            .map(|c| Reloaded {
+                registry: c.registry,
+                tls: c.tls,
+            })
+            .map_err(|errors| errors.0.iter().map(ToString::to_string).collect())
+    });
+    serve(checked, args.echo, format, reload)
+}
+
+/// Runs the gateway until SIGINT/SIGTERM, then drains (see `ringlink::shard::serve`).
+fn serve(
+    checked: Checked,
+    echo: bool,
+    log_format: LogFormat,
+    reload: ReloadSource,
+) -> anyhow::Result<()> {
     let Checked {
         config,
         registry,
         tls,
         mqtt_tls,
         mqtt_gateway,
-    } = Config::check(args.config.as_deref(), std::env::vars(), &args.overrides())
-        .context("configuration")?;
-    serve(
-        config,
-        registry,
-        tls,
-        mqtt_tls,
-        mqtt_gateway,
-        args.echo,
-        format,
-    )
-}
-
-/// Runs the gateway until SIGINT/SIGTERM, then drains (see `ringlink::shard::serve`).
-fn serve(
-    config: Config,
-    registry: Registry,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    mqtt_tls: Option<Arc<rustls::ClientConfig>>,
-    mqtt_gateway: Option<ringlink::alink::Gateway>,
-    echo: bool,
-    log_format: LogFormat,
-) -> anyhow::Result<()> {
+    } = checked;
     let devices = registry.len();
     let tls_on = tls.is_some();
     let threads = config.runtime.threads;
@@ -275,6 +278,7 @@ fn serve(
         echo,
         tls,
         sink: sink_options(&config, mqtt_tls, mqtt_gateway)?,
+        reload: Some(reload),
     };
     let api = ringlink::api::ApiOptions {
         listen: config.api.listen,

@@ -110,6 +110,13 @@ pub struct Metrics {
     pub uplinks_failed: AtomicU64,
     /// Times each `[limits]` limit acted, by [`Limit`].
     limited: [AtomicU64; Limit::ALL.len()],
+    /// Registry reloads (API or SIGHUP) that swapped a new registry in.
+    pub reloads_ok: AtomicU64,
+    /// Registry reloads refused (invalid sources: nothing changed).
+    pub reloads_failed: AtomicU64,
+    /// The longest a shard spent swapping a reloaded registry in (its loop paused), in
+    /// microseconds, over every reload.
+    pub swap_max_us: AtomicU64,
     pub batch_sizes: Histogram,
     /// By method (get, set, call) and outcome code slot.
     downlinks: Box<[AtomicU64]>,
@@ -128,6 +135,9 @@ impl Metrics {
             reads_paused: AtomicU64::new(0),
             uplinks_failed: AtomicU64::new(0),
             limited: Default::default(),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            swap_max_us: AtomicU64::new(0),
             batch_sizes: Histogram::new(BATCH_BOUNDS),
             downlinks: (0..METHODS.len() * (Code::SENT.len() + 1))
                 .map(|_| AtomicU64::new(0))
@@ -156,6 +166,13 @@ impl Metrics {
     /// How many times `limit` acted.
     pub fn limited_count(&self, limit: Limit) -> u64 {
         self.limited[limit as usize].load(Ordering::Relaxed)
+    }
+
+    /// Shard `shard` swapped a reloaded registry in, which took `took` of its loop.
+    pub fn swapped(&self, shard: u8, took: Duration) {
+        let us = took.as_micros() as u64;
+        self.swap_max_us.fetch_max(us, Ordering::Relaxed);
+        tracing::debug!(shard, took_us = us, "registry swapped in");
     }
 
     /// A shard's latest counters.
@@ -216,6 +233,17 @@ impl Metrics {
             "ringlink_tls_handshake_errors_total",
             "TLS handshakes that failed.",
             &self.tls_handshake_errors,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringlink_registry_reloads_total Registry reloads (POST /v1/registry/reload, SIGHUP) by result; failed ones changed nothing.\n# TYPE ringlink_registry_reloads_total counter\nringlink_registry_reloads_total{{result=\"ok\"}} {}\nringlink_registry_reloads_total{{result=\"failed\"}} {}",
+            self.reloads_ok.load(Ordering::Relaxed),
+            self.reloads_failed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringlink_registry_swap_max_seconds The longest a shard's loop spent swapping a reloaded registry in.\n# TYPE ringlink_registry_swap_max_seconds gauge\nringlink_registry_swap_max_seconds {}",
+            self.swap_max_us.load(Ordering::Relaxed) as f64 / 1e6
         );
         counter(
             &mut out,

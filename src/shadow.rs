@@ -2,7 +2,9 @@
 //! where each device is online. Read by the API; written by shards as uplinks are batched.
 //!
 //! Owns: one small record per registered device behind its own mutex (writers are the shard
-//! that owns the device, readers the API, so contention is nil).
+//! that owns the device, readers the API, so contention is nil). The records live in a
+//! [`Segmented`] table: a registry reload that appends device ids grows it
+//! ([`Shadows::grow`]) without moving a record; a removed device's record stays, unread.
 //!
 //! A property report's values arrive as one compact JSON object written by ringlink itself
 //! (`{"a":1,"b":{"x":2}}`). The shadow keeps that text once, as an `Arc<str>`, and points each
@@ -14,6 +16,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::registry::segmented::Segmented;
 use crate::registry::DeviceId;
 
 /// How many events each shadow remembers.
@@ -22,7 +25,7 @@ const EVENTS_KEPT: usize = 8;
 /// Every device's shadow, indexed by [`DeviceId`].
 #[derive(Debug)]
 pub struct Shadows {
-    devices: Box<[Mutex<Shadow>]>,
+    devices: Segmented<Mutex<Shadow>>,
 }
 
 /// One device's shadow.
@@ -56,8 +59,13 @@ pub struct EventRecord {
 impl Shadows {
     pub fn new(devices: usize) -> Self {
         Self {
-            devices: (0..devices).map(|_| Mutex::default()).collect(),
+            devices: Segmented::new(devices, Mutex::default),
         }
+    }
+
+    /// Makes room for device ids `0..devices` (a reload added some); nothing moves.
+    pub fn grow(&self, devices: usize) {
+        self.devices.grow(devices);
     }
 
     pub fn online(&self, device: DeviceId, peer: SocketAddr, at_ms: u64) {
@@ -117,19 +125,35 @@ impl Shadows {
 
     /// A copy of one device's shadow.
     pub fn snapshot(&self, device: DeviceId) -> Shadow {
+        if self.devices.get(device).is_none() {
+            return Shadow::default();
+        }
         self.lock(device).clone()
     }
 
+    /// The record of `device`; a placeholder (written to, never read) for an id beyond the
+    /// table, which a registry never hands out: the table grows before a registry is published.
     fn lock(&self, device: DeviceId) -> MutexGuard<'_, Shadow> {
+        static NOWHERE: Mutex<Shadow> = Mutex::new(Shadow::EMPTY);
         // A panic while holding a shadow lock leaves a consistent value (every update is a
         // plain assignment), so a poisoned lock is still usable.
-        self.devices[device.index()]
+        self.devices
+            .get(device)
+            .unwrap_or(&NOWHERE)
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 impl Shadow {
+    const EMPTY: Self = Self {
+        peer: None,
+        since_ms: 0,
+        online: false,
+        properties: Vec::new(),
+        events: VecDeque::new(),
+    };
+
     /// `(key as JSON string literal, value as JSON text, epoch ms)` of every property reported.
     pub fn properties(&self) -> impl Iterator<Item = (&str, &str, u64)> {
         self.properties.iter().map(|p| {

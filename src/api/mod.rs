@@ -35,8 +35,8 @@ use crate::model::Access;
 use crate::protocol::Code;
 use crate::registry::DeviceId;
 use crate::session::DownlinkRequest;
-use crate::shard::Server;
 use crate::shard::Shared;
+use crate::shard::{ReloadError, Server};
 use crate::worker::Worker;
 
 /// How the API serves: where, who may call it, and how much a client may hold.
@@ -459,6 +459,7 @@ fn router(state: Arc<Shared>) -> Router {
         .route("/v1/devices/{pk}/{dn}/properties/set", post(set_properties))
         .route("/v1/devices/{pk}/{dn}/services/{id}", post(call_service))
         .route("/v1/uplinks", get(uplinks))
+        .route("/v1/registry/reload", post(reload))
         .with_state(state)
 }
 
@@ -761,6 +762,34 @@ async fn uplinks(
         Some((Ok(event), rx))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// `POST /v1/registry/reload`: 200 with `{added, removed, changed, devices, models_changed,
+/// took_ms}` (counts of devices, see [`crate::shard::ReloadReport`]) once every shard has
+/// swapped; 422 with `{code: 100001, message, errors: [..]}`, every error with its file and
+/// line, when a source is invalid (then nothing changed); 503 when the server cannot reload.
+async fn reload(State(s): State<Arc<Shared>>) -> Response {
+    match s.reload().await {
+        Ok(report) => Json(report).into_response(),
+        Err(ReloadError::Invalid(errors)) => {
+            let n = errors.len();
+            let message = format!(
+                "{n} error{} in the registry sources; nothing changed",
+                if n == 1 { "" } else { "s" }
+            );
+            let body = json!({
+                "code": Code::InvalidParameter.as_u32(),
+                "message": message,
+                "errors": errors,
+            });
+            (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
+        }
+        Err(ReloadError::Unavailable(why)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"code": Code::Unknown.as_u32(), "message": why})),
+        )
+            .into_response(),
+    }
 }
 
 /// The member `name` of a JSON object body; the error is a 400 with code 100001.

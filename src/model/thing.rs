@@ -13,8 +13,8 @@ use crate::protocol::Code;
 
 use super::{DataKind, DataType, Json, ModelError, ModelErrorKind, ValueError};
 
-/// One product's thing model (TSL).
-#[derive(Clone, Debug)]
+/// One product's thing model (TSL). Equal when loaded from equivalent TSL (a reload compares).
+#[derive(Clone, Debug, PartialEq)]
 pub struct ThingModel {
     pub(super) product_key: Box<str>,
     pub(super) properties: Vec<Property>,
@@ -322,7 +322,7 @@ impl Named for Param {
 
 /// Lookup by identifier without allocating: positions sorted by identifier, searched by
 /// bisection; lists of at most [`LINEAR_MAX`] entries are scanned instead.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub(super) struct Index(Box<[u32]>);
 
 impl Index {

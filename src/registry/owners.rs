@@ -7,9 +7,15 @@
 //!
 //! Always holds: a device has at most one owner; the word only changes through the three
 //! operations below, so "online uplink, no offline in between" on a takeover is decided here.
+//!
+//! Reloads: the table is a [`Segmented`] array, so a registry reload that appends device ids
+//! grows it ([`Owners::grow`], before any shard sees the new registry) without moving a word
+//! another thread may be reading or swapping. A removed device's word stays (its id is retired,
+//! never handed out again); the shard that owns it releases it when it swaps registries.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use crate::registry::segmented::Segmented;
 use crate::registry::DeviceId;
 
 /// A connection, named so that a reused slot is never mistaken for its previous connection.
@@ -49,7 +55,7 @@ impl ConnRef {
 /// The owner of every device, shared by all shards and the API.
 #[derive(Debug)]
 pub struct Owners {
-    table: Box<[AtomicU64]>,
+    table: Segmented<AtomicU64>,
     online: AtomicUsize,
 }
 
@@ -57,14 +63,21 @@ impl Owners {
     /// A table for `devices` devices, all offline.
     pub fn new(devices: usize) -> Self {
         Self {
-            table: (0..devices).map(|_| AtomicU64::new(0)).collect(),
+            table: Segmented::new(devices, || AtomicU64::new(0)),
             online: AtomicUsize::new(0),
         }
     }
 
+    /// Makes room for device ids `0..devices` (a reload added some); nothing moves.
+    pub fn grow(&self, devices: usize) {
+        self.table.grow(devices);
+    }
+
     /// The connection `device` is online on.
     pub fn owner(&self, device: DeviceId) -> Option<ConnRef> {
-        Some(self.table[device.index()].load(Ordering::Acquire))
+        self.table
+            .get(device)
+            .map(|w| w.load(Ordering::Acquire))
             .filter(|&w| w != 0)
             .map(ConnRef)
     }
@@ -72,7 +85,13 @@ impl Owners {
     /// Makes `me` the owner; returns the previous owner when it was another connection (a
     /// takeover: the caller tells that connection).
     pub fn claim(&self, device: DeviceId, me: ConnRef) -> Option<ConnRef> {
-        let prev = self.table[device.index()].swap(me.0, Ordering::AcqRel);
+        // Every id a registry hands out has a word: the table grows before the registry is
+        // published. An id without one cannot be claimed, and reads as offline.
+        let Some(word) = self.table.get(device) else {
+            debug_assert!(false, "device {device:?} beyond the ownership table");
+            return None;
+        };
+        let prev = word.swap(me.0, Ordering::AcqRel);
         if prev == 0 {
             self.online.fetch_add(1, Ordering::Relaxed);
         }
@@ -82,9 +101,10 @@ impl Owners {
     /// Takes `device` offline if `me` still owns it; false when another connection took it
     /// over (then no offline uplink is due) or it was offline already.
     pub fn release(&self, device: DeviceId, me: ConnRef) -> bool {
-        let released = self.table[device.index()]
-            .compare_exchange(me.0, 0, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
+        let released = self.table.get(device).is_some_and(|w| {
+            w.compare_exchange(me.0, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        });
         if released {
             self.online.fetch_sub(1, Ordering::Relaxed);
         }

@@ -436,6 +436,25 @@ impl Session {
         self.core.end(CloseReason::Disconnected);
     }
 
+    /// The registry was reloaded: `ctx` holds the new one, and the next message is checked
+    /// against it (its devices and thing models). Device ids of the old registry keep their
+    /// meaning in the new one (see [`crate::registry`]); devices it removed are handed to
+    /// [`Session::handle_removed`] as well.
+    pub fn set_context(&mut self, ctx: Arc<Context>) {
+        self.core.ctx = ctx;
+    }
+
+    /// A reload removed `device` from the registry: if it is online here it goes offline
+    /// ([`Event::Offline`], no reply held); its next message here gets 109000 like any unknown
+    /// device's. Downlinks already pending for it finish or time out as usual.
+    pub fn handle_removed(&mut self, device: DeviceId) {
+        if self.core.ended.is_none() && self.core.owned.remove(device) {
+            self.core
+                .events
+                .push_back(Event::Offline { device, ack: None });
+        }
+    }
+
     /// The router moved `device` to another connection: this one no longer owns it. Nothing is
     /// emitted; downlinks already pending for it here finish or time out here.
     pub fn handle_taken_over(&mut self, device: DeviceId) {

@@ -42,7 +42,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use slab::Slab;
@@ -63,7 +63,10 @@ use crate::ws;
 
 /// What every shard (and the API) shares: read-mostly configuration and lock-free tables.
 pub(crate) struct Env {
-    pub(crate) ctx: Arc<Context>,
+    /// The registry (with the session settings) and TLS configuration in force: replaced by a
+    /// reload, read by the API and the forwarders ([`Env::ctx`]). A shard reads it once, at
+    /// start; later ones reach it through [`ShardMsg::Reload`] and it keeps its own copy.
+    pub(crate) live: RwLock<Live>,
     pub(crate) owners: Arc<Owners>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shadows: Arc<Shadows>,
@@ -72,16 +75,50 @@ pub(crate) struct Env {
     pub(crate) admission: Admission,
     /// Connections echo instead of speaking Link (`serve --echo`, for Autobahn).
     pub(crate) echo: bool,
-    /// Set for `wss://`.
-    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) batch_max: usize,
     pub(crate) flush_delay: Duration,
 }
 
+/// The registry and TLS setup in force, swapped whole by a reload.
+#[derive(Clone)]
+pub(crate) struct Live {
+    pub(crate) ctx: Arc<Context>,
+    /// Set for `wss://`.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+}
+
 impl Env {
-    pub(crate) fn registry(&self) -> &Registry {
-        &self.ctx.registry
+    /// The context in force now (registry and session settings).
+    pub(crate) fn ctx(&self) -> Arc<Context> {
+        Arc::clone(&self.live().ctx)
     }
+
+    /// The registry in force now.
+    pub(crate) fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.live().ctx.registry)
+    }
+
+    pub(crate) fn live(&self) -> Live {
+        // Writers only assign a whole `Live`, so a poisoned lock still holds a consistent one.
+        self.live
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn set_live(&self, live: Live) {
+        *self
+            .live
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = live;
+    }
+}
+
+/// A new registry (and TLS setup) for a shard to swap in; see [`ShardMsg::Reload`].
+pub(crate) struct Swap {
+    pub(crate) live: Live,
+    /// Devices the reload removed (retired ids): those online on this shard go offline.
+    pub(crate) removed: Vec<DeviceId>,
 }
 
 /// An uplink waiting for its commit, and the reply it unblocks.
@@ -106,6 +143,9 @@ pub(crate) enum ShardMsg<R> {
     },
     /// Stop accepting, close every connection with 1001, commit what is batched.
     Drain,
+    /// Swap in a reloaded registry and TLS setup at this turn; answer `reply` (success) once
+    /// swapped.
+    Reload { swap: Arc<Swap>, reply: R },
 }
 
 /// What the core asks its driver to do.
@@ -297,6 +337,10 @@ struct Waiter<R> {
 pub(crate) struct ShardCore<D, R> {
     pub(crate) id: u8,
     env: Arc<Env>,
+    /// The registry and settings this shard's sessions use; replaced by [`ShardMsg::Reload`].
+    ctx: Arc<Context>,
+    /// TLS for new `wss://` connections; replaced by [`ShardMsg::Reload`].
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: ShardState,
     /// Boxed: a slab doubles its capacity, and a few hundred bytes per empty slot would add
     /// up to more than the connections themselves at tens of thousands of sockets.
@@ -337,8 +381,11 @@ impl<D, R> ShardCore<D, R> {
     /// A shard with no connections; `now` and `wall_ms` anchor the wall clock.
     pub(crate) fn new(id: u8, env: Arc<Env>, now: Instant, wall_ms: u64) -> Self {
         let presence = Arc::new(OwnersPresence(Arc::clone(&env)));
+        let Live { ctx, tls } = env.live();
         Self {
             id,
+            ctx,
+            tls,
             batcher: Batcher::new(env.batch_max, env.flush_delay),
             env,
             state: ShardState::new(presence),
@@ -437,11 +484,11 @@ impl<D, R> ShardCore<D, R> {
         let slot = entry.key();
         let me = ConnRef::new(self.id, slot, self.generation);
         let machine = if self.env.echo {
-            Machine::Echo(ws::Echo::new(self.env.ctx.config.limits))
+            Machine::Echo(ws::Echo::new(self.ctx.config.limits))
         } else {
-            Machine::Link(Session::new(Arc::clone(&self.env.ctx), peer.ip(), now))
+            Machine::Link(Session::new(Arc::clone(&self.ctx), peer.ip(), now))
         };
-        let tls = match &self.env.tls {
+        let tls = match &self.tls {
             Some(config) => match rustls::ServerConnection::new(Arc::clone(config)) {
                 Ok(conn) => Some(Box::new(Tls {
                     conn,
@@ -469,7 +516,7 @@ impl<D, R> ShardCore<D, R> {
         }));
         if tracing::enabled!(Level::DEBUG) {
             let _in = self.conn_span(slot, None).entered();
-            tracing::debug!(tls = self.env.tls.is_some(), "connection accepted");
+            tracing::debug!(tls = self.tls.is_some(), "connection accepted");
         }
         self.after(slot, now);
         Some(slot)
@@ -728,6 +775,50 @@ impl<D, R> ShardCore<D, R> {
                 self.after(slot, now);
             }
             ShardMsg::Drain => self.drain(now),
+            ShardMsg::Reload { swap, reply } => {
+                self.swap(&swap, now);
+                self.actions.push_back(Action::Answer {
+                    reply,
+                    outcome: Outcome {
+                        code: Code::Success,
+                        data: None,
+                    },
+                });
+            }
+        }
+    }
+
+    /// Swaps in a reloaded registry between two events: every session of the shard checks its
+    /// next message against it, new connections get the new TLS setup (handshakes done keep
+    /// theirs), and each removed device online here goes offline with an offline record, like
+    /// an offlineDevice (its names come from its retired id, which the new registry keeps).
+    ///
+    /// Which shard offlines a removed device: the one that owns it in [`Owners`] when it swaps.
+    /// A shard can only claim a device before it swaps (after, its sessions no longer find
+    /// it), so the last claim of a removed device is made by a shard that has yet to swap, and
+    /// that shard then finds itself the owner and releases it: once every shard has swapped,
+    /// every removed device is offline.
+    fn swap(&mut self, swap: &Swap, now: Instant) {
+        self.ctx = Arc::clone(&swap.live.ctx);
+        self.tls.clone_from(&swap.live.tls);
+        for (_, c) in &mut self.conns {
+            if let Some(s) = c.machine.link() {
+                s.set_context(Arc::clone(&self.ctx));
+            }
+        }
+        for &device in &swap.removed {
+            let Some(slot) = self
+                .env
+                .owners
+                .owner(device)
+                .and_then(|c| self.live_slot(c))
+            else {
+                continue;
+            };
+            if let Some(s) = self.conns[slot].machine.link() {
+                s.handle_removed(device);
+            }
+            self.after(slot, now);
         }
     }
 
@@ -841,7 +932,7 @@ impl<D, R> ShardCore<D, R> {
             return;
         }
         self.drain_events(slot, now);
-        let linger = self.env.ctx.config.pong_timeout;
+        let linger = self.ctx.config.pong_timeout;
         let c = &mut self.conns[slot];
         let closed = c.is_closed();
         let next = if closed {
@@ -1020,7 +1111,7 @@ impl<D, R> ShardCore<D, R> {
         ack: Option<AckRef>,
         now: Instant,
     ) {
-        let registry = self.env.registry();
+        let registry = &self.ctx.registry;
         let record = Record {
             at_ms,
             product_key: registry.product_key(device),

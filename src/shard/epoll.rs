@@ -390,8 +390,14 @@ async fn inbox_loop(local: Rc<Local>, mut inbox: mpsc::UnboundedReceiver<Msg>) {
         };
         let Some(msg) = msg else { break };
         let drain = matches!(msg, ShardMsg::Drain);
-        local.core.borrow_mut().on_message(msg, Instant::now());
+        let reload = matches!(msg, ShardMsg::Reload { .. });
+        let now = Instant::now();
+        local.core.borrow_mut().on_message(msg, now);
         local.after_core_call();
+        if reload {
+            let id = local.core.borrow().id;
+            local.shared.env.metrics.swapped(id, now.elapsed());
+        }
         if drain {
             draining = true;
             local.wakers.draining.notify_waiters();

@@ -15,6 +15,7 @@ pub(crate) mod core;
 mod epoll;
 pub(crate) mod mesh;
 mod partition;
+mod reload;
 // The io_uring reactor's own unsafe (buffer lifetimes until completion) is argued block by
 // block inside.
 #[allow(unsafe_code)]
@@ -39,13 +40,15 @@ use crate::protocol::Code;
 use crate::registry::{DeviceId, Owners, Registry};
 use crate::session::{self, Context, Downlink, DownlinkRequest, Outcome};
 use crate::shadow::Shadows;
-use crate::shard::core::{Env, ShardCore, ShardMsg};
+use crate::shard::core::{Env, Live, ShardCore, ShardMsg};
 use crate::shard::mesh::{Mesh, Msg, Reply};
 use crate::shard::partition::ShardLog;
 use crate::sink::mqtt::{Forwarder, MqttOptions};
 use crate::sink::nats::{Cluster, Forwarder as NatsForwarder, NatsOptions};
 use crate::sink::Spool;
 use crate::uplink::{partition_dir, LocalLog, LogOptions, Marks, OnFull, Outbox, UplinkError};
+
+pub use reload::{ReloadError, ReloadReport, ReloadSource, Reloaded};
 
 /// What the shards' threads and the API share.
 pub(crate) struct Shared {
@@ -62,10 +65,15 @@ pub(crate) struct Shared {
     pub(crate) cluster: OnceLock<Arc<Cluster>>,
     /// The northbound API's connection counters (for `/metrics`).
     pub(crate) api_stats: crate::api::ApiStats,
+    /// Where a reload reads its registry and TLS setup from; `None`: no reloads.
+    pub(crate) reload_source: Option<ReloadSource>,
+    /// One reload at a time.
+    pub(crate) reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
-    pub(crate) fn registry(&self) -> &Registry {
+    /// The registry in force now (a reload may replace it; hold the `Arc` for one request).
+    pub(crate) fn registry(&self) -> Arc<Registry> {
         self.env.registry()
     }
 
@@ -84,7 +92,7 @@ impl Shared {
                 if cluster.remote_owner(device).is_some() {
                     let registry = self.registry();
                     let (pk, dn) = (registry.product_key(device), registry.device_name(device));
-                    let limit = self.env.ctx.config.downlink_timeout + Duration::from_secs(2);
+                    let limit = self.env.ctx().config.downlink_timeout + Duration::from_secs(2);
                     return cluster.downlink(pk, dn, &request, &params, limit).await;
                 }
             }
@@ -107,7 +115,7 @@ impl Shared {
         }
         // The session always completes a downlink; the margin only covers a shard that stopped
         // meanwhile.
-        let limit = self.env.ctx.config.downlink_timeout + Duration::from_secs(2);
+        let limit = self.env.ctx().config.downlink_timeout + Duration::from_secs(2);
         match tokio::time::timeout(limit, answer).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) | Err(_) => Outcome::failed(Code::ServiceUnreachable),
@@ -171,6 +179,9 @@ pub struct ServerOptions {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Where uplinks go after the local log.
     pub sink: SinkOptions,
+    /// Where `POST /v1/registry/reload` and SIGHUP read the registry and TLS setup again;
+    /// `None` refuses reloads.
+    pub reload: Option<ReloadSource>,
 }
 
 /// The external sink the local log is the outbox of, if any.
@@ -293,13 +304,16 @@ impl Server {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let spool = on_full.map(|_| Arc::new(Spool::new(partitions)));
-        let devices = opts.registry.len();
+        let devices = opts.registry.id_bound();
         let (mesh, inboxes) = Mesh::new(threads);
         let read_buf_bytes = opts.session.limits.max_message_bytes + 64;
         let env = Arc::new(Env {
-            ctx: Arc::new(Context {
-                registry: opts.registry,
-                config: opts.session,
+            live: std::sync::RwLock::new(Live {
+                ctx: Arc::new(Context {
+                    registry: opts.registry,
+                    config: opts.session,
+                }),
+                tls: opts.tls,
             }),
             owners: Arc::new(Owners::new(devices)),
             metrics: Arc::new(Metrics::new(threads)),
@@ -307,7 +321,6 @@ impl Server {
             max_connections,
             admission: Admission::new(&opts.admission, Instant::now()),
             echo: opts.echo,
-            tls: opts.tls,
             batch_max: opts.batch_max,
             flush_delay: opts.flush_delay,
         });
@@ -320,6 +333,8 @@ impl Server {
             spool,
             cluster: OnceLock::new(),
             api_stats: crate::api::ApiStats::default(),
+            reload_source: opts.reload,
+            reload_lock: tokio::sync::Mutex::new(()),
         });
         let mut shards = Vec::with_capacity(threads);
         let (ready, setups) = std::sync::mpsc::sync_channel(threads);
@@ -632,7 +647,8 @@ pub fn log_dir(data_dir: &std::path::Path) -> PathBuf {
 }
 
 /// Runs a gateway until SIGINT or SIGTERM: starts the shards and the API, calls `on_ready`
-/// (which prints the start line), then on the signal stops accepting, answers `/readyz` 503,
+/// (which prints the start line), reloads the registry on each SIGHUP (see [`reload`]), then
+/// on SIGINT or SIGTERM stops accepting, answers `/readyz` 503,
 /// closes every connection with 1001, flushes and persists the uplink batches, and returns.
 pub fn serve(
     opts: ServerOptions,
@@ -645,11 +661,12 @@ pub fn serve(
         .enable_all()
         .build()
         .map_err(ServeError::Signal)?;
-    let (mut term, mut int) = rt
+    let (mut term, mut int, mut hup) = rt
         .block_on(async {
             Ok((
                 signal(SignalKind::terminate())?,
                 signal(SignalKind::interrupt())?,
+                signal(SignalKind::hangup())?,
             ))
         })
         .map_err(ServeError::Signal)?;
@@ -661,9 +678,15 @@ pub fn serve(
     })?;
     on_ready(&server, &api);
     rt.block_on(async {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                // The same reload as POST /v1/registry/reload; its outcome is logged there.
+                _ = hup.recv() => {
+                    let _ = server.shared.reload().await;
+                }
+            }
         }
     });
     server.drain();

@@ -32,7 +32,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::logging::RateLimit;
-use crate::shard::core::{Action, Commit, ShardCore};
+use crate::shard::core::{Action, Commit, ShardCore, ShardMsg};
 use crate::shard::mesh::Reply;
 use crate::shard::partition::ShardLog;
 use crate::shard::ring::{Completion, Ring, RingConfig};
@@ -252,7 +252,12 @@ impl Driver {
 
     fn drain_inbox(&mut self, now: Instant) {
         while let Ok(msg) = self.inbox.try_recv() {
+            let reload = matches!(msg, ShardMsg::Reload { .. }).then(Instant::now);
             self.core.on_message(msg, now);
+            if let Some(started) = reload {
+                let id = self.core.id;
+                self.shared.env.metrics.swapped(id, started.elapsed());
+            }
         }
     }
 

@@ -898,7 +898,7 @@ async fn serve_one(
                 .downlinks_forwarded
                 .fetch_add(1, Ordering::Relaxed);
             let subject = format!("{}.node.{}.down.{tail}", cluster.prefix, owner.node);
-            let limit = shared.env.ctx.config.downlink_timeout + Duration::from_secs(2);
+            let limit = shared.env.ctx().config.downlink_timeout + Duration::from_secs(2);
             let asked = client.request(subject, Bytes::copy_from_slice(body));
             return match tokio::time::timeout(limit, asked).await {
                 Ok(Ok(msg)) => msg.payload,

@@ -12,7 +12,8 @@ use serde_json::Value;
 use super::*;
 use crate::limits::{AdmissionSettings, FlapRule, Rate, LOG_EVERY};
 use crate::metrics::Metrics;
-use crate::registry::{demo_registry, Owners};
+use crate::model::ThingModel;
+use crate::registry::{demo_registry, Owners, Registry};
 use crate::session::{Config, Context, DownlinkRequest};
 use crate::shadow::Shadows;
 use crate::uplink::decode_line;
@@ -23,14 +24,16 @@ fn env_with(config: Config, admission: &AdmissionSettings) -> Arc<Env> {
     let registry = Arc::new(demo_registry());
     let devices = registry.len();
     Arc::new(Env {
-        ctx: Arc::new(Context { registry, config }),
+        live: RwLock::new(Live {
+            ctx: Arc::new(Context { registry, config }),
+            tls: None,
+        }),
         owners: Arc::new(Owners::new(devices)),
         metrics: Arc::new(Metrics::new(2)),
         shadows: Arc::new(Shadows::new(devices)),
         max_connections: 100,
         admission: Admission::new(admission, Instant::now()),
         echo: false,
-        tls: None,
         batch_max: 256,
         flush_delay: Duration::from_millis(1),
     })
@@ -205,6 +208,54 @@ impl World {
     }
 }
 
+/// What `ShardMsg::Reload` carries, built the way `Shared::reload` builds it: the demo
+/// registry without `removed`, plus `added`, with the thermostat's setpoint max at 25.
+fn reloaded(env: &Env, removed: &str, added: &str) -> Arc<Swap> {
+    let old = env.registry();
+    let mut tsl: Value =
+        serde_json::from_slice(include_bytes!("../../registry/demo/thermostat.json"))
+            .expect("JSON");
+    tsl["properties"][1]["dataType"]["specs"]["max"] = Value::from("25");
+    let thermostat = ThingModel::from_slice(tsl.to_string().as_bytes()).expect("TSL");
+    let mut b = Registry::builder();
+    for m in old.products() {
+        let m = if m.product_key() == "a1ThermoPK0" {
+            thermostat.clone()
+        } else {
+            m.clone()
+        };
+        b.add_product(m).expect("distinct");
+    }
+    for id in old.ids() {
+        let (pk, dn) = (old.product_key(id), old.device_name(id));
+        if dn != removed {
+            b.add_device(pk, dn, None).expect("distinct");
+        }
+    }
+    b.add_device("a1ThermoPK0", added, None).expect("new");
+    let (registry, changes) = old.carry_over(b.build()).expect("fits");
+    env.owners.grow(registry.id_bound());
+    env.shadows.grow(registry.id_bound());
+    let live = Live {
+        ctx: Arc::new(Context {
+            registry: Arc::new(registry),
+            config: env.ctx().config.clone(),
+        }),
+        tls: None,
+    };
+    env.set_live(live.clone());
+    Arc::new(Swap {
+        live,
+        removed: changes.removed,
+    })
+}
+
+fn setpoint(id: u32, dn: &str, value: f64) -> String {
+    format!(
+        r#"{{"version":"1.0","messageId":{id},"method":"reportProperty","payload":{{"productKey":"a1ThermoPK0","deviceName":"{dn}","properties":[{{"identifier":"setpoint","type":"float","value":{value:.1}}}]}}}}"#
+    )
+}
+
 fn online(id: u32, dn: &str) -> String {
     format!(
         r#"{{"version":"1.0","messageId":{id},"method":"onlineDevice","payload":{{"productKey":"a1ThermoPK0","deviceName":"{dn}"}}}}"#
@@ -232,6 +283,95 @@ fn codes(replies: &[Value]) -> Vec<(u64, u64)> {
             )
         })
         .collect()
+}
+
+#[test]
+fn a_reload_swaps_the_registry_at_a_turn_and_offlines_removed_devices() {
+    let mut w = World::new();
+    let mut c = w.connect(0);
+    let mut d = w.connect(1);
+    for (i, dn) in ["thermo-00001", "thermo-00002"].into_iter().enumerate() {
+        w.send(&mut c, &online(i as u32 + 1, dn));
+    }
+    w.send(&mut d, &online(1, "thermo-00003"));
+    w.send(&mut c, &setpoint(3, "thermo-00001", 30.0));
+    w.settle();
+    assert_eq!(codes(&w.recv(&mut c)), [(1, 0), (2, 0), (3, 0)]);
+    assert_eq!(codes(&w.recv(&mut d)), [(1, 0)]);
+    w.send(&mut c, &online(4, "thermo-new"));
+    w.settle();
+    assert_eq!(codes(&w.recv(&mut c)), [(4, 109_000)], "not registered yet");
+    let removed = w.shards[0]
+        .env
+        .registry()
+        .lookup("a1ThermoPK0", "thermo-00002")
+        .expect("registered");
+    let logged = w.log.len();
+
+    let swap = reloaded(&w.shards[0].env, "thermo-00002", "thermo-new");
+    for (i, shard) in w.shards.iter_mut().enumerate() {
+        let msg = ShardMsg::Reload {
+            swap: Arc::clone(&swap),
+            reply: 100 + i as u32,
+        };
+        shard.on_message(msg, w.now);
+    }
+    w.settle();
+    let mut swapped: Vec<(u32, u32)> = w
+        .answers
+        .iter()
+        .map(|(r, o)| (*r, o.code.as_u32()))
+        .collect();
+    swapped.sort_unstable();
+    assert_eq!(
+        swapped,
+        [(100, 0), (101, 0)],
+        "every shard answers once swapped"
+    );
+
+    // The removed device went offline, with an offline record; nothing else did.
+    let new_records: Vec<_> = w.log[logged..]
+        .iter()
+        .map(|l| decode_line(format!("{l}\n").as_bytes()).expect("record"))
+        .collect();
+    assert_eq!(new_records.len(), 1, "{:?}", w.log[logged..].to_vec());
+    assert_eq!(new_records[0].device_name, "thermo-00002");
+    assert!(
+        w.log[logged].contains("offline"),
+        "an offline record: {}",
+        w.log[logged]
+    );
+    assert_eq!(w.shards[0].env.owners.owner(removed), None);
+    assert!(
+        w.recv(&mut c).is_empty(),
+        "no message to the connection itself"
+    );
+    assert_eq!(c.closed, None, "the connection stays up");
+
+    // Further messages for it: 109000. The others on the same connection work, against the
+    // new thermo model (setpoint max 25 now); the added device can come online at once.
+    w.send(&mut c, &report(5, "thermo-00002", 1));
+    w.send(&mut c, &report(6, "thermo-00001", 1));
+    w.send(&mut c, &setpoint(7, "thermo-00001", 30.0));
+    w.send(&mut c, &setpoint(8, "thermo-00001", 20.0));
+    w.send(&mut c, &online(9, "thermo-new"));
+    w.send(&mut d, &report(2, "thermo-00003", 1));
+    w.settle();
+    assert_eq!(
+        codes(&w.recv(&mut c)),
+        [(5, 109_000), (6, 0), (7, 100_007), (8, 0), (9, 0)]
+    );
+    assert_eq!(codes(&w.recv(&mut d)), [(2, 0)]);
+    assert_eq!(w.owner("thermo-00001").map(|o| o.shard()), Some(0));
+    assert_eq!(w.owner("thermo-00003").map(|o| o.shard()), Some(1));
+    assert_eq!(w.owner("thermo-new").map(|o| o.shard()), Some(0));
+
+    // A connection accepted after the swap uses the new registry too.
+    let mut e = w.connect(1);
+    w.send(&mut e, &online(1, "thermo-00002"));
+    w.send(&mut e, &setpoint(2, "thermo-00003", 30.0));
+    w.settle();
+    assert_eq!(codes(&w.recv(&mut e)), [(1, 109_000), (2, 109_001)]);
 }
 
 #[test]
@@ -521,7 +661,7 @@ fn a_peer_that_does_not_take_its_close_is_aborted_a_pong_timeout_later() {
     w.settle();
     assert!(w.shards[0].is_closed(c.slot));
     assert!(!w.shards[0].is_aborted(c.slot));
-    let linger = w.shards[0].env.ctx.config.pong_timeout;
+    let linger = w.shards[0].env.ctx().config.pong_timeout;
     w.now += linger + Duration::from_millis(1);
     w.shards[0].on_timer(w.now);
     assert!(w.shards[0].is_aborted(c.slot));
