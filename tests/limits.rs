@@ -127,9 +127,17 @@ fn a_peer_that_never_reads_is_paused_then_dropped() {
             &[
                 ("RINGLINK_LIMITS_PING_INTERVAL_MS", "1000"),
                 ("RINGLINK_LIMITS_PONG_TIMEOUT_MS", "2500"),
+                // The pause looked for here is the backpressure one, not the rate limit's.
+                ("RINGLINK_LIMITS_MAX_MESSAGES_PER_S", "0"),
             ],
         );
-        let mut s = TcpStream::connect(gw.ws).expect("connect");
+        // A small receive buffer, so that the replies back up into ringlink quickly even on a
+        // busy machine (loopback's autotuned buffers hold megabytes).
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        sock.connect(&gw.ws.into()).expect("connect");
+        let mut s: TcpStream = sock.into();
         let mut req = Vec::new();
         ringlink::ws::handshake::write_request(
             &mut req,
