@@ -150,6 +150,12 @@ if [ "${SKIP_LOAD:-0}" != 1 ]; then
     wait "$broker" || true
     [ "$server_status" = 0 ] || { echo "ringlink with the mqtt sink did not exit cleanly" >&2; cat "$root/target/mqtt-smoke.log" >&2; exit 1; }
     [ "$status" = 0 ] || { echo "mqtt profile failed (exit $status)" >&2; exit 1; }
+
+    # Regressions without trusting absolute numbers: ringlink against the conventional server
+    # in the same job, ratios of CPU per report and p99 against benches/regress-baseline.json.
+    # The table is printed; runs and an HTML report stay under target/regress/.
+    step "regression check: ringlink / conventional server against the committed ratios"
+    benches/regress.sh
 fi
 
 # The systemd unit: systemd's own verifier and its offline security score (skips, saying so,
