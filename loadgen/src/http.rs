@@ -1,18 +1,21 @@
-//! A small HTTP/1.1 client over a tokio `TcpStream` with keep-alive: enough for the
-//! northbound API (JSON bodies with Content-Length or chunked) and `/metrics`.
+//! The northbound API's client: hyper's HTTP/1.1 client connection over a tokio `TcpStream`,
+//! kept alive between requests (JSON bodies and `/metrics`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 /// One keep-alive connection to an HTTP server.
 pub struct HttpConn {
-    stream: TcpStream,
+    sender: SendRequest<Full<Bytes>>,
     host: String,
-    buf: Vec<u8>,
     /// Sent as `Authorization: Bearer <token>` with every request when set.
     token: Option<String>,
 }
@@ -30,10 +33,16 @@ impl HttpConn {
             .await
             .with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .with_context(|| format!("HTTP/1.1 with {addr}"))?;
+        // The connection's own task: it ends when the sender is dropped or the server closes.
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
         Ok(Self {
-            stream,
+            sender,
             host: addr.to_string(),
-            buf: Vec::with_capacity(1024),
             token: None,
         })
     }
@@ -52,121 +61,40 @@ impl HttpConn {
         path: &str,
         body: Option<&[u8]>,
     ) -> anyhow::Result<Response> {
-        let mut req = Vec::with_capacity(160 + body.map_or(0, <[u8]>::len));
-        req.extend_from_slice(method.as_bytes());
-        req.push(b' ');
-        req.extend_from_slice(path.as_bytes());
-        req.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-        req.extend_from_slice(self.host.as_bytes());
-        req.extend_from_slice(b"\r\n");
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, &self.host);
         if let Some(token) = &self.token {
-            req.extend_from_slice(b"Authorization: Bearer ");
-            req.extend_from_slice(token.as_bytes());
-            req.extend_from_slice(b"\r\n");
+            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
         }
-        if let Some(b) = body {
-            req.extend_from_slice(b"Content-Type: application/json\r\nContent-Length: ");
-            req.extend_from_slice(b.len().to_string().as_bytes());
-            req.extend_from_slice(b"\r\n\r\n");
-            req.extend_from_slice(b);
-        } else {
-            req.extend_from_slice(b"\r\n");
+        if body.is_some() {
+            req = req.header(CONTENT_TYPE, "application/json");
         }
-        self.stream.write_all(&req).await?;
-        self.read_response().await
-    }
-
-    async fn read_response(&mut self) -> anyhow::Result<Response> {
-        self.buf.clear();
-        let (status, head, framing, keep_alive) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut res = httparse::Response::new(&mut headers);
-            match res.parse(&self.buf).context("malformed HTTP response")? {
-                httparse::Status::Complete(n) => {
-                    let mut framing = Framing::UntilClose;
-                    let mut keep_alive = res.version == Some(1);
-                    for h in res.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("content-length") {
-                            let v = std::str::from_utf8(h.value).unwrap_or("").trim();
-                            framing = Framing::Length(v.parse().context("bad Content-Length")?);
-                        } else if h.name.eq_ignore_ascii_case("transfer-encoding")
-                            && h.value.eq_ignore_ascii_case(b"chunked")
-                        {
-                            framing = Framing::Chunked;
-                        } else if h.name.eq_ignore_ascii_case("connection") {
-                            keep_alive = !h.value.eq_ignore_ascii_case(b"close");
-                        }
-                    }
-                    break (res.code.unwrap_or(0), n, framing, keep_alive);
-                }
-                httparse::Status::Partial => {
-                    if self.buf.len() > 64 * 1024 {
-                        bail!("HTTP response head too large");
-                    }
-                    self.fill().await?;
-                }
-            }
-        };
-        let body = match framing {
-            Framing::Length(len) => {
-                while self.buf.len() < head + len {
-                    self.fill().await?;
-                }
-                self.buf[head..head + len].to_vec()
-            }
-            Framing::Chunked => loop {
-                if let Some(body) = dechunk(&self.buf[head..])? {
-                    break body;
-                }
-                self.fill().await?;
-            },
-            Framing::UntilClose => {
-                while self.stream.read_buf(&mut self.buf).await? > 0 {}
-                self.buf[head..].to_vec()
-            }
-        };
+        let body = Full::new(Bytes::copy_from_slice(body.unwrap_or_default()));
+        let req = req.body(body).context("building the request")?;
+        self.sender
+            .ready()
+            .await
+            .context("the HTTP connection closed")?;
+        let res = self.sender.send_request(req).await?;
+        let status = res.status().as_u16();
+        let close = res
+            .headers()
+            .get(CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .context("reading the response body")?
+            .to_bytes()
+            .to_vec();
         Ok(Response {
             status,
             body,
-            keep_alive: keep_alive && !matches!(framing, Framing::UntilClose),
+            keep_alive: !close && !self.sender.is_closed(),
         })
-    }
-
-    async fn fill(&mut self) -> anyhow::Result<()> {
-        self.buf.reserve(4096);
-        if self.stream.read_buf(&mut self.buf).await? == 0 {
-            bail!("HTTP connection closed mid-response");
-        }
-        Ok(())
-    }
-}
-
-enum Framing {
-    Length(usize),
-    Chunked,
-    UntilClose,
-}
-
-/// Decodes a complete chunked body; `Ok(None)` while incomplete.
-fn dechunk(mut b: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
-            return Ok(None);
-        };
-        let size_text = std::str::from_utf8(&b[..eol]).context("bad chunk size")?;
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).context("bad chunk size")?;
-        let rest = &b[eol + 2..];
-        if size == 0 {
-            // Trailers end with an empty line; we accept none and need just the final CRLF.
-            return Ok(rest.starts_with(b"\r\n").then_some(out));
-        }
-        if rest.len() < size + 2 {
-            return Ok(None);
-        }
-        out.extend_from_slice(&rest[..size]);
-        b = &rest[size + 2..];
     }
 }
 
@@ -218,6 +146,7 @@ pub fn scrape_reports_answered(api: SocketAddr) -> anyhow::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     #[test]
     fn the_token_goes_in_an_authorization_header() {
@@ -253,7 +182,9 @@ mod tests {
             assert_eq!((res.status, res.body.as_slice()), (200, &b"ok"[..]));
             let head = server.await.expect("server");
             assert!(
-                head.contains("\r\nAuthorization: Bearer tok-1\r\n"),
+                // Header names are case-insensitive (hyper writes them in lower case).
+                head.to_ascii_lowercase()
+                    .contains("\r\nauthorization: bearer tok-1\r\n"),
                 "{head}"
             );
         });
@@ -294,12 +225,38 @@ mod tests {
     }
 
     #[test]
-    fn chunked_bodies() {
-        assert_eq!(dechunk(b"5\r\nhello\r\n").expect("ok"), None);
-        assert_eq!(
-            dechunk(b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n").expect("ok"),
-            Some(b"hello world".to_vec())
-        );
-        assert!(dechunk(b"zz\r\n").is_err());
+    fn chunked_and_keep_alive_responses_on_one_connection() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.expect("accept");
+                let mut buf = vec![0u8; 4096];
+                for answer in [
+                    &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n"[..],
+                    &b"HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"[..],
+                ] {
+                    let mut n = 0;
+                    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        n += s.read(&mut buf[n..]).await.expect("read");
+                    }
+                    s.write_all(answer).await.expect("write");
+                }
+            });
+            let mut conn = HttpConn::connect(addr).await.expect("connect");
+            let first = conn.request("GET", "/a", None).await.expect("first");
+            assert_eq!((first.status, first.body.as_slice()), (200, &b"hello world"[..]));
+            assert!(first.keep_alive);
+            let second = conn.request("POST", "/b", Some(b"{}")).await.expect("second");
+            assert_eq!((second.status, second.body.as_slice()), (409, &b"{}"[..]));
+            assert!(!second.keep_alive, "Connection: close");
+            server.await.expect("server");
+        });
     }
 }
