@@ -48,8 +48,7 @@ quick=${COMPARE_QUICK:-0}
 shapes=" ${COMPARE_SHAPES:-saturate 10k-sat moderate 10k-half idle closed-100 closed-1000 open-20k} "
 out=target/compare
 rm -rf "$out"; mkdir -p "$out"
-cargo build --release --workspace --bins
-cargo build --release --example raw_echo --example conventional
+cargo build --release --workspace --bins --examples
 
 wanted() { [[ "$shapes" == *" $1 "* ]]; }
 

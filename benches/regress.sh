@@ -27,8 +27,9 @@ update=0
 [ "${1:-}" = --update ] && update=1
 out=target/regress
 rm -rf "$out"; mkdir -p "$out"
-cargo build --release --workspace --bins
-cargo build --release --example conventional
+# Bins and examples in one build: the same unified features as tests/run.sh's build, so in CI
+# this is a no-op.
+cargo build --release --workspace --bins --examples
 
 start() { # $1 = ringlink|reference, $2 = log; sets pid, ws, api_args
     local line=""

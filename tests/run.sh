@@ -3,12 +3,12 @@
 # check. Exit 0 means everything passed. Used by CI (.ci/run) on a clean clone.
 #
 #   tests/run.sh            everything (about 10 minutes on 2 cores, most of it compiling)
-#   FUZZ_SECONDS=N          seconds per fuzz target (default 20)
+#   FUZZ_SECONDS=N          seconds per fuzz target (default 10)
 #   SKIP_FUZZ=1 / SKIP_AUTOBAHN=1 / SKIP_LOAD=1   leave those steps out (local iteration only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-fuzz_seconds=${FUZZ_SECONDS:-20}
+fuzz_seconds=${FUZZ_SECONDS:-10}
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -109,7 +109,9 @@ if [ "${SKIP_LOAD:-0}" != 1 ]; then
     # CI latency profiling: the smoke profile against the release server on each driver; the
     # tables are the CI's latency report. Thresholds are generous for a noisy 2-core machine
     # but a single error or lost report fails the run.
-    cargo build --release --workspace --bins
+    # One release build for every step (bins and examples together, so that the features
+    # cargo unifies are the same and nothing is compiled twice).
+    cargo build --release --workspace --bins --examples
     for io in uring epoll; do
         step "loadgen profiles/smoke.toml against ringlink --io $io"
         start_ringlink "smoke-$io" "$io"

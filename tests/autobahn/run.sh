@@ -46,11 +46,11 @@ mkdir -p "$work"
 rm -rf "$work/reports"
 log="$work/server.log"
 if [ -z "$io" ]; then
-    cargo build --release --example ws_echo --manifest-path "$root/Cargo.toml"
+    cargo build --release --workspace --bins --examples --manifest-path "$root/Cargo.toml"
     "$root/target/release/examples/ws_echo" 127.0.0.1:0 >"$log" 2>&1 &
     name="ws_echo"
 else
-    cargo build --release --bin ringlink --manifest-path "$root/Cargo.toml"
+    cargo build --release --workspace --bins --examples --manifest-path "$root/Cargo.toml"
     # Autobahn's messages reach 16 MiB (9.*), the most the config allows.
     RINGLINK_LIMITS_MAX_FRAME_BYTES=$((16 << 20)) "$root/target/release/ringlink" serve --echo \
         --io "$io" --listen 127.0.0.1:0 --api 127.0.0.1:0 --data-dir "$work/data" >"$log" 2>&1 &
