@@ -115,5 +115,29 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode);
+/// A report whose value is a number of `digits` digits (beyond any 64-bit type, so the fast
+/// parser refuses it and the slow path keeps it as an out-of-range value): 6,000 and 60,000
+/// digits side by side show the slow path's cost grows with the message, not its square.
+fn decode_huge_number(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decode_huge_number");
+    let mut decoder = Decoder::new();
+    for digits in [6_000usize, 60_000] {
+        let msg = format!(
+            "{{\"version\":\"1.0\",\"messageId\":1,\"method\":\"reportProperty\",\"payload\":{{\"productKey\":\"a1ThermoPK0\",\"deviceName\":\"thermo-0042\",\"properties\":[{{\"identifier\":\"setpoint\",\"type\":\"float\",\"value\":9{}}}]}}}}",
+            "7".repeat(digits)
+        );
+        g.throughput(Throughput::Bytes(msg.len() as u64));
+        let mut buf = Vec::with_capacity(msg.len());
+        g.bench_function(format!("{digits}_digits"), |b| {
+            b.iter(|| {
+                buf.clear();
+                buf.extend_from_slice(msg.as_bytes());
+                decoder.decode(&mut buf, |r| black_box(r.is_ok()))
+            });
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decode, decode_huge_number);
 criterion_main!(benches);
