@@ -11,7 +11,8 @@
 //! - [`PerIp`]: open connections per source IP, process-wide. Touched only at accept and close
 //!   (a short striped lock), never on a report's path.
 //! - [`Flapping`]: onlines per device within a window, process-wide (a device may reconnect to
-//!   another shard). Touched only when a device comes online.
+//!   another shard). One word per registered device, touched only when it comes online (a
+//!   compare-and-swap).
 //!
 //! Never: a clock, a socket, a thread. Time is an argument (`now`), so every rule is
 //! unit-tested with a virtual clock. [`log_gate`] rate-limits the log line each limit writes
@@ -29,6 +30,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::logging::RateLimit;
+use crate::registry::segmented::Segmented;
 use crate::registry::DeviceId;
 
 /// A rate with a burst: `burst` events at once, then one every `interval`.
@@ -242,29 +244,88 @@ pub enum Verdict {
     Refused { until: Instant, started: bool },
 }
 
-/// A device's recent onlines.
-#[derive(Debug, Clone, Copy)]
-struct Flap {
-    window_start: Instant,
-    count: u32,
-    banned_until: Option<Instant>,
+/// A device's recent onlines in one word, so that a device costs 8 bytes whether or not it
+/// ever came online, and an online is a compare-and-swap, not a lock.
+///
+/// Bit 63: banned. Bits 43..63: onlines in the current window (20 bits; `flapping_max` is at
+/// most 1,000,000). Bits 0..43: a time in ms since the table's epoch (2^43 ms is 278 years):
+/// the window's start, or while banned the ban's end. 0 is a device never seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Flap(u64);
+
+impl Flap {
+    const BANNED: u64 = 1 << 63;
+    const COUNT_SHIFT: u32 = 43;
+    const TIME: u64 = (1 << Self::COUNT_SHIFT) - 1;
+
+    fn window(start: u64, count: u64) -> Self {
+        Self((count << Self::COUNT_SHIFT) | start.min(Self::TIME))
+    }
+
+    fn banned_until(until: u64) -> Self {
+        Self(Self::BANNED | until.min(Self::TIME))
+    }
+
+    fn is_banned(self) -> bool {
+        self.0 & Self::BANNED != 0
+    }
+
+    fn time(self) -> u64 {
+        self.0 & Self::TIME
+    }
+
+    fn count(self) -> u64 {
+        (self.0 & !Self::BANNED) >> Self::COUNT_SHIFT
+    }
+
+    /// The state after an online at `now` (ms), and the ban's end (ms) when refused, with
+    /// whether this online started the ban. The window is a fixed one, opened by the first
+    /// online after the last window or ban ended (like EMQX's flapping detection).
+    fn online(self, now: u64, rule: &FlapRule) -> (Self, Option<(u64, bool)>) {
+        if self.is_banned() && now < self.time() {
+            return (self, Some((self.time(), false)));
+        }
+        let window = rule.window.as_millis() as u64;
+        let (start, count) = if self.is_banned() || now.saturating_sub(self.time()) >= window {
+            (now, 0)
+        } else {
+            (self.time(), self.count())
+        };
+        if count + 1 > u64::from(rule.max) {
+            let until = now.saturating_add(rule.ban.as_millis() as u64);
+            return (Self::banned_until(until), Some((until, true)));
+        }
+        (Self::window(start, count + 1), None)
+    }
 }
 
-/// Onlines per device within a window, shared by every shard of the process.
+/// Onlines per device within a window, shared by every shard of the process: one [`Flap`]
+/// word per registered device in a table that grows with the registry and never moves.
 #[derive(Debug)]
 pub struct Flapping {
     rule: Option<FlapRule>,
-    stripes: Striped<DeviceId, Flap>,
+    epoch: Instant,
+    devices: Segmented<AtomicU64>,
     log: Mutex<RateLimit>,
 }
 
 impl Flapping {
-    /// `None`: off, nothing is kept.
-    pub fn new(rule: Option<FlapRule>) -> Self {
+    /// For device ids `0..devices`, times counted from `epoch`. `rule` `None`: off, nothing is
+    /// kept.
+    pub fn new(rule: Option<FlapRule>, devices: usize, epoch: Instant) -> Self {
+        let devices = if rule.is_some() { devices } else { 0 };
         Self {
             rule,
-            stripes: Striped::new(),
+            epoch,
+            devices: Segmented::new(devices, || AtomicU64::new(0)),
             log: Mutex::new(log_gate()),
+        }
+    }
+
+    /// Makes room for device ids `0..devices` (a registry reload added some).
+    pub fn grow(&self, devices: usize) {
+        if self.rule.is_some() {
+            self.devices.grow(devices);
         }
     }
 
@@ -272,43 +333,33 @@ impl Flapping {
         self.rule
     }
 
-    /// `device` is about to come online at `now` (a takeover counts too). The window is a fixed
-    /// one, opened by the first online after the last window or ban ended (like EMQX's
-    /// flapping detection); the online that makes it more than `max` is refused and starts the
-    /// ban; every online during the ban is refused and does not extend it.
+    /// `device` is about to come online at `now` (a takeover counts too). The online that
+    /// makes it more than `max` within the window is refused and starts the ban; every online
+    /// during the ban is refused and does not extend it.
     pub fn online(&self, device: DeviceId, now: Instant) -> Verdict {
-        let Some(rule) = self.rule else {
+        let (Some(rule), Some(word)) = (self.rule, self.devices.get(device)) else {
             return Verdict::Admit;
         };
-        let mut map = self.stripes.lock(&device);
-        let fresh = Flap {
-            window_start: now,
-            count: 0,
-            banned_until: None,
-        };
-        let f = map.entry(device).or_insert(fresh);
-        if let Some(until) = f.banned_until {
-            if now < until {
-                return Verdict::Refused {
-                    until,
-                    started: false,
-                };
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let mut old = word.load(Ordering::Acquire);
+        loop {
+            let (new, refused) = Flap(old).online(now_ms, &rule);
+            if new.0 != old {
+                if let Err(seen) =
+                    word.compare_exchange_weak(old, new.0, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    old = seen;
+                    continue;
+                }
             }
-            *f = fresh;
-        }
-        if now.saturating_duration_since(f.window_start) >= rule.window {
-            *f = fresh;
-        }
-        f.count += 1;
-        if f.count > rule.max {
-            let until = now + rule.ban;
-            f.banned_until = Some(until);
-            return Verdict::Refused {
-                until,
-                started: true,
+            return match refused {
+                None => Verdict::Admit,
+                Some((until, started)) => Verdict::Refused {
+                    until: self.epoch + Duration::from_millis(until),
+                    started,
+                },
             };
         }
-        Verdict::Admit
     }
 
     /// Whether a ban's log line may go out now; see [`RateLimit::allow`].
@@ -329,17 +380,19 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn new(settings: &AdmissionSettings, epoch: Instant) -> Self {
+    /// For device ids `0..devices` (see [`Flapping::grow`] for more), times counted from
+    /// `epoch`.
+    pub fn new(settings: &AdmissionSettings, devices: usize, epoch: Instant) -> Self {
         Self {
             pacer: AcceptPacer::new(settings.accept, epoch),
             per_ip: PerIp::new(settings.max_connections_per_ip),
-            flapping: Flapping::new(settings.flapping),
+            flapping: Flapping::new(settings.flapping, devices, epoch),
         }
     }
 
     /// No limit at all (tests, benchmarks).
     pub fn off(epoch: Instant) -> Self {
-        Self::new(&AdmissionSettings::default(), epoch)
+        Self::new(&AdmissionSettings::default(), 0, epoch)
     }
 }
 
@@ -480,7 +533,7 @@ mod tests {
         for _ in 0..10 {
             assert!(per_ip.try_add(ip));
         }
-        let f = Flapping::new(None);
+        let f = Flapping::new(None, 16, Instant::now());
         for _ in 0..100 {
             assert_eq!(
                 f.online(DeviceId::for_tests(1), Instant::now()),
@@ -540,7 +593,7 @@ mod tests {
             window: ms(1_000),
             ban: ms(5_000),
         };
-        let f = Flapping::new(Some(rule));
+        let f = Flapping::new(Some(rule), 16, t0);
         let d = DeviceId::for_tests(7);
         let other = DeviceId::for_tests(8);
         for i in 0..3 {
@@ -578,11 +631,48 @@ mod tests {
             window: ms(1_000),
             ban: ms(5_000),
         };
-        let f = Flapping::new(Some(rule));
+        let f = Flapping::new(Some(rule), 16, t0);
         let d = DeviceId::for_tests(1);
         // One every 400 ms for 20 s: at most 3 per fixed window.
         for i in 0..50 {
             assert_eq!(f.online(d, t0 + ms(i * 400)), Verdict::Admit, "{i}");
         }
+    }
+
+    #[test]
+    fn the_flapping_word_holds_the_largest_settings() {
+        // The largest count the config allows, a window and a ban of years, a late start.
+        let t0 = Instant::now();
+        let rule = FlapRule {
+            max: 1_000_000,
+            window: Duration::from_secs(3 * 365 * 86_400),
+            ban: Duration::from_secs(365 * 86_400),
+        };
+        let f = Flapping::new(Some(rule), 16, t0);
+        let d = DeviceId::for_tests(3);
+        let start = t0 + Duration::from_secs(10 * 365 * 86_400);
+        for i in 0..1_000_000 {
+            assert_eq!(f.online(d, start + ms(i % 1000)), Verdict::Admit, "{i}");
+        }
+        let late = start + ms(2_000);
+        assert_eq!(
+            f.online(d, late),
+            Verdict::Refused {
+                until: late + rule.ban,
+                started: true
+            }
+        );
+        // A device the table has no room for (added later by a reload) is not tracked until
+        // the table grows; then it is.
+        let new = DeviceId::for_tests(5_000);
+        assert_eq!(f.online(new, late), Verdict::Admit);
+        f.grow(5_001);
+        assert_eq!(f.online(new, late), Verdict::Admit);
+        let tight = Flapping::new(Some(FlapRule { max: 1, ..rule }), 16, t0);
+        assert_eq!(tight.online(d, t0), Verdict::Admit);
+        assert!(matches!(
+            tight.online(d, t0),
+            Verdict::Refused { started: true, .. }
+        ));
     }
 }

@@ -319,7 +319,7 @@ impl Server {
             metrics: Arc::new(Metrics::new(threads)),
             shadows: Arc::new(Shadows::new(devices)),
             max_connections,
-            admission: Admission::new(&opts.admission, Instant::now()),
+            admission: Admission::new(&opts.admission, devices, Instant::now()),
             echo: opts.echo,
             batch_max: opts.batch_max,
             flush_delay: opts.flush_delay,

@@ -173,6 +173,7 @@ impl Shared {
         // Room for the new ids before anyone can see them.
         self.env.owners.grow(registry.id_bound());
         self.env.shadows.grow(registry.id_bound());
+        self.env.admission.flapping.grow(registry.id_bound());
         let devices = registry.len();
         let live = Live {
             ctx: Arc::new(Context {

@@ -32,7 +32,7 @@ fn env_with(config: Config, admission: &AdmissionSettings) -> Arc<Env> {
         metrics: Arc::new(Metrics::new(2)),
         shadows: Arc::new(Shadows::new(devices)),
         max_connections: 100,
-        admission: Admission::new(admission, Instant::now()),
+        admission: Admission::new(admission, devices, Instant::now()),
         echo: false,
         batch_max: 256,
         flush_delay: Duration::from_millis(1),
@@ -236,6 +236,7 @@ fn reloaded(env: &Env, removed: &str, added: &str) -> Arc<Swap> {
     let (registry, changes) = old.carry_over(b.build()).expect("fits");
     env.owners.grow(registry.id_bound());
     env.shadows.grow(registry.id_bound());
+    env.admission.flapping.grow(registry.id_bound());
     let live = Live {
         ctx: Arc::new(Context {
             registry: Arc::new(registry),
