@@ -65,6 +65,8 @@ async def main():
     ap.add_argument("--io", default="uring", choices=["uring", "epoll"])
     ap.add_argument("--connections", type=int, default=19000)
     ap.add_argument("--binary", default="target/release/ringlink")
+    ap.add_argument("--opening", type=int, default=1000,
+                    help="connections between connect and online reply at once")
     args = ap.parse_args()
 
     data = tempfile.mkdtemp(prefix="ringlink-idle-")
@@ -108,7 +110,7 @@ async def measure(args, server, host, port):
 
     ready, stop = [], asyncio.Event()
     started = time.monotonic()
-    opening = asyncio.Semaphore(1000)
+    opening = asyncio.Semaphore(args.opening)
     tasks = [asyncio.create_task(hold(host, port, i, ready, stop, opening))
              for i in range(args.connections)]
     while len(ready) < args.connections:

@@ -5,15 +5,19 @@
 //! sockets. Reads are readiness-based into one receive buffer per shard: an idle connection
 //! keeps no read buffer at all, only the few bytes of a frame that arrived incomplete.
 //!
-//! Cancellation: tokio's readiness futures are cancel-safe, so a connection task can wait on
-//! "readable" and "something to send" at once with `select!`.
+//! A connection task waits on "readable" (or "writable") and "flagged by the core" at once
+//! in one small `poll_fn` ([`wait`]): tokio's per-socket readiness slot holds the waker for
+//! the socket, the connection's [`EpollConn`] for the core; neither allocates.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use tokio::io::AsyncWriteExt as _;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::{spawn_local, LocalSet};
@@ -31,9 +35,36 @@ use crate::shard::mesh::{Msg, Reply};
 use crate::shard::partition::ShardLog;
 use crate::shard::{unix_ms, ShardRun, Shared};
 
-/// The driver's handle on one connection: how to wake its task.
+/// The driver's handle on one connection: its task's waker while the task waits in [`wait`],
+/// taken when the core flags the connection (something to send, reading wanted again,
+/// aborted). No allocation of its own; the flag itself is a bit in [`Flags`].
 pub(crate) struct EpollConn {
-    wake: Rc<Notify>,
+    waker: Cell<Option<Waker>>,
+}
+
+/// One bit per connection slot: flagged since its task last looked, so that a flag raised
+/// while the task runs is not lost (a permit, like `Notify`'s).
+#[derive(Default)]
+struct Flags(RefCell<Vec<u64>>);
+
+impl Flags {
+    fn set(&self, slot: usize) {
+        let mut words = self.0.borrow_mut();
+        if words.len() <= slot / 64 {
+            words.resize(slot / 64 + 1, 0);
+        }
+        words[slot / 64] |= 1 << (slot % 64);
+    }
+
+    /// Whether `slot` was flagged; clears it.
+    fn take(&self, slot: usize) -> bool {
+        let mut words = self.0.borrow_mut();
+        let Some(word) = words.get_mut(slot / 64) else {
+            return false;
+        };
+        let bit = 1 << (slot % 64);
+        std::mem::replace(word, *word & !bit) & bit != 0
+    }
 }
 
 type Core = Rc<RefCell<ShardCore<EpollConn, Reply>>>;
@@ -48,6 +79,8 @@ struct Local {
     read_buf: RefCell<Vec<u8>>,
     /// Scratch list of ready slots.
     ready: RefCell<Vec<usize>>,
+    /// Connections flagged by the core since their task last looked.
+    flags: Flags,
     /// Accept errors come in floods (out of descriptors): a few lines, then a count.
     accept_warn: RefCell<RateLimit>,
 }
@@ -96,8 +129,9 @@ impl Local {
         let mut core = self.core.borrow_mut();
         core.take_ready(&mut ready);
         for slot in ready.drain(..) {
-            if let Some(c) = core.io(slot) {
-                c.wake.notify_one();
+            self.flags.set(slot);
+            if let Some(w) = core.io(slot).and_then(|c| c.waker.take()) {
+                w.wake();
             }
         }
     }
@@ -138,6 +172,7 @@ pub(crate) fn run(run: ShardRun) -> io::Result<()> {
             wakers: ShardWakers::default(),
             read_buf: RefCell::new(vec![0; read_buf_bytes]),
             ready: RefCell::new(Vec::new()),
+            flags: Flags::default(),
             accept_warn: RefCell::new(RateLimit::warnings()),
         });
         spawn_local(timers(Rc::clone(&local)));
@@ -165,13 +200,12 @@ async fn accept(local: Rc<Local>, listener: tokio::net::TcpListener) {
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let wake = Rc::new(Notify::new());
                 let io = EpollConn {
-                    wake: Rc::clone(&wake),
+                    waker: Cell::new(None),
                 };
                 let slot = local.core.borrow_mut().accept(peer, Instant::now(), io);
                 if let Some(slot) = slot {
-                    spawn_local(connection(Rc::clone(&local), slot, stream, wake));
+                    spawn_local(connection(Rc::clone(&local), slot, stream));
                 }
                 local.after_core_call();
                 // Over the accept rate: not accepting until then; connections wait in the
@@ -191,28 +225,36 @@ async fn accept(local: Rc<Local>, listener: tokio::net::TcpListener) {
     }
 }
 
-async fn connection(local: Rc<Local>, slot: usize, stream: TcpStream, wake: Rc<Notify>) {
-    let mut stream = stream;
+async fn connection(local: Rc<Local>, slot: usize, stream: TcpStream) {
     // Bytes of a frame that arrived incomplete; empty for an idle connection.
     let mut leftover: Vec<u8> = Vec::new();
     let mut paused = false;
     'conn: loop {
         // Everything the session has to send, in as few writes as it was produced. The buffer
         // is the session's own, handed over, and freed after the write: an idle connection
-        // holds none.
+        // holds none. Whatever flagged the connection until here is dealt with by this turn.
         loop {
             let mut out = Vec::new();
+            local.flags.take(slot);
             if !local.core.borrow_mut().transmit(slot, &mut out) {
                 break;
             }
-            if !write_all(&local, slot, &stream, &wake, &out).await {
+            // Most writes go out at once; only a write the socket cannot take whole waits,
+            // in a boxed future, so that every idle connection's task stays small.
+            let written = match write_now(&stream, &out) {
+                Ok(n) => n,
+                Err(_) => break 'conn,
+            };
+            if written < out.len()
+                && !Box::pin(write_rest(&local, slot, &stream, &out[written..])).await
+            {
                 break 'conn;
             }
         }
         if local.core.borrow().is_closed(slot) {
             break;
         }
-        // Backpressure: while the core does not want input, only a wake (replies released)
+        // Backpressure: while the core does not want input, only a flag (replies released)
         // or the next write brings the task back here.
         let wants_input = local.core.borrow().wants_input(slot);
         if wants_input && paused {
@@ -226,44 +268,101 @@ async fn connection(local: Rc<Local>, slot: usize, stream: TcpStream, wake: Rc<N
             local.core.borrow().note_paused();
         }
         paused = !wants_input;
-        tokio::select! {
-            r = stream.readable(), if wants_input => {
+        let interest = wants_input.then_some(Interest::READABLE);
+        match wait(&local, slot, &stream, interest).await {
+            Woke::Flagged => {}
+            Woke::Ready(r) => {
                 if r.is_err() || !read_once(&local, slot, &stream, &mut leftover) {
                     break 'conn;
                 }
             }
-            () = wake.notified() => {}
         }
     }
+    let mut stream = stream;
     let _ = stream.shutdown().await;
     local.core.borrow_mut().disconnect(slot, Instant::now());
     local.after_core_call();
 }
 
-/// Writes all of `out`; false on a socket error, or when the core aborts the connection while
-/// the peer is not taking the bytes (a plain `write_all` would wait for it forever). While it
-/// waits the connection is not read: backpressure, counted like a pause.
-async fn write_all(
-    local: &Local,
+/// What ended a connection task's [`wait`].
+enum Woke {
+    /// The core flagged the connection (see [`EpollConn`]).
+    Flagged,
+    /// The socket is ready for the interest waited for.
+    Ready(io::Result<()>),
+}
+
+/// Waits until the core flags `slot` or, with an interest, the socket is ready for it. The
+/// task's waker sits in the connection's [`EpollConn`] only while it waits, and readiness is
+/// tokio's own per-socket waker slot: the future is a few words, with no waiter node.
+fn wait<'a>(
+    local: &'a Local,
     slot: usize,
-    stream: &TcpStream,
-    wake: &Notify,
-    mut out: &[u8],
-) -> bool {
-    let mut waited = false;
+    stream: &'a TcpStream,
+    interest: Option<Interest>,
+) -> impl Future<Output = Woke> + 'a {
+    std::future::poll_fn(move |cx| {
+        let core = local.core.borrow();
+        let Some(io) = core.io(slot) else {
+            return Poll::Ready(Woke::Flagged);
+        };
+        if local.flags.take(slot) {
+            io.waker.take();
+            return Poll::Ready(Woke::Flagged);
+        }
+        let ready = match interest {
+            Some(i) if i.is_readable() => stream.poll_read_ready(cx),
+            Some(_) => stream.poll_write_ready(cx),
+            None => Poll::Pending,
+        };
+        if let Poll::Ready(r) = ready {
+            io.waker.take();
+            return Poll::Ready(Woke::Ready(r));
+        }
+        let waker = match io.waker.take() {
+            Some(w) if w.will_wake(cx.waker()) => w,
+            _ => cx.waker().clone(),
+        };
+        io.waker.set(Some(waker));
+        Poll::Pending
+    })
+}
+
+/// Writes what the socket takes now: how many bytes of `out`.
+fn write_now(stream: &TcpStream, out: &[u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < out.len() {
+        match stream.try_write(&out[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Writes the rest of `out` as the socket takes it; false on a socket error, or when the core
+/// aborts the connection while the peer is not taking the bytes (a plain `write_all` would wait
+/// for it forever). While it waits the connection is not read: backpressure, counted like a
+/// pause.
+async fn write_rest(local: &Local, slot: usize, stream: &TcpStream, mut out: &[u8]) -> bool {
+    // The task reads nothing while it waits here: count it as a pause.
+    local.core.borrow().note_paused();
     while !out.is_empty() {
         match stream.try_write(out) {
             Ok(n) => out = &out[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The task reads nothing while it waits here: count it as a pause.
-                if !std::mem::replace(&mut waited, true) {
-                    local.core.borrow().note_paused();
-                }
-                tokio::select! {
-                    r = stream.writable() => if r.is_err() { return false },
-                    () = wake.notified() => if local.core.borrow().is_aborted(slot) {
-                        return false;
-                    },
+                match wait(local, slot, stream, Some(Interest::WRITABLE)).await {
+                    Woke::Ready(r) => {
+                        if r.is_err() {
+                            return false;
+                        }
+                    }
+                    Woke::Flagged => {
+                        if local.core.borrow().is_aborted(slot) {
+                            return false;
+                        }
+                    }
                 }
             }
             Err(_) => return false,

@@ -674,6 +674,9 @@ fn an_idle_connections_entry_fits_a_384_byte_allocation() {
     // connection): mimalloc's size classes around it are 320, 384 and 448 bytes.
     let size = size_of::<Conn<crate::shard::uring::UringConn>>();
     assert!(size <= 384, "{size}");
+    // The epoll driver's handle is the connection task's waker (its flag is a bit elsewhere).
+    let size = size_of::<Conn<crate::shard::epoll::EpollConn>>();
+    assert!(size <= 384, "{size}");
     assert!(size_of::<Session>() <= 296, "{}", size_of::<Session>());
 }
 
