@@ -241,9 +241,8 @@ async fn connection(local: Rc<Local>, slot: usize, stream: TcpStream) {
             }
             // Most writes go out at once; only a write the socket cannot take whole waits,
             // in a boxed future, so that every idle connection's task stays small.
-            let written = match write_now(&stream, &out) {
-                Ok(n) => n,
-                Err(_) => break 'conn,
+            let Ok(written) = write_now(&stream, &out) else {
+                break 'conn;
             };
             if written < out.len()
                 && !Box::pin(write_rest(&local, slot, &stream, &out[written..])).await
