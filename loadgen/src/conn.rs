@@ -373,10 +373,9 @@ impl<'a> Session<'a> {
         let mut next_sweep = now + Duration::from_secs(1);
         loop {
             if !self.tx.is_empty() {
-                if self.stream.write_all(&self.tx).await.is_err() {
-                    return self.fail("io_write");
+                if let Err(kind) = self.flush_tx().await {
+                    return self.fail(kind);
                 }
-                self.tx.clear();
             }
             let now = Instant::now();
             match self.phase {
@@ -457,6 +456,42 @@ impl<'a> Session<'a> {
                 }
             }
         }
+    }
+
+    /// Writes all of `tx`, reading (and answering) what the server sends meanwhile. A server
+    /// that stops reading a connection until its replies are taken (backpressure) would
+    /// otherwise wait for this writer while this writer waits for it: both sides stuck with
+    /// full socket buffers until the run's deadline.
+    async fn flush_tx(&mut self) -> Result<(), &'static str> {
+        let mut written = 0;
+        while written < self.tx.len() {
+            let step = std::future::poll_fn(|cx| {
+                match Pin::new(&mut self.stream).poll_write(cx, &self.tx[written..]) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err("io_write")),
+                    Poll::Ready(Ok(n)) => return Poll::Ready(Ok(Some(n))),
+                    Poll::Pending => {}
+                }
+                let len = self.rbuf.len();
+                self.rbuf.resize(len + 4096, 0);
+                let mut rb = ReadBuf::new(&mut self.rbuf[len..]);
+                let read = Pin::new(&mut self.stream).poll_read(cx, &mut rb);
+                let n = rb.filled().len();
+                self.rbuf.truncate(len + n);
+                match read {
+                    Poll::Ready(Err(_)) => Poll::Ready(Err("io_read")),
+                    Poll::Ready(Ok(())) if n == 0 => Poll::Ready(Err("closed_by_server")),
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(None)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await?;
+            match step {
+                Some(n) => written += n,
+                None => self.on_input()?,
+            }
+        }
+        self.tx.clear();
+        Ok(())
     }
 
     fn next_id(&mut self) -> u32 {
