@@ -345,6 +345,10 @@ fn write_now(stream: &TcpStream, out: &[u8]) -> io::Result<usize> {
 /// for it forever). While it waits the connection is not read: backpressure, counted like a
 /// pause.
 async fn write_rest(local: &Local, slot: usize, stream: &TcpStream, mut out: &[u8]) -> bool {
+    // An abort flagged before the loop's turn began was taken there: look before waiting.
+    if local.core.borrow().is_aborted(slot) {
+        return false;
+    }
     // The task reads nothing while it waits here: count it as a pause.
     local.core.borrow().note_paused();
     while !out.is_empty() {
