@@ -356,6 +356,7 @@ fn sink_options(
                 prefix: n.subject_prefix.clone(),
                 owners_bucket: n.owners_bucket.clone(),
                 node_timeout: Duration::from_millis(n.node_timeout_ms),
+                duplicate_window: Duration::from_millis(n.duplicate_window_ms),
                 replicas: n.replicas.into(),
                 inflight: n.inflight.into(),
                 token: n.token.clone(),
@@ -465,8 +466,9 @@ fn summary(shown: &str, checked: &Checked) -> String {
         let n = &u.nats;
         let _ = writeln!(
             w,
-            "nats        {} as node {:?}, stream {}, subjects {}.*, owners {}, node_timeout_ms {}, replicas {}",
-            n.urls.join(","), n.node, n.stream, n.subject_prefix, n.owners_bucket, n.node_timeout_ms, n.replicas
+            "nats        {} as node {:?}, stream {}, subjects {}.*, owners {}, node_timeout_ms {}, duplicate_window_ms {}, replicas {}",
+            n.urls.join(","), n.node, n.stream, n.subject_prefix, n.owners_bucket, n.node_timeout_ms,
+            n.duplicate_window_ms, n.replicas
         );
     }
     if u.sink == SinkKind::Mqtt {

@@ -354,6 +354,10 @@ pub struct Nats {
     /// A node silent this long is dead: its devices are offline cluster-wide (default 10000,
     /// 1000-600000 ms). Heartbeats go every third of it.
     pub node_timeout_ms: u64,
+    /// The stream's duplicate window when ringlink creates the stream (default 120000,
+    /// 1000-86400000 ms): a record published again within it (after a crash, an outage or a
+    /// NATS failover) is dropped by message id, not stored twice.
+    pub duplicate_window_ms: u64,
     /// Replicas of the stream and buckets when ringlink creates them (default 1, 1-5; 3 for a
     /// 3-server cluster that must survive losing one).
     pub replicas: u8,
@@ -375,6 +379,7 @@ impl Default for Nats {
             subject_prefix: "ringlink".into(),
             owners_bucket: "ringlink_owners".into(),
             node_timeout_ms: 10_000,
+            duplicate_window_ms: 120_000,
             replicas: 1,
             inflight: 256,
             token: None,

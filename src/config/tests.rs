@@ -153,6 +153,7 @@ stream = "UP"
 subject_prefix = "site3.rl"
 owners_bucket = "owners"
 node_timeout_ms = 3000
+duplicate_window_ms = 30000
 replicas = 3
 inflight = 64
 token = "t0k"
@@ -245,6 +246,7 @@ ca_file = "certs/nats-ca.pem"
                 subject_prefix: "site3.rl".into(),
                 owners_bucket: "owners".into(),
                 node_timeout_ms: 3000,
+                duplicate_window_ms: 30_000,
                 replicas: 3,
                 inflight: 64,
                 token: Some("t0k".into()),

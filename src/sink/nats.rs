@@ -70,6 +70,8 @@ pub struct NatsOptions {
     pub prefix: String,
     pub owners_bucket: String,
     pub node_timeout: Duration,
+    /// The stream's duplicate window, when ringlink creates it.
+    pub duplicate_window: Duration,
     pub replicas: usize,
     pub inflight: usize,
     pub token: Option<String>,
@@ -107,6 +109,7 @@ pub struct NatsStats {
     pub connected: AtomicBool,
     pub published: AtomicU64,
     pub duplicates: AtomicU64,
+    pub unstored_duplicates: AtomicU64,
     pub publish_errors: AtomicU64,
     pub kv_errors: AtomicU64,
     pub takeovers: AtomicU64,
@@ -181,6 +184,13 @@ pub fn render(cluster: &Cluster, out: &mut String) {
             "counter",
             "Publishes JetStream acknowledged as duplicates (replays it had stored before).",
             load(&s.duplicates),
+        ),
+        (
+            "ringlink_nats_unstored_duplicates_total",
+            "counter",
+            "Publishes JetStream called duplicates of a message it has not stored (sequence 0; \
+             published again).",
+            load(&s.unstored_duplicates),
         ),
         (
             "ringlink_nats_publish_errors_total",
@@ -326,7 +336,32 @@ struct InFlight {
     body: Bytes,
 }
 
-type AckFuture = Pin<Box<dyn Future<Output = (InFlight, Result<bool, String>)> + Send>>;
+type AckFuture = Pin<Box<dyn Future<Output = (InFlight, Result<Stored, String>)> + Send>>;
+
+/// What JetStream's acknowledgement says of a published record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// Stored now.
+    New,
+    /// Stored before under the same message id: a replay, dropped.
+    Before,
+    /// Called a duplicate of an id whose message it has not stored (sequence 0).
+    /// nats-server 2.9 (and later ones until nats-server#6415, 2025) records an id when it
+    /// proposes the message, and a leader change can drop the proposal: every repeat is then
+    /// answered this way, and nothing stored, until the duplicate window forgets the id. Not an
+    /// acknowledgement: the record is published again until it is stored.
+    Not,
+}
+
+impl Stored {
+    fn of(ack: &jetstream::publish::PublishAck) -> Self {
+        match (ack.duplicate, ack.sequence) {
+            (false, _) => Self::New,
+            (true, 0) => Self::Not,
+            (true, _) => Self::Before,
+        }
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
@@ -429,13 +464,27 @@ async fn run(
         tokio::select! {
             _ = &mut stop, if stopping.is_none() => stopping = Some(Instant::now() + DRAIN_GRACE),
             Some((item, result)) = inflight.next(), if !inflight.is_empty() => match result {
-                Ok(duplicate) => {
+                Ok(stored @ (Stored::New | Stored::Before)) => {
                     outbox.ack(item.tag);
                     spool.stats.forwarded.fetch_add(1, Ordering::Relaxed);
                     cluster.stats.published.fetch_add(1, Ordering::Relaxed);
-                    if duplicate {
+                    if stored == Stored::Before {
                         cluster.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                     }
+                }
+                Ok(Stored::Not) => {
+                    cluster.stats.unstored_duplicates.fetch_add(1, Ordering::Relaxed);
+                    if retry.is_empty() {
+                        tracing::warn!(
+                            sink = "nats",
+                            window_s = opts.duplicate_window.as_secs(),
+                            "JetStream called a record a duplicate of a message it has not stored \
+                             (sequence 0: nats-server 2.9 after a leader change); publishing it \
+                             again until it is stored, at most one duplicate window"
+                        );
+                    }
+                    retry.push_back(item);
+                    next_retry = Instant::now() + RETRY;
                 }
                 Err(e) => {
                     // Once per outage (the retry queue empties when NATS is back).
@@ -468,7 +517,7 @@ async fn setup(
         name: opts.stream.clone(),
         subjects: vec![format!("{}.up.>", opts.prefix)],
         num_replicas: opts.replicas,
-        duplicate_window: Duration::from_secs(120),
+        duplicate_window: opts.duplicate_window,
         ..Default::default()
     })
     .await
@@ -576,7 +625,7 @@ fn next_record(
     }
 }
 
-/// Publishes `item` and waits for its acknowledgement: `Ok(duplicate)`.
+/// Publishes `item` and waits for its acknowledgement.
 fn publish(js: jetstream::Context, item: InFlight) -> AckFuture {
     Box::pin(async move {
         let mut headers = HeaderMap::new();
@@ -585,7 +634,7 @@ fn publish(js: jetstream::Context, item: InFlight) -> AckFuture {
             .publish_with_headers(item.subject.clone(), headers, item.body.clone())
             .await;
         let result = match sent {
-            Ok(ack) => ack.await.map(|a| a.duplicate).map_err(|e| e.to_string()),
+            Ok(ack) => ack.await.map(|a| Stored::of(&a)).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         (item, result)
@@ -1142,6 +1191,24 @@ mod tests {
             Some(("pk".into(), "dn".into(), "get".into()))
         );
         assert_eq!(parse_down_tail("pk.dn.delete"), None);
+    }
+
+    #[test]
+    fn a_duplicate_of_nothing_stored_is_not_an_acknowledgement() {
+        let ack = |duplicate, sequence| jetstream::publish::PublishAck {
+            stream: "RINGLINK_UP".into(),
+            sequence,
+            domain: String::new(),
+            duplicate,
+            value: None,
+        };
+        assert_eq!(Stored::of(&ack(false, 7)), Stored::New);
+        assert_eq!(Stored::of(&ack(true, 7)), Stored::Before);
+        // nats-server 2.9 answers a repeat of an id it staged and then lost this way.
+        let wire: jetstream::publish::PublishAck =
+            serde_json::from_str(r#"{"stream":"RINGLINK_UP","seq":0,"duplicate": true}"#)
+                .expect("a 2.9 duplicate answer");
+        assert_eq!(Stored::of(&wire), Stored::Not);
     }
 
     #[test]
