@@ -16,7 +16,8 @@
 #   10k-sat      10,000 connections offering 60,000/s: one frame per read
 #   moderate     100 connections, 10,000 reports/s, precise pacing: latency
 #   10k-half     10,000 connections at half of the 10k-sat rate ringlink reached in this run
-#   idle         10,000 connections, no reports: server memory per connection (not raw)
+#   idle         10,000 connections, no reports: server memory per connection, and the shard's
+#                CPU per upgrade + online while they connect (not raw)
 # Shapes (second table; uring, epoll, conv and raw):
 #   closed-100   100 connections, closed loop: one report in flight on each (15 s)
 #   closed-1000  1,000 connections, closed loop (15 s)
@@ -149,9 +150,19 @@ run() {
             *) profile="$(profile_for "profiles/compare-$2.toml" "$base")" ;;
         esac
         [ -n "$api" ] && extra+=(--api "$api")
+        # The shard's CPU per upgrade + online while the 10,000 connect (benches/connect_cost.py).
+        local cost=""
+        if [ "$2" = idle ]; then
+            python3 benches/connect_cost.py "$server" "$api" 10000 "$base.connect" \
+                >"$base.connect.log" 2>&1 &
+            cost=$!
+        fi
         taskset -c 1 target/release/loadgen "$profile" --target "ws://$ws" \
             --json "$base.json" "${extra[@]}" >"$base.log" 2>&1 ||
             { echo "loadgen failed ($1 $2):" >&2; tail -20 "$base.log" >&2; }
+        if [ -n "$cost" ]; then
+            wait "$cost" || { echo "connect_cost failed ($1):" >&2; cat "$base.connect.log" >&2; }
+        fi
     fi
     t1=$(cpu_ticks "$server"); w1=$(date +%s.%N)
     ctx_switches "$server" >"$base.ctx1"

@@ -58,6 +58,14 @@ def run(c, shape, r):
             d["error_total"], d["connect_rate_per_s"], rss.get("per_connection_kib"), cpu, busy)
 
 
+def connect_cost(c, r):
+    """Shard CPU microseconds per upgrade + online in the idle shape (benches/connect_cost.py)."""
+    try:
+        return json.load(open(f"{out}/{c}-idle-{r}.connect"))["us_per_connect"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
 def med(c, shape, i):
     vals = [v[i] for r in range(1, rounds + 1) if (v := run(c, shape, r)) and v[i] is not None]
     return statistics.median(vals) if vals else None
@@ -92,6 +100,8 @@ rows = {c: {
     "mod": (med(c, "moderate", 2), med(c, "moderate", 3)),
     "half": (med(c, "10k-half", 2), med(c, "10k-half", 3), med(c, "10k-half", 0)),
     "connect": med(c, "10k-sat", 5), "mem": med(c, "idle", 6), "errors": errors(c),
+    "connect_us": statistics.median(v) if (v := [x for r in range(1, rounds + 1)
+                                                 if (x := connect_cost(c, r)) is not None]) else None,
 } for c in CONTENDERS}
 
 if ran_old:
@@ -109,14 +119,18 @@ if ran_old:
 
     print("\nLatency (CO-corrected, ms), connect rate, memory:\n")
     print("| contender | p50 / p99 at 10,000/s, 100 conns | p50 / p99 at half saturation, "
-          "10,000 conns (rate) | connects/s, 10,000 at once | KiB per idle conn | errors |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          "10,000 conns (rate) | connects/s, 10,000 at once | shard CPU per upgrade + online "
+          "(per shard-core-second) | KiB per idle conn | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for c, name in CONTENDERS.items():
         x = rows[c]
         m50, m99 = x["mod"]
         h50, h99, hr = x["half"]
+        us = x["connect_us"]
+        cost = "-" if us is None else f"{us:.0f} us ({1e6 / us:,.0f}/s)"
         print(f"| {name} | {fmt(m50, '.2f')} / {fmt(m99, '.2f')} | {fmt(h50, '.2f')} / {fmt(h99, '.2f')} "
-              f"({fmt(hr)}/s) | {fmt(x['connect'])} | {fmt(x['mem'], '.2f')} | {x['errors']} |")
+              f"({fmt(hr)}/s) | {fmt(x['connect'])} | {cost} | {fmt(x['mem'], '.2f')} "
+              f"| {x['errors']} |")
 
 
 # Second table: closed and open loop, per report.
