@@ -329,6 +329,83 @@ async fn reports_arrive_as_alink_in_order_and_broker_downlinks_reach_the_device(
     }
 }
 
+/// A product that a registry reload adds gets its downlink subscriptions while the forwarder
+/// stays connected: a get published on the broker for one of its devices reaches the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_product_added_by_a_reload_gets_broker_downlinks() {
+    const LIGHT: &str = "a1LightPK00";
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "sub-reload").await;
+    let dir = support::temp_dir("mqtt-reload");
+    std::fs::copy(
+        support::demo_tsl("thermostat.json"),
+        dir.join("thermostat.json"),
+    )
+    .expect("copy");
+    std::fs::copy(support::demo_tsl("light.json"), dir.join("light.json")).expect("copy");
+    let write_config = |products: &str, devices: &str| {
+        std::fs::write(
+            dir.join("ringlink.toml"),
+            format!("[registry]\nproducts = [{products}]\ndevices = \"devices.csv\"\n"),
+        )
+        .expect("write config");
+        std::fs::write(
+            dir.join("devices.csv"),
+            format!("productKey,deviceName\n{devices}"),
+        )
+        .expect("write devices");
+    };
+    write_config("\"thermostat.json\"", &format!("{THERMO},t-1\n"));
+    let config = dir.join("ringlink.toml");
+    let gw = start_gateway(
+        "uring",
+        None,
+        &["--config", config.to_str().expect("utf-8")],
+        &sink_env(&broker),
+    );
+    gw.eventually("the sink connects", || {
+        gw.metric("ringlink_sink_connected") == 1.0
+    });
+
+    write_config(
+        "\"thermostat.json\", \"light.json\"",
+        &format!("{THERMO},t-1\n{LIGHT},lamp-1\n"),
+    );
+    let (status, body) = gw.http("POST", "/v1/registry/reload", None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["added"], json!(1), "{body}");
+    let mut lamp = Client::connect(gw.ws).await;
+    assert_eq!(lamp.online(LIGHT, "lamp-1").await, 0);
+
+    // A downlink published before the SUBACK is lost, as with any MQTT subscriber: publish
+    // one every 200 ms until the lamp sees one.
+    let topic = format!("/sys/{LIGHT}/lamp-1/thing/service/property/get");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let req = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no broker downlink reached a device of the added product in 10 s"
+        );
+        sub.publish(&topic, json!({"id": "1", "params": ["power"]}));
+        if let Some(req) = lamp.try_recv(Duration::from_millis(200)).await {
+            break req;
+        }
+    };
+    assert_eq!(req["method"], "getProperty", "{req}");
+    let reply = json!({"code": 0, "messageId": req["messageId"], "payload": {"properties": [{"identifier": "power", "type": "bool", "value": 1}]}});
+    lamp.send_text(reply.to_string()).await;
+    let got = sub
+        .wait(Duration::from_secs(10), "the get reply", |g| {
+            g.iter().any(|m| m.topic == format!("{topic}_reply"))
+        })
+        .await;
+    let answer = got
+        .iter()
+        .find(|m| m.topic == format!("{topic}_reply"))
+        .expect("reply");
+    assert_eq!(answer.body["data"], json!({"power": 1}), "{}", answer.body);
+}
+
 /// Waits until the forwarder has nothing left, saying where it stands if it does not.
 fn drained(gw: &Gateway, within: Duration) {
     let deadline = Instant::now() + within;

@@ -32,7 +32,7 @@
 //! keeps publishing for up to [`DRAIN_GRACE`] until nothing is left or in flight, stores its
 //! cursors and disconnects. What it could not publish stays in the log for the next start.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -143,6 +143,8 @@ struct Run {
     dial_error: Option<String>,
     /// Refused connections and records that cannot be published repeat while they last.
     warn_limit: RateLimit,
+    /// Product keys whose downlink topics the client subscribes to (on every connection).
+    subscribed: HashSet<String>,
 }
 
 impl Run {
@@ -172,27 +174,54 @@ impl Run {
             resent_base: 0,
             dial_error: None,
             warn_limit: RateLimit::warnings(),
+            subscribed: HashSet::new(),
             opts,
         }
     }
 
-    async fn run(mut self, mut conn: Connection, mut stop: oneshot::Receiver<()>) {
-        let filters: Vec<String> = alink::subscriptions(
-            &self.opts.topic_prefix,
-            self.shared
-                .registry()
-                .products()
-                .iter()
-                .map(|m| m.product_key()),
-        )
-        .collect();
+    /// Subscribes to the downlink topics of every product of the registry in force that has
+    /// none yet: all of them at the start, and the ones a reload added (checked every tick).
+    /// The client remembers them and subscribes again on every later connection. A product a
+    /// reload removed keeps its filters: its downlinks are answered 109000 like any unknown
+    /// device's.
+    fn subscribe_new_products(&mut self, client: &mut Client) {
+        let registry = self.shared.registry();
+        let new: Vec<&str> = registry
+            .products()
+            .iter()
+            .map(|m| m.product_key())
+            .filter(|pk| !self.subscribed.contains(*pk))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        let filters: Vec<String> =
+            alink::subscriptions(&self.opts.topic_prefix, new.iter().copied()).collect();
         let filters: Vec<(&str, QoS)> = filters
             .iter()
             .map(|f| (f.as_str(), QoS::AtLeastOnce))
             .collect();
-        if let Err(e) = conn.client().subscribe(&filters) {
-            tracing::warn!(sink = "mqtt", error = %e, "cannot subscribe to the downlink topics");
+        match client.subscribe(&filters) {
+            Ok(()) if self.subscribed.is_empty() => {}
+            Ok(()) => tracing::info!(
+                sink = "mqtt",
+                products = ?new,
+                "subscribing to the downlink topics of products a reload added"
+            ),
+            // Not retried: the same filters would fail the same way.
+            Err(e) => tracing::warn!(
+                sink = "mqtt",
+                products = ?new,
+                error = %e,
+                "cannot subscribe to the downlink topics"
+            ),
         }
+        self.subscribed
+            .extend(new.iter().map(|pk| (*pk).to_owned()));
+    }
+
+    async fn run(mut self, mut conn: Connection, mut stop: oneshot::Receiver<()>) {
+        self.subscribe_new_products(conn.client());
         let mut stopping: Option<Instant> = None;
         let mut next_tick = Instant::now() + TICK;
         loop {
@@ -488,8 +517,9 @@ impl Run {
         });
     }
 
-    /// Stores moved cursors and updates the gauges.
+    /// Stores moved cursors, updates the gauges and subscribes to new products' topics.
     fn tick(&mut self, client: &mut Client) {
+        self.subscribe_new_products(client);
         if let Err(e) = self.outbox.store_cursors() {
             self.spool
                 .warn_log("mqtt", "cannot store the forwarding cursor", &e);
