@@ -4,7 +4,7 @@
 //! the copy of committed records to the live feed (`GET /v1/uplinks`). Never: the decision
 //! what to write or when (that is [`ShardCore`](super::core::ShardCore)'s), nor how the write
 //! reaches the disk: a driver lays an append out with [`ShardLog::prepare`], writes it (a
-//! blocking `writev` in this thread, or an io_uring op), fdatasyncs it when
+//! blocking `pwritev` in this thread, or an io_uring op), fdatasyncs it when
 //! [`Prepared::sync`] says so (off this thread, or on the ring), and ends it with
 //! [`ShardLog::complete`], which gives the result the core acknowledges devices with.
 
