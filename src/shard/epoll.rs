@@ -297,6 +297,8 @@ fn connection(local: Rc<Local>, slot: usize, stream: TcpStream) -> impl Future<O
         let _ = stream.shutdown().await;
         local.core.borrow_mut().disconnect(slot, Instant::now());
         local.after_core_call();
+        // The slot is free: the next connection in it starts without this one's flag.
+        local.flags.take(slot);
     }
 }
 
