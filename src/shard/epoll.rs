@@ -240,7 +240,7 @@ async fn accept(local: Rc<Local>, listener: tokio::net::TcpListener) {
 /// feature on (16-byte scheduler handles, a 32-byte `TcpStream`), pushed the task's
 /// 128-aligned allocation from 256 to 384 bytes per connection.
 #[allow(clippy::manual_async_fn)]
-fn connection(local: Rc<Local>, slot: usize, stream: TcpStream) -> impl Future<Output = ()> {
+fn connection(local: Rc<Local>, slot: usize, mut stream: TcpStream) -> impl Future<Output = ()> {
     async move {
         // Bytes of a frame that arrived incomplete; empty for an idle connection.
         let mut leftover: Vec<u8> = Vec::new();
@@ -293,7 +293,6 @@ fn connection(local: Rc<Local>, slot: usize, stream: TcpStream) -> impl Future<O
                 }
             }
         }
-        let mut stream = stream;
         let _ = stream.shutdown().await;
         local.core.borrow_mut().disconnect(slot, Instant::now());
         local.after_core_call();
