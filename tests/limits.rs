@@ -128,7 +128,7 @@ fn a_peer_that_never_reads_is_paused_then_dropped() {
                 ("RINGLINK_LIMITS_PING_INTERVAL_MS", "1000"),
                 // Long enough that the server's send buffer (autotuned on loopback to
                 // megabytes) fills and the pause comes before the close, even when a busy
-                // machine runs the debug server slowly: with 2.5 s, 2 runs in 22 closed the
+                // machine runs the debug server slowly: with 2.5 s, 2 runs in 27 closed the
                 // connection before it was ever paused.
                 ("RINGLINK_LIMITS_PONG_TIMEOUT_MS", "5000"),
                 // The pause looked for here is the backpressure one, not the rate limit's.
