@@ -361,8 +361,9 @@ pub struct Nats {
     /// Replicas of the stream and buckets when ringlink creates them (default 1, 1-5; 3 for a
     /// 3-server cluster that must survive losing one).
     pub replicas: u8,
-    /// Uplink publishes awaiting their JetStream acknowledgement at once (default 256): bounds
-    /// what a crash or an outage re-publishes (JetStream drops those repeats by message id).
+    /// Uplink publishes awaiting their JetStream acknowledgement or a retry at once (default
+    /// 256): bounds what the forwarder holds and what a crash or an outage re-publishes
+    /// (JetStream drops those repeats by message id).
     pub inflight: u16,
     /// Authentication: a token, or a `.creds` file; TLS roots for `tls://` from `ca_file`.
     pub token: Option<String>,

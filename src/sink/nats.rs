@@ -426,22 +426,23 @@ async fn run(
             .stats
             .connected
             .store(connected.load(Ordering::Relaxed), Ordering::Relaxed);
-        // Fill the window: failed publishes first, then new records.
+        // Fill the window: failed publishes first (once their wait is over), then new
+        // records. The window counts both those in flight and those waiting to be published
+        // again, so what the forwarder holds in memory stays within `inflight` records
+        // whatever NATS answers.
         while inflight.len() < opts.inflight {
-            let item = if Instant::now() >= next_retry {
-                retry.pop_front()
-            } else {
-                None
-            };
-            let item = match item {
-                Some(i) => i,
-                None => match next_record(&mut outbox, &opts, &ops_tx, &spool) {
+            let item = if !retry.is_empty() && Instant::now() >= next_retry {
+                retry.pop_front().expect("not empty")
+            } else if inflight.len() + retry.len() < opts.inflight {
+                match next_record(&mut outbox, &opts, &ops_tx, &spool) {
                     Some(i) => i,
                     None => {
                         dry = true;
                         break;
                     }
-                },
+                }
+            } else {
+                break;
             };
             dry = false;
             inflight.push(publish(js.clone(), item));
