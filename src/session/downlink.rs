@@ -381,5 +381,5 @@ fn reply_values<'m>(
         }
     }
     out.push(b'}');
-    super::into_boxed_str(out)
+    super::into_string(out).into_boxed_str()
 }

@@ -179,8 +179,9 @@ pub struct Uplink {
     pub device: DeviceId,
     pub kind: UplinkKind,
     /// A JSON object `{identifier: value}` with normalised values: bool 0/1, float and double
-    /// always with a decimal point.
-    pub values: Box<str>,
+    /// always with a decimal point. A `String`, not a `Box<str>`: an uplink lives for one
+    /// turn, and shrinking it to its length would cost a reallocation per report.
+    pub values: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -840,7 +841,7 @@ fn check_event_report(model: &ThingModel, payload: Json<'_, '_>) -> Result<Uplin
     Ok((UplinkKind::Event(identifier.into()), values))
 }
 
-type Uplinked = (UplinkKind, Box<str>);
+type Uplinked = (UplinkKind, String);
 
 /// Checks every item and writes `{identifier: value, ...}` with values normalised for upstream.
 ///
@@ -850,7 +851,7 @@ type Uplinked = (UplinkKind, Box<str>);
 fn collect_items<'t, 'i, 'm>(
     items: impl Iterator<Item = Json<'t, 'i>>,
     mut check: impl FnMut(&Item<'t, 'i>) -> Result<&'m DataType, Code>,
-) -> Result<Box<str>, Code>
+) -> Result<String, Code>
 where
     'i: 't,
 {
@@ -880,7 +881,7 @@ where
         return Err(code);
     }
     values.push(b'}');
-    Ok(into_boxed_str(values))
+    Ok(into_string(values))
 }
 
 /// The position of a report check in PROTOCOL.md's table: lower is checked first.
@@ -896,10 +897,8 @@ fn check_rank(code: Code) -> u8 {
 }
 
 /// The writers only ever produce UTF-8 (JSON text of UTF-8 strings).
-fn into_boxed_str(bytes: Vec<u8>) -> Box<str> {
-    String::from_utf8(bytes)
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-        .into_boxed_str()
+fn into_string(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 #[cfg(test)]
