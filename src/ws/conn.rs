@@ -20,7 +20,7 @@ use std::hash::BuildHasher;
 
 use crate::ws::encode;
 use crate::ws::error::{CloseCode, ProtocolViolation, WsError};
-use crate::ws::frame::{parse_header, Opcode, MAX_HEADER_LEN};
+use crate::ws::frame::{apply_mask, parse_header, Opcode, MAX_HEADER_LEN};
 use crate::ws::handshake;
 use crate::ws::Limits;
 
@@ -349,7 +349,7 @@ impl Conn {
         let start = header.len;
         let payload = &mut input[start..total];
         if let Some(mask) = header.mask {
-            fastwebsockets::unmask(payload, mask);
+            apply_mask(payload, mask);
         }
         let closing = self.state == State::CloseSent;
 
@@ -490,7 +490,7 @@ impl Conn {
             if let Some(mask) = mask {
                 // Masking restarts at payload offset `pos`: rotate the key to line up.
                 let m = [0, 1, 2, 3].map(|i| mask[(pos + i) % 4]);
-                fastwebsockets::unmask(chunk, m);
+                apply_mask(chunk, m);
             }
             let next = match std::str::from_utf8(&scratch[..carried + n]) {
                 Ok(_) => pos + n,

@@ -2,12 +2,12 @@
 //!
 //! Owns the sending half of RFC 6455 5.2. Headers are produced by
 //! `fastwebsockets::Frame::fmt_head`; payloads are masked in place in the output buffer with
-//! `fastwebsockets::unmask` (XOR is its own inverse). The caller picks the mask: `Some` for a
+//! [`apply_mask`] (XOR is its own inverse). The caller picks the mask: `Some` for a
 //! client (a fresh one per frame), `None` for a server. No IO, no clock; only `out` grows.
 
 use fastwebsockets::{Frame, Payload};
 
-use crate::ws::frame::{Opcode, MAX_HEADER_LEN};
+use crate::ws::frame::{apply_mask, Opcode, MAX_HEADER_LEN};
 
 /// Appends one frame carrying `payload` to `out`.
 pub fn write_frame(
@@ -24,7 +24,7 @@ pub fn write_frame(
     let start = out.len();
     out.extend_from_slice(payload);
     if let Some(mask) = mask {
-        fastwebsockets::unmask(&mut out[start..], mask);
+        apply_mask(&mut out[start..], mask);
     }
 }
 
@@ -53,7 +53,7 @@ pub fn write_frame_with(
     }
     out[start..start + head_len].copy_from_slice(&head[..head_len]);
     if let Some(mask) = mask {
-        fastwebsockets::unmask(&mut out[start + head_len..], mask);
+        apply_mask(&mut out[start + head_len..], mask);
     }
 }
 
@@ -114,7 +114,7 @@ mod tests {
         assert_eq!(out.len(), 1 + head_len + n);
         let mut body = out[1 + head_len..].to_vec();
         if let Some(m) = mask {
-            fastwebsockets::unmask(&mut body, m);
+            apply_mask(&mut body, m);
         }
         assert_eq!(body, payload);
 
