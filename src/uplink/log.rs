@@ -780,8 +780,13 @@ fn scan_segment(
 }
 
 /// Record lines in a frame payload (every line ends in `\n`).
+/// The newlines in `payload`: the records of a batch, counted once per commit and once per
+/// frame at recovery. memchr's SIMD search: records are tens to hundreds of bytes apart, and
+/// over a 31 KB batch it took 0.9 µs where `iter().filter().count()` took 12 µs (that loop,
+/// which the compiler did not vectorise, was 3.3 % of the samples at 64 saturating
+/// connections).
 pub(crate) fn count_lines(payload: &[u8]) -> u64 {
-    payload.iter().filter(|&&b| b == b'\n').count() as u64
+    memchr::memchr_iter(b'\n', payload).count() as u64
 }
 
 fn read_some(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {

@@ -660,3 +660,32 @@ fn read_dir_merges_partitions_by_time_and_keeps_each_partitions_order() {
     assert_eq!(p3, vec![8, 0], "partition order kept");
     assert_eq!(all.len(), 12);
 }
+
+#[test]
+fn count_lines_agrees_with_a_byte_by_byte_count_at_every_block_edge() {
+    // Lengths around the 32-byte rows and the 255-row blocks, newline densities from none to
+    // every byte (a lane must not overflow at 255 in a block of all newlines).
+    let mut seed = 0x9e37_79b9_u32;
+    for len in [0, 1, 31, 32, 33, 8159, 8160, 8161, 16_320, 16_321, 40_000] {
+        for every in [1, 2, 7, 300, usize::MAX] {
+            let payload: Vec<u8> = (0..len)
+                .map(|i| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    if every != usize::MAX && i % every == 0 {
+                        b'\n'
+                    } else {
+                        // Any other byte: 0x0b is one bit away from a newline.
+                        match seed as u8 {
+                            b'\n' => 0x0b,
+                            b => b,
+                        }
+                    }
+                })
+                .collect();
+            let expected = payload.iter().filter(|&&b| b == b'\n').count() as u64;
+            assert_eq!(count_lines(&payload), expected, "len {len}, every {every}");
+        }
+    }
+}
