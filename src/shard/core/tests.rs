@@ -21,6 +21,7 @@ use crate::uplink::decode_line;
 type Core = ShardCore<(), u32>;
 
 fn env_with(config: Config, admission: &AdmissionSettings) -> Arc<Env> {
+    warnings::install();
     let registry = Arc::new(demo_registry());
     let devices = registry.len();
     Arc::new(Env {
@@ -862,42 +863,89 @@ fn a_flapping_device_is_refused_on_every_shard_until_its_ban_ends() {
     assert_eq!(codes(&w.recv(&mut a)), [(7, 0)]);
 }
 
-/// Counts the warnings logged on this thread (a minimal `tracing` subscriber).
-#[derive(Default)]
-struct Warnings(std::sync::Mutex<Vec<String>>);
+/// Captures the warnings a thread logs, for the tests that check what the core logs.
+///
+/// One process-wide subscriber, installed before the first [`World`] exists, that answers
+/// "sometimes" for every callsite and keeps an event only on a thread inside [`capture`].
+/// A scoped subscriber (`with_default`) is not enough: a callsite registered by another test's
+/// thread at the same moment can store "never" after the scoped subscriber was counted, and
+/// its events are then lost for the rest of the process (this failed once in CI).
+mod warnings {
+    use std::cell::RefCell;
+    use std::sync::Once;
 
-impl tracing::Subscriber for Warnings {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
+    use tracing::level_filters::LevelFilter;
+    use tracing::subscriber::Interest;
+    use tracing::{Level, Metadata};
+
+    thread_local! {
+        static CAPTURED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
     }
 
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
+    struct ThreadWarnings;
 
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    impl tracing::Subscriber for ThreadWarnings {
+        fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
+            Interest::sometimes()
+        }
 
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn max_level_hint(&self) -> Option<LevelFilter> {
+            Some(LevelFilter::WARN)
+        }
 
-    fn event(&self, event: &tracing::Event<'_>) {
-        struct Message(String);
-        impl tracing::field::Visit for Message {
-            fn record_debug(&mut self, field: &tracing::field::Field, v: &dyn std::fmt::Debug) {
-                if field.name() == "message" {
-                    self.0 = format!("{v:?}");
+        fn enabled(&self, meta: &Metadata<'_>) -> bool {
+            *meta.level() == Level::WARN && CAPTURED.with(|c| c.borrow().is_some())
+        }
+
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(&mut self, field: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    if field.name() == "message" {
+                        self.0 = format!("{v:?}");
+                    }
                 }
             }
-        }
-        if *event.metadata().level() == Level::WARN {
             let mut m = Message(String::new());
             event.record(&mut m);
-            self.0.lock().expect("not poisoned").push(m.0);
+            CAPTURED.with(|c| {
+                if let Some(lines) = c.borrow_mut().as_mut() {
+                    lines.push(m.0);
+                }
+            });
         }
+
+        fn enter(&self, _: &tracing::span::Id) {}
+
+        fn exit(&self, _: &tracing::span::Id) {}
     }
 
-    fn enter(&self, _: &tracing::span::Id) {}
+    /// Installs the subscriber; every [`super::World`] calls this first.
+    pub(super) fn install() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            tracing::subscriber::set_global_default(ThreadWarnings)
+                .expect("no other global subscriber in the unit tests");
+        });
+    }
 
-    fn exit(&self, _: &tracing::span::Id) {}
+    /// The warnings `f` logs on this thread.
+    pub(super) fn capture(f: impl FnOnce()) -> Vec<String> {
+        install();
+        CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+        f();
+        CAPTURED
+            .with(|c| c.borrow_mut().take())
+            .expect("still capturing")
+    }
 }
 
 #[test]
@@ -935,13 +983,7 @@ fn a_limit_logs_one_warning_per_period_however_often_it_acts() {
         assert_eq!(w.shards[0].accept(peer("127.0.0.1"), w.now, ()), None);
         w.send(&mut c, &online(7, "thermo-00002"));
     };
-    // Once with nobody listening: this thread registers the callsites, so that no other
-    // test's thread can register one concurrently with the subscriber below and cache
-    // "nobody listens" for it.
-    run();
-    let warnings = Arc::new(Warnings::default());
-    tracing::subscriber::with_default(Arc::clone(&warnings), run);
-    let lines = warnings.0.lock().expect("not poisoned");
+    let lines = warnings::capture(run);
     let per_ip: Vec<_> = lines.iter().filter(|l| l.contains("per_ip")).collect();
     let flapping: Vec<_> = lines.iter().filter(|l| l.contains("flapping")).collect();
     assert_eq!(per_ip.len(), 2, "{lines:#?}");
