@@ -7,14 +7,15 @@
 //! ([`Shadows::grow`]) without moving a record; a removed device's record stays, unread.
 //!
 //! A property report's values arrive as one compact JSON object written by ringlink itself
-//! (`{"a":1,"b":{"x":2}}`). The shadow keeps that text once, as an `Arc<str>`, and points each
-//! property at its value inside it: an update is one allocation and a scan, no JSON parse. A
-//! report stays alive while one of its values is still the latest.
+//! (`{"a":1,"b":{"x":2}}`). The shadow finds its members with a scan, no JSON parse, and keeps
+//! each property as its key and value text in one buffer of its own. A device reports the same
+//! properties again and again, so an update overwrites buffers it already has: once a device's
+//! properties were seen, recording a report allocates nothing.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::registry::segmented::Segmented;
 use crate::registry::DeviceId;
@@ -41,10 +42,20 @@ pub struct Shadow {
 
 #[derive(Debug, Clone)]
 struct PropertyValue {
-    report: Arc<str>,
-    key: Range<usize>,
-    value: Range<usize>,
+    /// The key as a JSON string literal, then the value's JSON text.
+    text: String,
+    key_len: usize,
     at_ms: u64,
+}
+
+impl PropertyValue {
+    fn key(&self) -> &str {
+        &self.text[..self.key_len]
+    }
+
+    fn value(&self) -> &str {
+        &self.text[self.key_len..]
+    }
 }
 
 /// One remembered event.
@@ -83,28 +94,18 @@ impl Shadows {
 
     /// Records a property report; `values` is ringlink's own compact JSON object.
     pub fn properties(&self, device: DeviceId, values: &str, at_ms: u64) {
-        let report: Arc<str> = Arc::from(values);
-        let fields = top_level_fields(&report);
         let mut s = self.lock(device);
-        for (key, value) in fields {
-            let k = &report[key.clone()];
-            match s
-                .properties
-                .iter_mut()
-                .find(|p| &p.report[p.key.clone()] == k)
-            {
+        for (key, value) in top_level_fields(values) {
+            let (key, value) = (&values[key], &values[value]);
+            match s.properties.iter_mut().find(|p| p.key() == key) {
                 Some(p) => {
-                    *p = PropertyValue {
-                        report: Arc::clone(&report),
-                        key,
-                        value,
-                        at_ms,
-                    }
+                    p.text.truncate(p.key_len);
+                    p.text.push_str(value);
+                    p.at_ms = at_ms;
                 }
                 None => s.properties.push(PropertyValue {
-                    report: Arc::clone(&report),
-                    key,
-                    value,
+                    text: [key, value].concat(),
+                    key_len: key.len(),
                     at_ms,
                 }),
             }
@@ -156,13 +157,9 @@ impl Shadow {
 
     /// `(key as JSON string literal, value as JSON text, epoch ms)` of every property reported.
     pub fn properties(&self) -> impl Iterator<Item = (&str, &str, u64)> {
-        self.properties.iter().map(|p| {
-            (
-                &p.report[p.key.clone()],
-                &p.report[p.value.clone()],
-                p.at_ms,
-            )
-        })
+        self.properties
+            .iter()
+            .map(|p| (p.key(), p.value(), p.at_ms))
     }
 
     pub fn events(&self) -> impl Iterator<Item = &EventRecord> {
@@ -253,6 +250,39 @@ mod tests {
                 ("\"setpoint\"".into(), "19.5".into(), 20),
                 ("\"limits\"".into(), r#"{"lo":1,"hi":"a,}\"b"}"#.into(), 20),
             ]
+        );
+    }
+
+    #[test]
+    fn a_repeated_report_reuses_the_buffers_it_has() {
+        let shadows = Shadows::new(1);
+        let d = crate::registry::tests::registry()
+            .ids()
+            .next()
+            .expect("a device");
+        shadows.properties(d, r#"{"label":"a long first label","power":1}"#, 1);
+        let buffers = |s: &Shadows| -> Vec<*const u8> {
+            s.lock(d)
+                .properties
+                .iter()
+                .map(|p| p.text.as_ptr())
+                .collect()
+        };
+        let before = buffers(&shadows);
+        // Shorter, then as long again: written over in place.
+        shadows.properties(d, r#"{"label":"short","power":0}"#, 2);
+        assert_eq!(
+            props(&shadows.snapshot(d)),
+            vec![
+                ("\"label\"".into(), "\"short\"".into(), 2),
+                ("\"power\"".into(), "0".into(), 2),
+            ]
+        );
+        shadows.properties(d, r#"{"label":"a long later label","power":1}"#, 3);
+        assert_eq!(buffers(&shadows), before);
+        assert_eq!(
+            props(&shadows.snapshot(d))[0],
+            ("\"label\"".into(), "\"a long later label\"".into(), 3)
         );
     }
 
