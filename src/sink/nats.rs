@@ -431,8 +431,12 @@ async fn run(
         // again, so what the forwarder holds in memory stays within `inflight` records
         // whatever NATS answers.
         while inflight.len() < opts.inflight {
-            let item = if !retry.is_empty() && Instant::now() >= next_retry {
-                retry.pop_front().expect("not empty")
+            let due = match retry.front() {
+                Some(_) if Instant::now() >= next_retry => retry.pop_front(),
+                _ => None,
+            };
+            let item = if let Some(item) = due {
+                item
             } else if inflight.len() + retry.len() < opts.inflight {
                 match next_record(&mut outbox, &opts, &ops_tx, &spool) {
                     Some(i) => i,
