@@ -224,6 +224,13 @@ fn skip_string(b: &[u8], start: usize) -> usize {
 mod tests {
     use super::*;
 
+    fn first_device() -> DeviceId {
+        crate::registry::tests::registry()
+            .ids()
+            .next()
+            .expect("a device")
+    }
+
     fn props(s: &Shadow) -> Vec<(String, String, u64)> {
         s.properties()
             .map(|(k, v, t)| (k.to_owned(), v.to_owned(), t))
@@ -233,10 +240,7 @@ mod tests {
     #[test]
     fn later_reports_overwrite_only_their_own_properties() {
         let shadows = Shadows::new(2);
-        let d = crate::registry::tests::registry()
-            .ids()
-            .next()
-            .expect("a device");
+        let d = first_device();
         shadows.properties(d, r#"{"power":1,"setpoint":21.0}"#, 10);
         shadows.properties(
             d,
@@ -256,10 +260,7 @@ mod tests {
     #[test]
     fn a_repeated_report_reuses_the_buffers_it_has() {
         let shadows = Shadows::new(1);
-        let d = crate::registry::tests::registry()
-            .ids()
-            .next()
-            .expect("a device");
+        let d = first_device();
         shadows.properties(d, r#"{"label":"a long first label","power":1}"#, 1);
         let buffers = |s: &Shadows| -> Vec<*const u8> {
             s.lock(d)
@@ -305,10 +306,7 @@ mod tests {
     #[test]
     fn events_keep_the_last_eight() {
         let shadows = Shadows::new(1);
-        let d = crate::registry::tests::registry()
-            .ids()
-            .next()
-            .expect("a device");
+        let d = first_device();
         for i in 0..10 {
             shadows.event(d, "overheat", "{}", i);
         }
