@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 fuzz_seconds=${FUZZ_SECONDS:-10}
 
-step() { printf '\n== %s\n' "$*"; }
+step() { printf '\n== %s (%ss in)\n' "$*" "$SECONDS"; }
 
 # Starts the release ringlink (`--io $2`, ports 0, data dir target/$1, log target/$1.log) with
 # the caller's environment and waits for its start line; sets $server (pid), $ws and $api. On
