@@ -1,9 +1,10 @@
 //! Recording a property report in the device shadow, as a shard does for every report.
 //!
-//! `ringlink` is `Shadows::properties`: the report's values text is kept once and each property
-//! points into it. `conventional` is the usual way: parse the values with serde_json into
-//! borrowed raw values and keep each property as its own `String` in a `HashMap` per device,
-//! behind a mutex as well. Both record the same reports into the same number of devices.
+//! `ringlink` is `Shadows::properties`: a scan of the values text (no JSON parse), and each
+//! property's key and value written over a buffer the device's shadow already has.
+//! `conventional` is the usual way: parse the values with serde_json into borrowed raw values
+//! and keep each property as a `String` in a `HashMap` per device, behind a mutex as well. Both
+//! record the same reports into the same number of devices.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
